@@ -1,0 +1,38 @@
+"""Runtime guards: the graph's record of every value the tracer had to make concrete.
+
+When traced code branches on a shape, a dtype or a length, the tracer picks the branch the
+example took and leaves a guard node here. At run time the guard checks the same value and
+raises :class:`GuardError` if the input would have gone the other way: never a silent wrong
+answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.fx
+
+from fxpass.errors import GuardError
+
+_CONVERT = {"bool": bool, "int": int, "float": float, "len": len, "index": int}
+
+
+def guard(value: Any, expected: Any, kind: str, where: str) -> None:
+    """Raise GuardError unless ``kind(value) == expected``."""
+    got = _CONVERT[kind](value)
+    if got != expected:
+        raise GuardError(
+            f"{where}: the graph was traced where {kind}(...) was {expected!r}, "
+            f"but this input gives {got!r}; this module's traced graph does not cover "
+            f"that input. Trace with example inputs of this kind "
+            f"(fxpass.trace(module, example_inputs=...)), or run the module untraced."
+        )
+
+
+def call_guard(message: str) -> None:
+    """Raise GuardError for a call whose argument structure the graph was not traced for."""
+    raise GuardError(message)
+
+
+# Guards have no users; keep dead-code elimination from dropping them.
+torch.fx.node._side_effectful_functions.add(guard)

@@ -1,0 +1,498 @@
+"""Hierarchical tracing: one fx graph per module that traces, Python for the rest.
+
+The root is traced first with the example inputs; each submodule it calls is traced next
+with the inputs captured during that trace, and so on down. A module that cannot be traced
+is recorded with its reason and kept as Python; its children are still reached, through a
+plain run of it with capture hooks. Identical modules (same class, structure, attributes
+read while tracing and input signature) are traced once: the cache hands out copies.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import itertools
+import linecache
+import threading
+import time
+import types
+from collections import OrderedDict
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import nn
+
+from fxpass import meta
+from fxpass.errors import GuardError, TraceError, UsageError
+from fxpass.trace.tracer import Capture, CallSpec, ValueTracer, make_call_spec
+
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+@dataclasses.dataclass
+class ModuleGraph:
+    """The traced graph of one module and how its calls map onto the graph's inputs."""
+
+    qualname: str
+    module_type: str
+    graph: fx.Graph
+    spec: CallSpec
+    reused_from: str | None = None  # qualname whose trace this graph copies
+
+    @property
+    def guards(self) -> list[fx.Node]:
+        return [n for n in self.graph.nodes if meta.get(n, "guard")]
+
+
+class GraphForward:
+    """The generated forward installed on a traced module (as its instance ``forward``).
+
+    It checks each call against the traced call structure (which arguments were tensors,
+    which were flags baked into the graph) before running the graph's code, so a call the
+    graph was not traced for raises GuardError instead of computing something else.
+    """
+
+    _counter = itertools.count()
+
+    def __init__(self, mg: ModuleGraph) -> None:
+        self.qualname = mg.qualname
+        self.spec = mg.spec
+        code = mg.graph.python_code(root_module="self")
+        filename = f"<fxpass graph {mg.qualname or '<root>'} #{next(self._counter)}>"
+        linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
+        namespace = dict(code.globals)
+        exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - fx-generated code
+        self.fn: Callable[..., Any] = namespace["forward"]
+        self.src = code.src
+
+    def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        leaves, treespec = pytree.tree_flatten((args, kwargs))
+        spec = self.spec
+        where = f"module {self.qualname or '<root>'!r} ({type(module).__name__})"
+        if treespec != spec.treespec:
+            raise GuardError(
+                f"{where}: called with arguments structured as {treespec}, but its graph was "
+                f"traced for {spec.treespec}; trace it with example inputs shaped like this call.")
+        for i, expected in spec.constants.items():
+            got = leaves[i]
+            if not _same(got, expected):
+                raise GuardError(
+                    f"{where}: argument leaf {i} is {got!r}, but the graph was traced with "
+                    f"{expected!r} baked in; trace it with example inputs using this value.")
+        inputs = [leaves[i] for i in spec.placeholders]
+        return self.fn(module, *inputs)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b) or isinstance(a, torch.Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - incomparable objects are simply different
+        return False
+
+
+@dataclasses.dataclass
+class Trace:
+    """What ``fxpass.trace`` learnt about a module tree. The module itself is not changed."""
+
+    root: nn.Module
+    graphs: dict[str, ModuleGraph] = dataclasses.field(default_factory=dict)
+    untraced: dict[str, str] = dataclasses.field(default_factory=dict)
+    linear_sites: dict[str, str] = dataclasses.field(default_factory=dict)
+    example_inputs: Inputs | None = None
+    elapsed_s: float = 0.0
+    cache_hits: int = 0
+
+    def install(self, module: nn.Module | None = None) -> nn.Module:
+        """Make each traced module of ``module`` (default: the traced one) run its graph.
+
+        The tree, classes and state_dict stay as they are: only the instance ``forward``
+        of traced modules is set.
+        """
+        target = self.root if module is None else module
+        for qualname, mg in self.graphs.items():
+            sub = target.get_submodule(qualname)
+            sub.forward = types.MethodType(GraphForward(mg), sub)
+        return target
+
+    def build(self) -> nn.Module:
+        """A deep copy of the traced module running its graphs (the original is untouched)."""
+        return self.install(copy.deepcopy(self.root))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "graphs": len(self.graphs),
+            "untraced": dict(self.untraced),
+            "linear_sites": len(self.linear_sites),
+            "guards": sum(len(g.guards) for g in self.graphs.values()),
+            "cache_hits": self.cache_hits,
+            "elapsed_s": round(self.elapsed_s, 4),
+        }
+
+    def __str__(self) -> str:
+        lines = [f"Trace of {type(self.root).__name__}: {len(self.graphs)} graphs, "
+                 f"{len(self.untraced)} untraced, {len(self.linear_sites)} linear sites, "
+                 f"{self.elapsed_s * 1000:.1f} ms"]
+        for name, reason in self.untraced.items():
+            lines.append(f"  python  {name or '<root>'}: {reason}")
+        return "\n".join(lines)
+
+
+def uninstall(module: nn.Module) -> None:
+    """Remove fxpass-installed forwards from a module tree (back to the class forward)."""
+    for sub in module.modules():
+        fwd = sub.__dict__.get("forward")
+        if isinstance(fwd, types.MethodType) and isinstance(fwd.__func__, GraphForward):
+            del sub.__dict__["forward"]
+
+
+# -- attribute-read recording (the cache key's non-structural part) ----------------------
+
+_RECORDERS: list["_Recorder"] = []
+_orig_getattribute = object.__getattribute__
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+class _Recorder:
+    def __init__(self, root: nn.Module, tracer: ValueTracer) -> None:
+        self.paths = {id(m): p for p, m in root.named_modules()}
+        self.tracer = tracer
+        self.reads: dict[tuple[str, str], Any] = {}
+
+
+def _recording_getattribute(self: nn.Module, name: str) -> Any:
+    value = _orig_getattribute(self, name)
+    if _RECORDERS and name[0] != "_":
+        rec = _RECORDERS[-1]
+        path = rec.paths.get(id(self))
+        if (path is not None and not rec.tracer._eager
+                and not isinstance(value, (nn.Module, torch.Tensor, types.MethodType))):
+            rec.reads.setdefault((path, name), value)
+    return value
+
+
+_patch_lock = threading.RLock()
+
+
+class _recording:
+    """Record the plain attributes read off modules of ``root`` while tracing it."""
+
+    def __init__(self, root: nn.Module, tracer: ValueTracer) -> None:
+        self.rec = _Recorder(root, tracer)
+
+    def __enter__(self) -> _Recorder:
+        _patch_lock.acquire()
+        if not _RECORDERS:
+            nn.Module.__getattribute__ = _recording_getattribute  # type: ignore[method-assign]
+        _RECORDERS.append(self.rec)
+        return self.rec
+
+    def __exit__(self, *exc: Any) -> None:
+        _RECORDERS.pop()
+        if not _RECORDERS:
+            del nn.Module.__getattribute__
+        _patch_lock.release()
+
+
+# -- cache -------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Entry:
+    reads: dict[tuple[str, str], Any]
+    graph: fx.Graph | None
+    spec: CallSpec | None
+    captures: dict[str, Capture]
+    reason: str | None
+    qualname: str
+    compiled: GraphForward | None = None  # used while walking only
+
+
+class TraceCache:
+    """Traces keyed by module structure + input signature, validated by attribute reads."""
+
+    def __init__(self, max_entries: int = 256) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[Any, list[_Entry]] = OrderedDict()
+
+    def lookup(self, key: Any, module: nn.Module) -> _Entry | None:
+        for entry in self._entries.get(key, ()):
+            if all(_same(_read(module, p, n), v) for (p, n), v in entry.reads.items()):
+                self._entries.move_to_end(key)
+                return entry
+        return None
+
+    def store(self, key: Any, entry: _Entry) -> None:
+        self._entries.setdefault(key, []).append(entry)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+_MISSING = object()
+
+
+def _read(module: nn.Module, path: str, name: str) -> Any:
+    try:
+        return getattr(module.get_submodule(path) if path else module, name)
+    except AttributeError:
+        return _MISSING
+
+
+DEFAULT_CACHE = TraceCache()
+
+
+def _structure_key(module: nn.Module) -> tuple[Any, ...]:
+    mods = tuple((n, type(m)) for n, m in module.named_modules())
+    tensors = tuple((n, tuple(t.shape), t.dtype, t.device.type)
+                    for n, t in itertools.chain(module.named_parameters(), module.named_buffers()))
+    return (type(module), mods, tensors, module.training)
+
+
+def _inputs_key(args: tuple[Any, ...], kwargs: dict[str, Any], symbolic: set[int]) -> Any:
+    leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    out: list[Any] = [str(treespec)]
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            out.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device.type))
+        elif type(leaf) is int and i in symbolic:
+            out.append(("I", leaf))
+        else:
+            try:
+                hash(leaf)
+                out.append(("C", type(leaf), leaf))
+            except TypeError:
+                out.append(("C", type(leaf), id(leaf)))
+    return tuple(out)
+
+
+# -- the walk ----------------------------------------------------------------------------
+
+def _clone_values(obj: Any) -> Any:
+    """Copies of example tensors, so in-place ops while tracing leave the caller's intact."""
+    return pytree.tree_map(
+        lambda t: t.clone() if isinstance(t, torch.Tensor) and t.device.type != "meta" else t,
+        obj)
+
+
+def _finalize(graph: fx.Graph) -> None:
+    """Replace the example values kept on nodes by small summaries; check the graph."""
+    for node in graph.nodes:
+        info = node.meta.get(meta.KEY)
+        if info is None:
+            continue
+        value = info.pop("value", None)
+        if isinstance(value, torch.Tensor):
+            info["tensor"] = {
+                "shape": tuple(value.shape),
+                "dtype": value.dtype,
+                "contiguous": value.is_contiguous(),
+            }
+        elif value is not None:
+            info["pytype"] = type(value).__name__
+    graph.lint()
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    new = copy.deepcopy(graph)
+    for node in new.nodes:
+        if meta.KEY in node.meta:
+            node.meta[meta.KEY] = copy.deepcopy(node.meta[meta.KEY])
+    return new
+
+
+def _eager_captures(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                    on_first_call: Callable[[str, Capture], None]
+                    ) -> tuple[dict[str, Capture], str | None]:
+    """Run an untraceable module as Python, capturing the submodule calls it makes directly.
+
+    Each such submodule is visited (traced, its graph installed) before it runs, as in a
+    traced caller.
+    """
+    captures: dict[str, Capture] = {}
+    paths = {m: n for n, m in module.named_modules() if n}
+    depth = [0]
+    orig_call = nn.Module.__call__
+
+    def call(mod: nn.Module, *a: Any, **kw: Any) -> Any:
+        path = paths.get(mod)
+        if path is not None and depth[0] == 0 and path not in captures:
+            leaves = pytree.tree_leaves((a, kw))
+            captures[path] = cap = Capture(tuple(a), dict(kw), set(range(len(leaves))))
+            on_first_call(path, cap)
+        depth[0] += path is not None
+        try:
+            return orig_call(mod, *a, **kw)
+        finally:
+            depth[0] -= path is not None
+
+    error = None
+    nn.Module.__call__ = call  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            module(*_clone_values(args), **_clone_values(kwargs))
+    except Exception as e:  # noqa: BLE001 - children reached before the failure still count
+        error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    finally:
+        nn.Module.__call__ = orig_call  # type: ignore[method-assign]
+    return captures, error
+
+
+class _Walker:
+    def __init__(self, result: Trace, cache: TraceCache | None) -> None:
+        self.result = result
+        self.cache = cache
+        self.visited: set[str] = set()
+        self.installed: list[nn.Module] = []  # graphs installed while walking, removed after
+
+    def visit(self, module: nn.Module, qualname: str, args: tuple[Any, ...],
+              kwargs: dict[str, Any], symbolic: set[int]) -> None:
+        self.visited.add(qualname)
+        entry = None
+        key = None
+        if self.cache is not None:
+            key = (_structure_key(module), _inputs_key(args, kwargs, symbolic))
+            entry = self.cache.lookup(key, module)
+        if entry is not None:
+            self.result.cache_hits += 1
+            reused: str | None = entry.qualname
+        else:
+            entry = self._trace(module, qualname, args, kwargs, symbolic)
+            if self.cache is not None:
+                self.cache.store(key, entry)
+            reused = None
+
+        if entry.graph is not None:
+            assert entry.spec is not None
+            graph = _copy_graph(entry.graph)
+            self.result.graphs[qualname] = ModuleGraph(
+                qualname, type(module).__name__, graph, entry.spec, reused)
+            self._install(module, entry)
+            # Linears whose weights the graph reads without calling them (F.linear(x, l.weight),
+            # nn.MultiheadAttention's out_proj) are sites too: apply decides what to do.
+            for node in graph.nodes:
+                if node.op == "get_attr" and "." in node.target:
+                    owner, _, attr = node.target.rpartition(".")
+                    sub = module.get_submodule(owner)
+                    if isinstance(sub, nn.Linear) and attr in ("weight", "bias"):
+                        self.result.linear_sites.setdefault(
+                            f"{qualname}.{owner}" if qualname else owner, qualname)
+        else:
+            self.result.untraced[qualname] = entry.reason or "not traced"
+
+        for rel, cap in entry.captures.items():
+            child_q = f"{qualname}.{rel}" if qualname else rel
+            if isinstance(module.get_submodule(rel), nn.Linear):
+                if entry.graph is not None:
+                    self.result.linear_sites[child_q] = qualname
+                continue
+            self._visit_child(module, qualname, rel, cap)
+
+    def _visit_child(self, parent: nn.Module, parent_q: str, rel: str, cap: Capture) -> None:
+        child = parent.get_submodule(rel)
+        child_q = f"{parent_q}.{rel}" if parent_q else rel
+        if isinstance(child, nn.Linear) or child_q in self.visited:
+            return
+        self.visit(child, child_q, cap.args, cap.kwargs, cap.symbolic_ints)
+
+    def _install(self, module: nn.Module, entry: _Entry) -> None:
+        if entry.compiled is None:
+            entry.compiled = GraphForward(ModuleGraph(
+                entry.qualname, type(module).__name__, entry.graph, entry.spec))
+        if "forward" not in module.__dict__:
+            module.forward = types.MethodType(entry.compiled, module)
+            self.installed.append(module)
+
+    def uninstall(self) -> None:
+        for module in self.installed:
+            module.__dict__.pop("forward", None)
+        self.installed.clear()
+
+    def _trace(self, module: nn.Module, qualname: str, args: tuple[Any, ...],
+               kwargs: dict[str, Any], symbolic: set[int]) -> _Entry:
+        tracer = ValueTracer()
+        tracer.on_first_call = functools.partial(self._visit_child, module, qualname)
+        spec = make_call_spec(type(module).forward, args, kwargs, symbolic)
+        reason = None
+        graph = None
+        with _recording(module, tracer) as rec, torch.no_grad():
+            try:
+                graph = tracer.trace_call(module, _clone_values(args), _clone_values(kwargs), spec)
+                _finalize(graph)
+                captures = tracer.captures
+            except Exception as e:  # noqa: BLE001 - any failure keeps the module as Python
+                reason = _reason(e)
+                graph = None
+        if graph is None:
+            captures, eager_error = _eager_captures(
+                module, args, kwargs, functools.partial(self._visit_child, module, qualname))
+            if eager_error:
+                reason += (f" (running it as Python on the example also failed: {eager_error}; "
+                           f"submodules called after that point are not traced)")
+        return _Entry(dict(rec.reads), graph, spec, captures, reason, qualname)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, TraceError):
+        return e.reason
+    return f"{type(e).__name__}: {e}".splitlines()[0][:500]
+
+
+def _normalise_inputs(module: nn.Module, example_inputs: Any) -> Inputs:
+    if example_inputs is None:
+        from fxpass.zoo import example_inputs as build  # known HF tower types
+
+        example_inputs = build(module)
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if (isinstance(example_inputs, tuple) and len(example_inputs) == 2
+            and isinstance(example_inputs[0], tuple) and isinstance(example_inputs[1], dict)):
+        return example_inputs[0], dict(example_inputs[1])
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise UsageError(
+        f"example_inputs must be a dict of keyword arguments, a tuple of positional "
+        f"arguments or an (args, kwargs) pair; got {type(example_inputs).__name__}")
+
+
+def trace(module: nn.Module, example_inputs: Any = None, *,
+          cache: TraceCache | None = DEFAULT_CACHE) -> Trace:
+    """Trace ``module`` into one fx graph per traceable submodule (see module docstring).
+
+    ``example_inputs``: kwargs dict, args tuple, or ``(args, kwargs)``; None builds them for
+    known HF tower types. Pass ``cache=None`` to trace everything afresh.
+    """
+    if not isinstance(module, nn.Module):
+        raise UsageError(f"fxpass.trace expects an nn.Module, got {type(module).__name__}")
+    start = time.perf_counter()
+    args, kwargs = _normalise_inputs(module, example_inputs)
+    result = Trace(root=module, example_inputs=(args, kwargs))
+    installed = [m for m in module.modules() if "forward" in m.__dict__]
+    if installed:
+        # Trace the class forward, not a previously installed graph.
+        saved = {m: m.__dict__.pop("forward") for m in installed}
+    else:
+        saved = {}
+    walker = _Walker(result, cache)
+    try:
+        walker.visit(module, "", args, kwargs, set())
+    finally:
+        walker.uninstall()
+        for m, fwd in saved.items():
+            m.__dict__["forward"] = fwd
+    result.elapsed_s = time.perf_counter() - start
+    return result
+
+
+def iter_graph_modules(trace_: Trace) -> Iterator[ModuleGraph]:
+    return iter(trace_.graphs.values())

@@ -1,0 +1,568 @@
+"""Tracing one module into an fx graph, with example values propagated beside the proxies.
+
+Plain ``torch.fx`` knows nothing about the values flowing through a graph, so HF code that
+unpacks shapes, calls ``len()``, splats ``*shape``, assigns into tensors or reads
+``torch.finfo(x.dtype)`` stops it. Here every proxy carries the value its node computed on
+the example inputs (real tensors for a real model, meta tensors for a meta model), which
+answers those questions:
+
+* structural reads (``x.shape``, ``x.dtype``, ``len(t)``, ``x.size(1)``) stay nodes in the
+  graph, so the graph stays shape-generic;
+* where Python needs a concrete value (``if``, ``range(n)``, ``int(...)``), the value is
+  taken from the example and a guard node is left in the graph (see ``guards.py``);
+* where that value depends on tensor *data* (``if x.sum() > 0``), tracing stops with a
+  :class:`TraceError`: the module stays Python, with that reason.
+
+Every submodule is a leaf: it becomes a ``call_module`` node and runs eagerly on the example
+values; its inputs are captured so the caller can trace it in turn.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import dataclasses
+import functools
+import inspect
+import operator
+import os
+import re
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.fx.node import map_aggregate
+
+from fxpass import meta
+from fxpass.errors import TraceError
+from fxpass.trace.guards import guard
+
+# Reads of these give tensor metadata, never data: fine to specialise on (with a guard).
+_METADATA_ATTRS = frozenset(
+    {"shape", "dtype", "device", "ndim", "is_nested", "is_cuda", "is_meta", "layout", "requires_grad",
+     "is_sparse", "is_quantized", "is_floating_point", "itemsize"}
+)
+_METADATA_METHODS = frozenset(
+    {"size", "dim", "ndimension", "numel", "nelement", "stride", "is_floating_point",
+     "is_complex", "is_contiguous", "element_size", "get_device", "is_signed",
+     "storage_offset"}
+)
+_METADATA_FUNCTIONS = frozenset(
+    {len, torch.is_floating_point, torch.is_complex, torch.numel, torch.is_tensor}
+)
+# Reading these makes a Python value out of tensor data.
+_DATA_METHODS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__"})
+
+_FXPASS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+_orig_finfo = torch.finfo
+_orig_iinfo = torch.iinfo
+
+
+def _dtype_info(kind: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.finfo``/``iinfo`` that records a node when handed a proxy dtype."""
+
+    @functools.wraps(kind)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        proxy = next((a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)), None)
+        if proxy is None:
+            return kind(*args, **kwargs)
+        return proxy.tracer.create_proxy("call_function", kind, args, kwargs)
+
+    return wrapper
+
+
+class _BroadcastVmap:
+    """``torch.vmap`` while tracing: over proxies, nested vmaps of an index function become one
+    broadcast call.
+
+    HF builds attention masks by vmapping index functions (``mask(b, h, q, kv)``) over 1-D
+    index tensors, which proxies cannot go through. For such elementwise index functions,
+    vmapping each argument over its own output axis equals calling the function once on
+    broadcast views (HF's own non-vmap mask path relies on the same identity). Only that form
+    is accepted: each argument mapped at most once, at dim 0, output at dim 0, and the result
+    must have the broadcast shape; anything else stops tracing with a reason.
+    """
+
+    def __init__(self, orig: Callable[..., Any], func: Callable[..., Any], in_dims: Any = 0,
+                 out_dims: Any = 0, *rest: Any, **kw: Any) -> None:
+        self.orig = orig
+        self.func = func
+        self.in_dims = in_dims
+        self.out_dims = out_dims
+        self.real = orig(func, in_dims, out_dims, *rest, **kw)
+
+    def _levels(self) -> list["_BroadcastVmap"]:
+        levels: list[_BroadcastVmap] = [self]
+        while isinstance(levels[-1].func, _BroadcastVmap):
+            levels.append(levels[-1].func)
+        return levels
+
+    def __call__(self, *args: Any) -> Any:
+        if not _has_proxy(args):
+            return self.real(*args)
+        levels = self._levels()
+        depth = len(levels)
+        mapped: dict[int, int] = {}
+        for level, vm in enumerate(levels):
+            dims = vm.in_dims if isinstance(vm.in_dims, tuple) else (vm.in_dims,) * len(args)
+            if vm.out_dims != 0 or len(dims) != len(args):
+                raise TraceError("torch.vmap with out_dims != 0 or mismatched in_dims")
+            for i, d in enumerate(dims):
+                if d is None:
+                    continue
+                if d != 0 or i in mapped:
+                    raise TraceError("torch.vmap mapping an argument twice or at dim != 0")
+                mapped[i] = level
+        new_args = list(args)
+        for i, level in mapped.items():
+            shape = [1] * depth
+            shape[level] = -1
+            new_args[i] = args[i].reshape(shape)
+        out = levels[-1].func(*new_args)
+        expected = tuple(int(value_of(args[i]).shape[0]) for i, _ in
+                         sorted(mapped.items(), key=lambda kv: kv[1]))
+        got = tuple(value_of(out).shape) if isinstance(value_of(out), torch.Tensor) else None
+        if got is None or len(mapped) != depth or got != expected:
+            raise TraceError(f"torch.vmap of a non-elementwise function (broadcast gave {got}, "
+                             f"vmap needs {expected})")
+        return out
+
+
+def _traced_vmap(orig: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(orig)
+    def vmap(func: Callable[..., Any], in_dims: Any = 0, out_dims: Any = 0, *rest: Any,
+             **kw: Any) -> Any:
+        return _BroadcastVmap(orig, func, in_dims, out_dims, *rest, **kw)
+
+    return vmap
+
+
+def value_of(x: Any) -> Any:
+    """The example value behind a proxy (recursively through containers)."""
+    if isinstance(x, ValueAttribute):
+        return x.value
+    if isinstance(x, fx.Proxy):
+        return meta.info(x.node)["value"]
+    return x
+
+
+def _values(args: Any) -> Any:
+    return map_aggregate(args, value_of) if _has_proxy(args) else args
+
+
+def _has_proxy(args: Any) -> bool:
+    found = False
+
+    def visit(a: Any) -> Any:
+        nonlocal found
+        if isinstance(a, fx.Proxy):
+            found = True
+        return a
+
+    map_aggregate(args, visit)
+    return found
+
+
+def _proxies_in(args: Any) -> list[fx.Proxy]:
+    out: list[fx.Proxy] = []
+    map_aggregate(args, lambda a: out.append(a) if isinstance(a, fx.Proxy) else None)
+    return out
+
+
+def _contains_tensor(v: Any) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    if isinstance(v, (list, tuple)):
+        return any(_contains_tensor(x) for x in v)
+    if isinstance(v, dict):
+        return any(_contains_tensor(x) for x in v.values())
+    return False
+
+
+def _is_static(node: fx.Node) -> bool:
+    return bool(meta.get(node, "static", False))
+
+
+def _user_location() -> str:
+    """file:line of the innermost frame outside torch and fxpass (for guard messages)."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        fname = os.path.abspath(frame.f_code.co_filename)
+        if not fname.startswith((_FXPASS_DIR, _TORCH_DIR)) and "functools" not in fname:
+            return f"{os.path.basename(fname)}:{frame.f_lineno} in {frame.f_code.co_name}"
+        frame = frame.f_back
+    return "<unknown>"
+
+
+class ValueProxy(fx.Proxy):
+    """A proxy whose node knows its example value (``node.meta['fxpass']['value']``)."""
+
+    @property
+    def value(self) -> Any:
+        return meta.info(self.node)["value"]
+
+    def __getattr__(self, k: str) -> "ValueAttribute":
+        if k.startswith("__") and k.endswith("__"):
+            raise AttributeError(k)
+        return ValueAttribute(self, k)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.tracer.iter(self)
+
+    def __len__(self) -> int:
+        return self.tracer.concretize_len(self)
+
+    def __bool__(self) -> bool:
+        return self.tracer.to_bool(self)
+
+    def __int__(self) -> int:
+        return self.tracer.concretize(self, "int")
+
+    def __index__(self) -> int:
+        return self.tracer.concretize(self, "index")
+
+    def __float__(self) -> float:
+        return self.tracer.concretize(self, "float")
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+    def __contains__(self, item: Any) -> bool:
+        return self.tracer.to_bool(
+            self.tracer.create_proxy("call_function", operator.contains, (self, item), {})
+        )
+
+
+class ValueAttribute(ValueProxy):
+    """``proxy.attr``: a method call when called, a ``getattr`` node when used as a value."""
+
+    def __init__(self, root: ValueProxy, attr: str) -> None:
+        self.root = root
+        self.attr = attr
+        self.tracer = root.tracer
+        self._node: fx.Node | None = None
+
+    @property
+    def node(self) -> fx.Node:  # type: ignore[override]
+        if self._node is None:
+            self._node = self.tracer.create_proxy(
+                "call_function", builtins.getattr, (self.root, self.attr), {}
+            ).node
+        return self._node
+
+    @property
+    def value(self) -> Any:
+        return meta.info(self.node)["value"]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ValueProxy:
+        return self.tracer.create_proxy("call_method", self.attr, (self.root, *args), kwargs)
+
+
+def _make_constant(value: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A graph target returning a tensor made during tracing (kept off the module)."""
+
+    def fxpass_constant() -> torch.Tensor:
+        return value
+
+    fxpass_constant.__module__ = __name__
+    return fxpass_constant
+
+
+@dataclasses.dataclass
+class CallSpec:
+    """How a call's ``(args, kwargs)`` map to graph placeholders.
+
+    Tensor leaves and integers become placeholders; other leaves (flags, None, configs) are
+    baked in and checked at every call.
+    """
+
+    treespec: pytree.TreeSpec
+    placeholders: list[int]  # leaf indices fed to the graph, in placeholder order
+    constants: dict[int, Any]  # leaf index -> value baked into the graph
+    names: list[str]
+
+    def describe(self) -> str:
+        return ", ".join(self.names)
+
+
+def _leaf_names(treespec: pytree.TreeSpec, sig: inspect.Signature | None) -> list[str]:
+    """Readable placeholder names for each leaf: ``hidden_states``, ``position_embeddings_0``."""
+    dummy = pytree.tree_unflatten(list(range(treespec.num_leaves)), treespec)
+    names: dict[int, str] = {}
+    args, kwargs = dummy
+    params = list(sig.parameters) if sig is not None else []
+    positional = [p for p in params if p != "self"]
+
+    def walk(obj: Any, path: str) -> None:
+        for kp, leaf in pytree.tree_flatten_with_path(obj)[0]:
+            suffix = "_".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                              for k in kp)
+            names[leaf] = re.sub(r"\W", "_", f"{path}_{suffix}" if suffix else path)
+
+    for i, a in enumerate(args):
+        walk(a, positional[i] if i < len(positional) else f"arg{i}")
+    for k, v in kwargs.items():
+        walk(v, k)
+    return [names.get(i, f"leaf{i}") for i in range(treespec.num_leaves)]
+
+
+def make_call_spec(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                   symbolic_ints: set[int] | None = None) -> CallSpec:
+    leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    try:
+        sig: inspect.Signature | None = inspect.signature(fn)
+    except (TypeError, ValueError):
+        sig = None
+    names = _leaf_names(treespec, sig)
+    placeholders, constants = [], {}
+    for i, leaf in enumerate(leaves):
+        symbolic = isinstance(leaf, torch.Tensor) or (
+            type(leaf) is int and (symbolic_ints is None or i in symbolic_ints)
+        )
+        if symbolic:
+            placeholders.append(i)
+        else:
+            constants[i] = leaf
+    return CallSpec(treespec, placeholders, constants, [names[i] for i in placeholders])
+
+
+@dataclasses.dataclass
+class Capture:
+    """The first call of a submodule seen while tracing its caller."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    symbolic_ints: set[int]  # leaf indices that were graph values (not constants) in the caller
+
+
+class ValueTracer(fx.Tracer):
+    """Traces one module; every submodule is a leaf (see module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_modules=(__import__("math"),))
+        self._eager = 0
+        self.captures: dict[str, Capture] = {}
+        self.guard_count = 0
+        self._constants: dict[int, fx.Node] = {}
+        # Called with (relative path, capture) at a submodule's first call, before it runs on
+        # the example values: the hierarchy traces the child there and installs its graph, so
+        # the child runs its trace-safe graph (HF skips data-dependent shortcuts for proxies).
+        self.on_first_call: Callable[[str, Capture], None] | None = None
+
+    # -- entry point ------------------------------------------------------------------
+    def trace_call(self, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   spec: CallSpec) -> fx.Graph:
+        self._call = (args, kwargs, spec)
+        patches = [(torch, "finfo", _dtype_info(_orig_finfo)),
+                   (torch, "iinfo", _dtype_info(_orig_iinfo)),
+                   (torch, "vmap", _traced_vmap(torch.vmap)),
+                   (torch.func, "vmap", _traced_vmap(torch.func.vmap))]
+        with contextlib.ExitStack() as stack:
+            for owner, name, new in patches:
+                old = getattr(owner, name)
+                setattr(owner, name, new)
+                stack.callback(setattr, owner, name, old)
+            return self.trace(root)
+
+    def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool,
+                             concrete_args: Any = None) -> tuple[Callable[..., Any], list[Any]]:
+        args, kwargs, spec = self._call
+        leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        proxies = []
+        for idx, name in zip(spec.placeholders, spec.names):
+            p = self.create_proxy("placeholder", name, (), {})
+            info = meta.info(p.node)
+            info["value"] = leaves[idx]
+            info["static"] = not isinstance(leaves[idx], torch.Tensor)
+            proxies.append(p)
+
+        def flat_forward(root: nn.Module, *ph: Any) -> Any:
+            flat = list(leaves)
+            for idx, p in zip(spec.placeholders, ph):
+                flat[idx] = p
+            a, kw = pytree.tree_unflatten(flat, treespec)
+            return root_fn(root, *a, **kw)
+
+        return flat_forward, [self.root, *proxies]
+
+    # -- proxies and values -----------------------------------------------------------
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return ValueProxy(node, self)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple[Any, ...],
+                     kwargs: dict[str, Any], name: str | None = None,
+                     type_expr: Any | None = None,
+                     proxy_factory_fn: Callable[[fx.Node], fx.Proxy] | None = None) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, None)
+        if kind in ("placeholder", "output"):
+            return proxy
+        node = proxy.node
+        try:
+            value = self._compute(kind, target, args, kwargs)
+        except TraceError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure on example values stops tracing
+            raise TraceError(
+                f"{node.format_node()} failed on the example values: "
+                f"{type(e).__name__}: {e}", node=node.name) from e
+        info = meta.info(node)
+        info["value"] = value
+        info["static"] = self._static(kind, target, args, kwargs, value)
+        return proxy
+
+    def _compute(self, kind: str, target: Any, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> Any:
+        vargs, vkwargs = _values(args), _values(kwargs)
+        if kind == "call_function":
+            return target(*vargs, **vkwargs)
+        if kind == "call_method":
+            self_obj, *rest = vargs
+            return getattr(self_obj, target)(*rest, **vkwargs)
+        if kind == "get_attr":
+            obj: Any = self.root
+            with self.eager():  # plain attribute reads, not proxies
+                for atom in target.split("."):
+                    obj = getattr(obj, atom)
+            return obj
+        if kind == "call_module":
+            mod = self.root.get_submodule(target)
+            if target not in self.captures:
+                cap = Capture(tuple(vargs), dict(vkwargs), _symbolic_int_leaves(args, kwargs))
+                self.captures[target] = cap
+                if self.on_first_call is not None:
+                    self.on_first_call(target, cap)
+            with self.eager():
+                return mod(*vargs, **vkwargs)
+        raise TraceError(f"unexpected node kind {kind}")
+
+    def _static(self, kind: str, target: Any, args: Any, kwargs: Any, value: Any) -> bool:
+        """True when ``value`` derives from shapes/dtypes/constants only, not tensor data."""
+        if _contains_tensor(value) or kind in ("get_attr", "call_module"):
+            return False
+        inputs = _proxies_in((args, kwargs))
+        if kind == "call_method":
+            if target in _METADATA_METHODS:
+                return True
+            if target in _DATA_METHODS:
+                return False
+        if kind == "call_function":
+            if target is builtins.getattr and args[1] in _METADATA_ATTRS:
+                return True
+            if target in _METADATA_FUNCTIONS:
+                return True
+        return all(_is_static(p.node) for p in inputs)
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[None]:
+        """Run submodules as plain Python (for their example values)."""
+        self._eager += 1
+        try:
+            yield
+        finally:
+            self._eager -= 1
+
+    # -- concretisation -> guards -------------------------------------------------------
+    def concretize(self, proxy: fx.Proxy, kind: str) -> Any:
+        node = proxy.node
+        value = value_of(proxy)
+        if not _is_static(node):
+            raise TraceError(
+                f"data-dependent control flow: {kind}() of a value computed from tensor data "
+                f"({node.format_node()}) at {_user_location()}; this module stays Python",
+                node=node.name)
+        conv = {"bool": bool, "int": int, "index": operator.index, "float": float,
+                "len": len}[kind]
+        try:
+            result = conv(value)
+        except Exception as e:  # noqa: BLE001
+            raise TraceError(f"cannot take {kind}() of {node.format_node()}: {e}",
+                             node=node.name) from e
+        where = f"guard at {_user_location()}"
+        g = self.create_proxy("call_function", guard,
+                              (proxy, result, "int" if kind == "index" else kind, where), {})
+        meta.info(g.node)["guard"] = {"kind": kind, "expected": result, "where": where}
+        self.guard_count += 1
+        return result
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return self.concretize(obj, "bool")
+
+    def concretize_len(self, obj: fx.Proxy) -> int:
+        value = value_of(obj)
+        if isinstance(value, (tuple, list, dict)) and not isinstance(value, torch.Size):
+            return len(value)  # structure of a call's output: fixed by the code, not the input
+        length = self.create_proxy("call_function", len, (obj,), {})
+        return self.concretize(length, "int")
+
+    def iter(self, obj: fx.Proxy) -> Iterator[Any]:
+        value = value_of(obj)
+        if isinstance(value, dict):
+            return iter([obj[k] for k in value])
+        n = self.concretize_len(obj)
+        return iter([obj[i] for i in range(n)])
+
+    def keys(self, obj: fx.Proxy) -> Any:
+        value = value_of(obj)
+        if isinstance(value, dict):
+            return list(value.keys())
+        raise TraceError(f"** on a non-dict value {type(value).__name__}", node=obj.node.name)
+
+    # -- module access ----------------------------------------------------------------
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return m is not self.root
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        if self._eager or m is self.root:
+            return forward(*args, **kwargs)
+        if m not in self.submodule_paths:
+            # A module outside the tree (built in forward, kept in a plain list): inline it.
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self._eager:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_arg(self, a: Any) -> Any:
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter):
+            if a not in self.tensor_attrs and not any(a is b for _, b in self._buffers()):
+                # A tensor made during tracing: a graph constant, not an attribute on the module.
+                node = self._constants.get(id(a))
+                if node is None:
+                    node = self.create_node("call_function", _make_constant(a), (), {})
+                    meta.info(node).update(value=a, static=False)
+                    self._constants[id(a)] = node
+                return node
+        if dataclasses.is_dataclass(a) and not isinstance(a, type):
+            # ModelOutput & co: rebuild the same type, not a plain dict.
+            fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(a)}
+            return self.create_node("call_function", type(a), (),
+                                    self.create_arg({k: v for k, v in fields.items()}))
+        return super().create_arg(a)
+
+    def _buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return self.root.named_buffers()
+
+
+def _symbolic_int_leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> set[int]:
+    """Leaf indices (of the call's flattened *values*) that came from graph values.
+
+    Ints among them were shape-derived in the caller, so the callee keeps them symbolic.
+    """
+    leaves, _ = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    out: set[int] = set()
+    index = 0
+    for leaf in leaves:
+        if isinstance(leaf, fx.Proxy):
+            n = len(pytree.tree_leaves(value_of(leaf)))
+            out.update(range(index, index + n))
+            index += n
+        else:
+            index += 1
+    return out

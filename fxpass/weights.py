@@ -1,0 +1,430 @@
+"""Build vLLM ``ReplicatedLinear`` layers from ``nn.Linear`` and move weights in.
+
+Three jobs, all done the way vLLM itself does them so that a rewritten tower
+behaves like one vLLM built:
+
+* :func:`build_vllm_linear` constructs the layer and turns quant-config
+  failures (``get_quant_method`` returning None or raising) into
+  :class:`~fxpass.errors.QuantConfigError` naming the layer.
+* :func:`load_linear_weights` feeds the original tensors through the
+  parameters' own ``weight_loader`` and, for bitsandbytes, quantizes in flight
+  and binds the quant states exactly as ``vllm_bnb_plugin``'s
+  ``BitsAndBytesModelLoader`` does (4-bit: ``quantize_4bit`` with double
+  quantization, flattened afterwards; 8-bit: HF ``Int8Params`` row-wise int8).
+* :func:`fake_quantize` gives the same quantized values as a float tensor, so a
+  plain ``nn.Linear`` can serve as a reference for the vLLM layer.
+
+vLLM and bitsandbytes are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import QuantConfigError, UsageError, WeightLoadError
+
+BNB_METHODS = ("nf4", "fp4", "int8")
+
+__all__ = [
+    "BNB_METHODS",
+    "bnb_config",
+    "build_vllm_linear",
+    "fake_quantize",
+    "load_linear_weights",
+    "logical_weight_info",
+    "quant_method_name",
+]
+
+
+# --------------------------------------------------------------------------- config
+
+
+def bnb_config(method: str, skip_modules: list[str] | None = None) -> Any:
+    """The plugin's ``BitsAndBytesConfig`` for "nf4", "fp4" or "int8".
+
+    Built through ``BitsAndBytesConfig.from_config`` with the keys of a HF
+    ``quantization_config`` dict, the same route vLLM takes for a checkpoint.
+    ``skip_modules`` become ``llm_int8_skip_modules``: vLLM matches them against
+    each layer's prefix (a dotted component or a leading dotted path).
+    """
+    if method not in BNB_METHODS:
+        raise UsageError(f"unknown bitsandbytes method {method!r}; expected one of {BNB_METHODS}")
+    from vllm_bnb_plugin.bitsandbytes import BitsAndBytesConfig
+
+    hf_config: dict[str, Any] = {"quant_method": "bitsandbytes"}
+    if method == "int8":
+        # from_config defaults load_in_4bit to True: say explicitly it is off.
+        hf_config.update(load_in_8bit=True, load_in_4bit=False)
+    else:
+        hf_config.update(load_in_4bit=True, load_in_8bit=False, bnb_4bit_quant_type=method)
+    hf_config["llm_int8_skip_modules"] = list(skip_modules or [])
+    return BitsAndBytesConfig.from_config(hf_config)
+
+
+def _bnb_linear_method(layer: nn.Module) -> Any | None:
+    """The layer's ``BitsAndBytesLinearMethod``, or None (never imports the plugin)."""
+    module = sys.modules.get("vllm_bnb_plugin.quantization.linear")
+    method = getattr(layer, "quant_method", None)
+    if module is not None and isinstance(method, module.BitsAndBytesLinearMethod):
+        return method
+    return None
+
+
+def quant_method_name(quant_config: Any, layer: nn.Module) -> str:
+    """"none", "nf4", "fp4", "int8", or the quant method's class name.
+
+    Read from the method the layer actually got, since a skip-listed prefix gets
+    ``UnquantizedLinearMethod`` even under a bitsandbytes config.
+    """
+    if quant_config is None:
+        return "none"
+    method = getattr(layer, "quant_method", None)
+    if method is None:
+        raise UsageError(f"{type(layer).__name__} has no quant_method: pass a built vLLM layer")
+    if type(method).__name__ == "UnquantizedLinearMethod":
+        return "none"
+    if _bnb_linear_method(layer) is not None:
+        return "int8" if method.quant_config.load_in_8bit else method.quant_config.bnb_4bit_quant_type
+    return type(method).__name__
+
+
+# --------------------------------------------------------------------------- build
+
+
+def build_vllm_linear(
+    linear: nn.Linear,
+    quant_config: Any,
+    prefix: str,
+    *,
+    device: torch.device | str | None = None,
+) -> nn.Module:
+    """A ``ReplicatedLinear`` shaped like ``linear``, weights not loaded yet.
+
+    ``return_bias=False`` makes it a drop-in for ``nn.Linear`` (a tensor, not a
+    tuple). It is built on ``device`` (default: the linear's, meta included, in
+    which case nothing is allocated). The quant method it got is
+    ``layer.quant_method`` (see :func:`quant_method_name`).
+
+    ``prefix`` must be the checkpoint-style dotted name: skip lists match on it.
+    """
+    if not isinstance(linear, nn.Linear):
+        raise UsageError(f"{prefix}: expected an nn.Linear, got {type(linear).__name__}")
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+
+    from .runtime import vllm_runtime
+
+    target = torch.device(device) if device is not None else linear.weight.device
+    kwargs: dict[str, Any] = dict(
+        input_size=linear.in_features,
+        output_size=linear.out_features,
+        bias=linear.bias is not None,
+        params_dtype=linear.weight.dtype,
+        prefix=prefix,
+        return_bias=False,
+        disable_tp=True,
+    )
+    with vllm_runtime():
+        method_cls = None
+        if quant_config is not None:
+            method_cls = _resolve_quant_method(quant_config, prefix, kwargs)
+        try:
+            with torch.device(target):
+                layer = ReplicatedLinear(quant_config=quant_config, **kwargs)
+        except (ValueError, AssertionError, NotImplementedError) as e:
+            if quant_config is None:
+                raise
+            # The same shape built unquantized in the probe, so this is the quant
+            # method's doing (e.g. bnb 4-bit needs in*out even).
+            raise QuantConfigError(
+                f"{prefix}: building the layer with {method_cls} from "
+                f"{type(quant_config).__name__} failed: {e}. Add {prefix!r} to the "
+                "config's skip list (llm_int8_skip_modules / ignored layers) or pass "
+                "quant_config=None for this layer."
+            ) from e
+    _fix_bnb_4bit_storage(layer)
+    return layer
+
+
+def _resolve_quant_method(quant_config: Any, prefix: str, kwargs: dict[str, Any]) -> str:
+    """Ask the config for this layer's method as LinearBase.__init__ will.
+
+    vLLM itself gives a bare ``ValueError("All linear layers should support quant
+    method.")`` for None (no layer name) and lets exceptions through unchanged,
+    so the question is asked first on a probe: a real, unquantized
+    ``ReplicatedLinear`` on meta with the same sizes and prefix (so isinstance
+    checks and prefix matching see what the real layer will show). The config is
+    therefore asked twice per layer; configs are expected to answer the same.
+    """
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+    from vllm.model_executor.layers.quantization.base_config import resolve_quant_method
+
+    with torch.device("meta"):
+        probe = ReplicatedLinear(quant_config=None, **kwargs)
+    config_name = type(quant_config).__name__
+    try:
+        method = resolve_quant_method(quant_config, probe, prefix=prefix)
+    except Exception as e:
+        raise QuantConfigError(
+            f"{prefix}: {config_name}.get_quant_method raised "
+            f"{type(e).__name__}: {e}. This config cannot serve the layer: add "
+            f"{prefix!r} to its skip list (llm_int8_skip_modules / ignored layers) "
+            "or pass quant_config=None for this layer."
+        ) from e
+    if method is None:
+        raise QuantConfigError(
+            f"{prefix}: {config_name}.get_quant_method returned None for a "
+            "ReplicatedLinear (vLLM requires a method for every linear layer). "
+            f"Add {prefix!r} to the config's skip list so it gets "
+            "UnquantizedLinearMethod, or pass quant_config=None for this layer."
+        )
+    return type(method).__name__
+
+
+def _fix_bnb_4bit_storage(layer: nn.Module) -> None:
+    """Give a bnb 4-bit weight the size quantize_4bit really produces.
+
+    vllm-bnb-plugin 0.0.3 sizes the packed uint8 storage as
+    ``in*out / (bits(params_dtype) / 8)``: right for bf16/fp16 (2 values a byte)
+    but half the needed size for float32, where vLLM's own loader then fails
+    with "Tried to load weights of size [N, 1] to a parameter of size [N/2, 1]".
+    The packing is 2 values per byte whatever the dtype, so the storage and the
+    pack factor (used for shard offsets) are set to that.
+    """
+    method = _bnb_linear_method(layer)
+    if method is None or method.quant_config.load_in_8bit:
+        return
+    weight = layer.weight
+    n_packed = (layer.input_size * layer.output_size + 1) // 2
+    if weight.shape[0] == n_packed:
+        return
+    weight.data = torch.empty(n_packed, 1, dtype=torch.uint8, device=weight.device)
+    weight._packed_factor = 2
+    weight.pack_factor = 2
+
+
+# --------------------------------------------------------------------------- quantization
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    # The plugin's loader quantizes under set_default_torch_dtype(float32): its
+    # scratch tensors (absmax, ...) must come out float32 whatever the model dtype.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _quantize_4bit(weight: torch.Tensor, quant_type: str) -> tuple[torch.Tensor, Any]:
+    """Packed uint8 ``(n/2, 1)`` and a flat QuantState, as the vLLM bnb loader makes them.
+
+    The loader calls ``quantize_4bit(w, compress_statistics=True, quant_type=...)``
+    (bitsandbytes' default blocksize 64) and, when binding, dequantizes the
+    double-quantized absmax back to float32 (``_dequantize_dq``) so inference
+    skips that step. The same is done here, so values match bit for bit.
+    """
+    from bitsandbytes.functional import dequantize_blockwise, quantize_4bit
+
+    with _default_dtype(torch.float32):
+        packed, state = quantize_4bit(
+            weight.contiguous(), compress_statistics=True, quant_type=quant_type
+        )
+    if state.nested:
+        absmax = dequantize_blockwise(state.absmax, state.state2)
+        absmax += state.offset
+        state.absmax = absmax.float()
+        state.nested = False
+        state.offset = None
+        state.state2 = None
+    return packed.reshape(-1, 1), state
+
+
+def _quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise int8 ``CB`` and float32 scales ``SCB`` like HF ``Int8Params``.
+
+    vLLM's bnb 8-bit path only serves pre-quantized checkpoints (its in-flight
+    generator only knows 4-bit), and those hold what ``Int8Params._quantize``
+    writes: ``int8_vectorwise_quant(w.to(float16))``.
+    """
+    from bitsandbytes.functional import int8_vectorwise_quant
+
+    cb, scb, _ = int8_vectorwise_quant(weight.contiguous().to(torch.float16))
+    return cb, scb
+
+
+def fake_quantize(weight: torch.Tensor, method: str) -> torch.Tensor:
+    """Quantize then dequantize ``weight`` exactly as :func:`load_linear_weights` does.
+
+    The result has ``weight``'s dtype; an ``nn.Linear`` carrying it is the
+    reference a vLLM bnb layer should match up to its activation handling
+    (4-bit: activations in bf16; int8: LLM.int8 activation quantization).
+    """
+    if method not in BNB_METHODS:
+        raise UsageError(f"unknown fake-quant method {method!r}; expected one of {BNB_METHODS}")
+    if weight.is_meta:
+        raise UsageError("fake_quantize needs a tensor with values, got a meta tensor")
+    with torch.no_grad():
+        w = weight.detach()
+        if method == "int8":
+            from bitsandbytes.functional import int8_vectorwise_dequant
+
+            cb, scb = _quantize_int8(w)
+            return int8_vectorwise_dequant(cb, scb).to(weight.dtype).reshape(weight.shape)
+        from bitsandbytes.functional import dequantize_4bit
+
+        packed, state = _quantize_4bit(w, method)
+        return dequantize_4bit(packed, state).to(weight.dtype).reshape(weight.shape)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_linear_weights(
+    layer: nn.Module,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    quant_config: Any,
+) -> None:
+    """Load ``weight`` [out, in] and ``bias`` into a layer from :func:`build_vllm_linear`.
+
+    Goes through each parameter's own ``weight_loader`` (what vLLM's loaders
+    call), quantizing bitsandbytes weights in flight, then runs
+    ``quant_method.process_weights_after_loading``. After that the layer's
+    ``weight`` may no longer hold readable values (CPU unquantized: emptied;
+    bnb: packed) — use :func:`logical_weight_info` for dtype/shape/device.
+    ``quant_config`` must be the config the layer was built with.
+    """
+    prefix = getattr(layer, "prefix", "") or type(layer).__name__
+    if quant_config is not getattr(layer, "quant_config", None):
+        raise UsageError(
+            f"{prefix}: load_linear_weights got a different quant_config from the "
+            "one the layer was built with; pass the same object"
+        )
+    _check_source(layer, prefix, weight, bias)
+
+    bnb = _bnb_linear_method(layer)
+    with torch.no_grad():
+        src = weight.detach().to(device=layer.weight.device, dtype=layer.params_dtype)
+        states: dict[int, Any] | None = None
+        if bnb is None:
+            loaded = src
+        elif bnb.quant_config.load_in_8bit:
+            loaded, scb = _quantize_int8(src)
+            states = {0: scb}
+        else:
+            loaded, qstate = _quantize_4bit(src, bnb.quant_config.bnb_4bit_quant_type)
+            states = {0: qstate}
+        _load_param(layer, "weight", loaded, prefix)
+        if bias is not None:
+            _load_param(layer, "bias", bias.detach(), prefix)
+        if states is not None:
+            _bind_quant_states(layer.weight, states, int8=bnb.quant_config.load_in_8bit)
+        try:
+            layer.quant_method.process_weights_after_loading(layer)
+        except Exception as e:
+            raise WeightLoadError(
+                f"{prefix}: {type(layer.quant_method).__name__}.process_weights_after_loading "
+                f"failed: {type(e).__name__}: {e}"
+            ) from e
+
+
+def _check_source(
+    layer: nn.Module, prefix: str, weight: torch.Tensor, bias: torch.Tensor | None
+) -> None:
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.is_meta:
+            raise WeightLoadError(
+                f"{prefix}: the source {name} is a meta tensor (no values to load). "
+                "Materialise the model's weights first (load the checkpoint, or "
+                "to_empty() and initialise), or rewrite with load_weights=False and "
+                "let vLLM's weight loader fill the layer."
+            )
+    if layer.weight.is_meta:
+        raise WeightLoadError(
+            f"{prefix}: the vLLM layer was built on the meta device; build it on a "
+            "real device to load weights into it, or use load_weights=False."
+        )
+    expected = torch.Size([layer.output_size, layer.input_size])
+    if weight.shape != expected:
+        raise WeightLoadError(
+            f"{prefix}: weight has shape {tuple(weight.shape)}, the layer expects "
+            f"[out, in] = {tuple(expected)}"
+        )
+    if (bias is None) != (layer.bias is None):
+        has = "has a bias" if layer.bias is not None else "has no bias"
+        raise WeightLoadError(
+            f"{prefix}: the layer {has} but bias={'None' if bias is None else 'a tensor'} was given"
+        )
+    if bias is not None and bias.shape != torch.Size([layer.output_size]):
+        raise WeightLoadError(
+            f"{prefix}: bias has shape {tuple(bias.shape)}, the layer expects ({layer.output_size},)"
+        )
+
+
+def _load_param(layer: nn.Module, name: str, tensor: torch.Tensor, prefix: str) -> None:
+    param = getattr(layer, name)
+    if param.shape != tensor.shape:
+        # The source was checked: the parameter itself changed, e.g. CPU
+        # process_weights_after_loading emptied it on an earlier load.
+        raise WeightLoadError(
+            f"{prefix}.{name}: the layer's parameter has shape {tuple(param.shape)} but "
+            f"{tuple(tensor.shape)} is to be loaded; a layer is loaded once "
+            "(process_weights_after_loading repacks it): build a fresh one"
+        )
+    loader = getattr(param, "weight_loader", None)
+    try:
+        if loader is None:
+            param.data.copy_(tensor)
+        else:
+            loader(param, tensor)
+    except (AssertionError, RuntimeError, ValueError) as e:
+        raise WeightLoadError(f"{prefix}.{name}: weight_loader failed: {e}") from e
+
+
+def _bind_quant_states(param: torch.Tensor, states: dict[int, Any], *, int8: bool) -> None:
+    """Attach quant states as BitsAndBytesModelLoader._bind_quant_states_to_params does.
+
+    Attributes are assigned (not ``set_weight_attrs``, which refuses to
+    overwrite) so that a parameter can be re-bound; the values are the same.
+    """
+    pack_factor = param.pack_factor
+    sizes = [math.prod(states[i].shape) // pack_factor for i in range(len(states))]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    param.bnb_quant_state = states
+    param.bnb_shard_offsets = torch.tensor(offsets, dtype=torch.int64)  # on CPU, as vLLM
+    if int8:
+        param.matmul_state = [None] * len(states)
+        param.generation = 0  # 0/1: the next forward (re)builds the MatmulLtStates
+
+
+# --------------------------------------------------------------------------- introspection
+
+
+def logical_weight_info(layer: nn.Module) -> tuple[torch.dtype, torch.Size, torch.device]:
+    """(dtype, [out, in], device) that HF code expects from ``layer.weight``.
+
+    After loading, a vLLM layer's ``weight`` is packed uint8 (bnb 4-bit), int8,
+    or an empty (0,) tensor (CPU unquantized), so HF code reading
+    ``.weight.dtype`` / ``.shape`` must get these values instead.
+    """
+    if isinstance(layer, nn.Linear):
+        return layer.weight.dtype, layer.weight.shape, layer.weight.device
+    try:
+        dtype = layer.params_dtype
+        shape = torch.Size([layer.output_size, layer.input_size])
+    except AttributeError as e:
+        raise UsageError(
+            f"{type(layer).__name__} is neither nn.Linear nor a vLLM LinearBase layer"
+        ) from e
+    return dtype, shape, layer.weight.device
