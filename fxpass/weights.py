@@ -78,7 +78,7 @@ def _bnb_linear_method(layer: nn.Module) -> Any | None:
 
 
 def quant_method_name(quant_config: Any, layer: nn.Module) -> str:
-    """"none", "nf4", "fp4", "int8", or the quant method's class name.
+    """The layer's quant method as "none", "nf4", "fp4", "int8", or its class name.
 
     Read from the method the layer actually got, since a skip-listed prefix gets
     ``UnquantizedLinearMethod`` even under a bitsandbytes config.
@@ -91,7 +91,8 @@ def quant_method_name(quant_config: Any, layer: nn.Module) -> str:
     if type(method).__name__ == "UnquantizedLinearMethod":
         return "none"
     if _bnb_linear_method(layer) is not None:
-        return "int8" if method.quant_config.load_in_8bit else method.quant_config.bnb_4bit_quant_type
+        bnb = method.quant_config
+        return "int8" if bnb.load_in_8bit else bnb.bnb_4bit_quant_type
     return type(method).__name__
 
 
@@ -144,9 +145,9 @@ def build_vllm_linear(
             # method's doing (e.g. bnb 4-bit needs in*out even).
             raise QuantConfigError(
                 f"{prefix}: building the layer with {method_cls} from "
-                f"{type(quant_config).__name__} failed: {e}. Add {prefix!r} to the "
-                "config's skip list (llm_int8_skip_modules / ignored layers) or pass "
-                "quant_config=None for this layer."
+                f"{type(quant_config).__name__} failed: {str(e).rstrip('.')}. "
+                f"Add {prefix!r} to the config's skip list (llm_int8_skip_modules / "
+                "ignored layers) or pass quant_config=None for this layer."
             ) from e
     _fix_bnb_4bit_storage(layer)
     return layer
@@ -173,7 +174,7 @@ def _resolve_quant_method(quant_config: Any, prefix: str, kwargs: dict[str, Any]
     except Exception as e:
         raise QuantConfigError(
             f"{prefix}: {config_name}.get_quant_method raised "
-            f"{type(e).__name__}: {e}. This config cannot serve the layer: add "
+            f"{type(e).__name__}: {str(e).rstrip('.')}. This config cannot serve the layer: add "
             f"{prefix!r} to its skip list (llm_int8_skip_modules / ignored layers) "
             "or pass quant_config=None for this layer."
         ) from e
@@ -195,7 +196,10 @@ def _fix_bnb_4bit_storage(layer: nn.Module) -> None:
     but half the needed size for float32, where vLLM's own loader then fails
     with "Tried to load weights of size [N, 1] to a parameter of size [N/2, 1]".
     The packing is 2 values per byte whatever the dtype, so the storage and the
-    pack factor (used for shard offsets) are set to that.
+    pack factor (used for shard offsets) are set to that. The plugin's
+    alignment check in create_weights uses the same ratio, so float32 layers
+    still need ``in*out % 4 == 0`` (bf16/fp16: even); others fail at build with
+    QuantConfigError.
     """
     method = _bnb_linear_method(layer)
     if method is None or method.quant_config.load_in_8bit:
@@ -366,7 +370,8 @@ def _check_source(
         )
     if bias is not None and bias.shape != torch.Size([layer.output_size]):
         raise WeightLoadError(
-            f"{prefix}: bias has shape {tuple(bias.shape)}, the layer expects ({layer.output_size},)"
+            f"{prefix}: bias has shape {tuple(bias.shape)}, "
+            f"the layer expects ({layer.output_size},)"
         )
 
 
