@@ -1,0 +1,105 @@
+"""The report ``fxpass.apply`` returns; the CLI, CI and the visualisation all read this one."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+@dataclasses.dataclass
+class Fix:
+    """One graph edit a rule made besides the linear swap (a probe folded, a contiguous())."""
+
+    rule: str
+    module: str  # qualified name of the graph's module
+    node: str  # the node as fx formats it, before the edit
+    detail: str
+
+    def to_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Report:
+    """What apply replaced, what it left alone and why, and what else it fixed.
+
+    ``replaced`` holds full prefixed names (``<prefix>.<qualified name>``), as vLLM's loaders
+    and quant skip lists see them; the other dicts are keyed the same way.
+    """
+
+    prefix: str = ""
+    replaced: list[str] = dataclasses.field(default_factory=list)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    graph_rewrites: list[str] = dataclasses.field(default_factory=list)
+    plain_swaps: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> why no graph
+    quant_methods: dict[str, str] = dataclasses.field(default_factory=dict)
+    fixes: list[Fix] = dataclasses.field(default_factory=list)
+    untraced: dict[str, str] = dataclasses.field(default_factory=dict)
+    already_applied: bool = False
+    weights_loaded: bool = False
+    timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def probes(self) -> list[Fix]:
+        return [f for f in self.fixes if f.rule == "weight-probes"]
+
+    @property
+    def contiguity(self) -> list[Fix]:
+        return [f for f in self.fixes if f.rule == "contiguity"]
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "replaced": len(self.replaced),
+            "graph_rewrites": len(self.graph_rewrites),
+            "plain_swaps": len(self.plain_swaps),
+            "skipped": len(self.skipped),
+            "probes": len(self.probes),
+            "contiguity": len(self.contiguity),
+            "untraced_modules": len(self.untraced),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {
+            "prefix": self.prefix,
+            "counts": self.counts(),
+            "replaced": list(self.replaced),
+            "skipped": dict(self.skipped),
+            "graph_rewrites": list(self.graph_rewrites),
+            "plain_swaps": dict(self.plain_swaps),
+            "quant_methods": dict(self.quant_methods),
+            "fixes": [f.to_dict() for f in self.fixes],
+            "untraced": dict(self.untraced),
+            "already_applied": self.already_applied,
+            "weights_loaded": self.weights_loaded,
+            "timings_s": {k: round(v, 6) for k, v in self.timings_s.items()},
+        }
+        json.dumps(out)  # fail here, not in a caller, if something is not serialisable
+        return out
+
+    def summary_line(self) -> str:
+        c = self.counts()
+        total = sum(self.timings_s.values())
+        head = "already applied; nothing changed" if self.already_applied else (
+            f"{c['replaced']} linears -> vLLM ({c['graph_rewrites']} in graphs, "
+            f"{c['plain_swaps']} plain swaps), {c['skipped']} skipped, "
+            f"{c['probes']} weight probes folded, {c['contiguity']} contiguity fixes")
+        return f"fxpass[{self.prefix or '<root>'}]: {head}, {total * 1000:.1f} ms"
+
+    def __str__(self) -> str:
+        lines = [self.summary_line()]
+        width = max((len(n) for n in [*self.replaced, *self.skipped]), default=10)
+        if self.replaced:
+            lines.append(f"  {'layer':<{width}}  how    quant")
+            for name in self.replaced:
+                how = "graph" if name in self.graph_rewrites else "swap"
+                lines.append(f"  {name:<{width}}  {how:<5}  {self.quant_methods.get(name, '')}")
+        for name, why in self.plain_swaps.items():
+            lines.append(f"  swap without graph: {name}: {why}")
+        for name, why in self.skipped.items():
+            lines.append(f"  skipped: {name}: {why}")
+        for fix in self.fixes:
+            lines.append(f"  {fix.rule}: {fix.module or '<root>'}: {fix.detail}")
+        for name, why in self.untraced.items():
+            lines.append(f"  python: {name or '<root>'}: {why}")
+        return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""Graph analysis the rules share: how each linear's weight is used in the graphs.
+
+A read of ``lin.weight`` (or ``.bias``) is a *probe* when only metadata is taken from it
+(dtype, shape, device, ``is_floating_point()``, ``size()``, ``dim()``): the rewrite can fold
+it to the layer's logical value. Any other use reads the values (``F.linear(x, l.weight)``,
+tied weights, ``l.weight.t()``), which a vLLM layer does not keep in HF's layout: such a
+linear stays ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+from collections import defaultdict
+
+import torch.fx as fx
+from torch import nn
+
+from fxpass import meta
+from fxpass.rewrite.base import RewriteContext, Site, is_vllm_linear
+
+PROBE_ATTRS = frozenset({"dtype", "shape", "device", "ndim", "is_cuda", "is_meta"})
+PROBE_METHODS = frozenset({"is_floating_point", "size", "dim", "numel", "nelement",
+                           "is_complex", "ndimension", "get_device"})
+
+
+@dataclasses.dataclass
+class WeightUse:
+    linear: str  # qualified name of the linear module
+    attr: str  # "weight" or "bias"
+    site: Site  # the get_attr node
+    probes: list[fx.Node]  # users that only read metadata
+    value_users: list[fx.Node]  # users that read values
+
+
+def is_probe(user: fx.Node) -> bool:
+    if user.op == "call_function" and user.target is builtins.getattr:
+        return user.args[1] in PROBE_ATTRS
+    return user.op == "call_method" and user.target in PROBE_METHODS
+
+
+def weight_uses(ctx: RewriteContext) -> list[WeightUse]:
+    """Every get_attr of a linear's (or vLLM linear's) weight/bias in every graph."""
+    uses = []
+    for mg in ctx.graphs():
+        for node in mg.graph.nodes:
+            if node.op != "get_attr" or "." not in node.target:
+                continue
+            owner, _, attr = node.target.rpartition(".")
+            if attr not in ("weight", "bias"):
+                continue
+            full = f"{mg.qualname}.{owner}" if mg.qualname else owner
+            try:
+                mod = ctx.module(full)
+            except AttributeError:
+                continue
+            if not (isinstance(mod, nn.Linear) or is_vllm_linear(mod)):
+                continue
+            probes = [u for u in node.users if is_probe(u)]
+            values = [u for u in node.users if not is_probe(u)]
+            uses.append(WeightUse(full, attr, Site(mg, node), probes, values))
+            meta.info(node)["weight_use"] = "value" if values else "probe"
+    return uses
+
+
+def tied_linears(model: nn.Module) -> dict[str, str]:
+    """Linears sharing a weight/bias tensor with another parameter: name -> the other name."""
+    owners: dict[int, list[str]] = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)].append(name)
+    out = {}
+    for names in owners.values():
+        if len(names) < 2:
+            continue
+        for n in names:
+            mod_name, _, attr = n.rpartition(".")
+            if attr in ("weight", "bias") and isinstance(model.get_submodule(mod_name), nn.Linear):
+                others = [o for o in names if o != n]
+                out[mod_name] = others[0]
+    return out

@@ -1,0 +1,82 @@
+"""The rewrite-rule protocol and the context rules share.
+
+A rule is a small unit: ``match`` finds candidate sites, ``check`` says why a site must be
+left alone (or None), ``apply`` edits. Rules edit the Trace's graphs and plan module swaps in
+the context; nothing touches the model until ``apply`` commits (see ``pipeline.py``), so a
+failure anywhere leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator, Protocol
+
+import torch.fx as fx
+from torch import nn
+
+from fxpass import meta
+from fxpass.report import Fix, Report
+from fxpass.trace import ModuleGraph, Trace
+
+
+def is_vllm_linear(module: nn.Module) -> bool:
+    """A vLLM LinearBase layer, without importing vLLM."""
+    return any(c.__name__ == "LinearBase" and c.__module__.startswith("vllm.")
+               for c in type(module).__mro__)
+
+
+@dataclasses.dataclass
+class Site:
+    """A node of one graph, with the graph's module path."""
+
+    graph: ModuleGraph
+    node: fx.Node
+
+    def full_target(self) -> str:
+        q = self.graph.qualname
+        return f"{q}.{self.node.target}" if q else str(self.node.target)
+
+
+@dataclasses.dataclass
+class RewriteContext:
+    model: nn.Module
+    trace: Trace
+    quant_config: Any
+    prefix: str
+    report: Report
+    fuse: bool = False
+    # qualified name -> vLLM layer planned to replace the module there (not yet installed)
+    new_layers: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
+    # qualified name -> why this linear must stay nn.Linear
+    unsafe: dict[str, str] = dataclasses.field(default_factory=dict)
+    edited: set[str] = dataclasses.field(default_factory=set)  # graphs changed
+
+    def full_name(self, qualname: str) -> str:
+        return f"{self.prefix}.{qualname}" if self.prefix else qualname
+
+    def module(self, qualname: str) -> nn.Module:
+        return self.model.get_submodule(qualname)
+
+    def layer_after(self, qualname: str) -> nn.Module:
+        """The module that will sit at ``qualname`` once the plan is committed."""
+        return self.new_layers.get(qualname) or self.module(qualname)
+
+    def graphs(self) -> Iterator[ModuleGraph]:
+        return iter(self.trace.graphs.values())
+
+    def fix(self, rule: str, site: Site, detail: str) -> None:
+        self.report.fixes.append(Fix(rule, site.graph.qualname, site.node.format_node(), detail))
+        meta.info(site.node).setdefault("fixes", []).append({"rule": rule, "detail": detail})
+        self.edited.add(site.graph.qualname)
+
+
+class Rule(Protocol):
+    """match -> check -> apply. Register new rules in ``registry.RULES``."""
+
+    name: str
+
+    def match(self, ctx: RewriteContext) -> list[Any]: ...
+
+    def check(self, ctx: RewriteContext, m: Any) -> str | None: ...
+
+    def apply(self, ctx: RewriteContext, m: Any) -> None: ...

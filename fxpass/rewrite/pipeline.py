@@ -1,0 +1,166 @@
+"""``fxpass.apply``: trace, plan the rewrites, load weights, then commit all at once.
+
+Rules only edit the Trace's graphs (not yet installed) and plan module swaps; weights are
+loaded into the new layers before anything on the model changes. The commit swaps modules
+and installs the graphs' forwards; if any step fails the model is restored and the error is
+raised with its cause, so a tower is never left half-rewritten.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxpass.errors import FxpassError, RewriteError, UsageError, WeightLoadError
+from fxpass.report import Report
+from fxpass.rewrite.analysis import tied_linears, weight_uses
+from fxpass.rewrite.base import RewriteContext, is_vllm_linear
+from fxpass.rewrite.registry import rules
+from fxpass.trace import GraphForward, Trace, trace
+
+
+def _fxpass_applied(model: nn.Module) -> bool:
+    for m in model.modules():
+        fwd = m.__dict__.get("forward")
+        if isinstance(fwd, types.MethodType) and isinstance(fwd.__func__, GraphForward):
+            return True
+    return False
+
+
+def _mark_unsafe(ctx: RewriteContext) -> None:
+    for use in weight_uses(ctx):
+        if use.value_users and isinstance(ctx.module(use.linear), nn.Linear):
+            users = ", ".join(u.format_node() for u in use.value_users[:2])
+            ctx.unsafe.setdefault(
+                use.linear,
+                f"graph {use.site.graph.qualname or '<root>'} reads its {use.attr} values "
+                f"outside its call ({users}); a vLLM layer does not keep them in HF's layout")
+    for name, other in tied_linears(ctx.model).items():
+        ctx.unsafe.setdefault(name, f"its weight is shared with {other} (tied weights)")
+
+
+def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
+          load_weights: bool = False, fuse: bool = False, example_inputs: Any = None,
+          trace_result: Trace | None = None) -> Report:
+    """Rewrite every nn.Linear of ``model`` to a vLLM ReplicatedLinear, in place.
+
+    ``prefix`` is the model's checkpoint prefix (``vision_tower``): layers are built with
+    ``"<prefix>.<qualified name>"`` so quant skip lists and loaders match. ``load_weights``
+    moves the model's current tensors into the new layers (quantizing in flight); leave it
+    False in vLLM's model init, where the loader fills them. ``example_inputs`` are the
+    tracing inputs (default: built for known HF towers).
+    """
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"fxpass.apply expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(prefix, str):
+        raise UsageError(f"prefix must be a str, got {type(prefix).__name__}")
+    report = Report(prefix=prefix)
+    t0 = time.perf_counter()
+    if _fxpass_applied(model):
+        report.already_applied = True
+        for name, mod in model.named_modules():
+            if isinstance(mod, nn.Linear):
+                report.skipped[f"{prefix}.{name}" if prefix else name] = (
+                    "left by the earlier fxpass.apply; applying again changes nothing")
+        report.timings_s["total"] = time.perf_counter() - t0
+        return report
+
+    has_linears = any(isinstance(m, nn.Linear) for m in model.modules())
+    if load_weights and has_linears:
+        _check_loadable(model)
+    if trace_result is None:
+        if has_linears:
+            trace_result = trace(model, example_inputs)
+        else:
+            trace_result = Trace(root=model)
+    report.untraced = dict(trace_result.untraced)
+    report.timings_s["trace"] = time.perf_counter() - t0
+
+    ctx = RewriteContext(model, trace_result, quant_config, prefix, report, fuse=fuse)
+    t1 = time.perf_counter()
+    try:
+        _mark_unsafe(ctx)
+        for rule in rules(fuse=fuse):
+            for m in rule.match(ctx):
+                reason = rule.check(ctx, m)
+                if reason is None:
+                    rule.apply(ctx, m)
+                elif rule.name == "linear":
+                    report.skipped[ctx.full_name(m.qualname)] = reason
+        for mg in ctx.graphs():
+            if mg.qualname in ctx.edited:
+                mg.graph.lint()
+    except FxpassError:
+        raise
+    except Exception as e:
+        raise RewriteError(f"planning the rewrite of {type(model).__name__} failed: "
+                           f"{type(e).__name__}: {e}; the model was not changed") from e
+    report.timings_s["rewrite"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    if load_weights:
+        for qualname, layer in ctx.new_layers.items():
+            _load(ctx, qualname, layer)
+        report.weights_loaded = True
+    report.timings_s["weights"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    _commit(ctx)
+    report.replaced = [ctx.full_name(q) for q in ctx.new_layers]
+    report.timings_s["commit"] = time.perf_counter() - t3
+    return report
+
+
+def _check_loadable(model: nn.Module) -> None:
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and mod.weight.device.type == "meta":
+            raise WeightLoadError(
+                f"{name}: load_weights=True needs real weights, but this linear is on the meta "
+                "device; materialise the model (to_empty + load a checkpoint) or use "
+                "load_weights=False and let vLLM's loader fill the layers")
+
+
+def _load(ctx: RewriteContext, qualname: str, layer: nn.Module) -> None:
+    from fxpass.weights import load_linear_weights
+
+    old = ctx.module(qualname)
+    load_linear_weights(layer, old.weight, old.bias, ctx.quant_config)
+
+
+def _commit(ctx: RewriteContext) -> None:
+    """Swap modules and install graphs; on any failure put everything back."""
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    installed: list[tuple[nn.Module, Any]] = []
+    try:
+        for qualname, layer in ctx.new_layers.items():
+            parent_name, _, child = qualname.rpartition(".")
+            parent = ctx.module(parent_name)
+            old = getattr(parent, child)
+            setattr(parent, child, layer)
+            swapped.append((parent, child, old))
+        for qualname, mg in ctx.trace.graphs.items():
+            sub = ctx.module(qualname)
+            installed.append((sub, sub.__dict__.get("forward")))
+            sub.forward = types.MethodType(GraphForward(mg), sub)
+    except Exception as e:
+        for sub, previous in reversed(installed):
+            if previous is None:
+                sub.__dict__.pop("forward", None)
+            else:
+                sub.__dict__["forward"] = previous
+        for parent, child, old in reversed(swapped):
+            setattr(parent, child, old)
+        raise RewriteError(f"committing the rewrite failed at {type(e).__name__}: {e}; "
+                           "the model was restored") from e
+
+
+def vllm_linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of the vLLM linear layers in ``model`` (for parity checks)."""
+    return [n for n, m in model.named_modules() if is_vllm_linear(m)]
+
+
+__all__ = ["apply", "vllm_linear_names"]
