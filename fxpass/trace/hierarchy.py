@@ -262,7 +262,9 @@ def _inputs_key(args: tuple[Any, ...], kwargs: dict[str, Any], symbolic: set[int
     out: list[Any] = [str(treespec)]
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor):
-            out.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device.type))
+            # contiguity too: rules decide on it (a transposed input needs .contiguous())
+            out.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device.type,
+                        leaf.is_contiguous()))
         elif type(leaf) is int and i in symbolic:
             out.append(("I", leaf))
         else:

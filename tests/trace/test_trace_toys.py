@@ -1,0 +1,142 @@
+"""fxpass.trace on toy modules that mimic HF patterns, plus the negative cases."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import fxpass
+from fxpass.errors import GuardError, UsageError
+from fxpass.trace import TraceCache
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class DataDependent(nn.Module):
+    """`if x.sum() > 0`: a branch on tensor data, which no graph can specialise on safely."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = MLP()
+        self.neg = MLP()
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.pos(x)
+        return self.neg(x)
+
+
+class Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = DataDependent()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.inner(x))
+
+
+def test_data_dependent_module_stays_python_children_traced():
+    m = Outer().eval()
+    x = torch.rand(2, 5, 8)  # sum > 0: `pos` is called
+    t = fxpass.trace(m, (x,), cache=None)
+    assert "data-dependent" in t.untraced["inner"]
+    assert "" in t.graphs and "inner.pos" in t.graphs
+    assert t.linear_sites == {"head": "", "inner.pos.fc1": "inner.pos", "inner.pos.fc2": "inner.pos"}
+    b = t.build()
+    for sign in (1, -1):  # the Python module still takes both branches
+        y = sign * torch.rand(2, 7, 8)
+        assert torch.equal(b(y), m(y))
+
+
+@dataclasses.dataclass
+class Cfg:
+    heads: int = 2
+    use_scale: bool = True
+
+
+class HFStyle(nn.Module):
+    """Shape unpacking, len(), *splat, item assignment, finfo(x.dtype), **kwargs, config branch."""
+
+    def __init__(self, cfg: Cfg) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.q = nn.Linear(8, 8)
+        self.o = nn.Linear(8, 8)
+
+    def forward(self, hidden, mask=None, **kwargs):
+        b, n, d = hidden.shape
+        assert len(hidden.shape) == 3
+        q = self.q(hidden).view(*hidden.shape[:-1], self.cfg.heads, -1)
+        q = q.transpose(1, 2)
+        scores = q @ q.transpose(-1, -2)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        probs = scores.softmax(-1)
+        out = (probs @ q).transpose(1, 2).reshape(b, n, d)
+        out[:, 0] = 0.0  # item assignment
+        if self.cfg.use_scale:
+            out = out * kwargs.get("scale", 1.0)
+        return self.o(out)
+
+
+def test_hf_patterns_trace_and_stay_exact_across_sizes():
+    m = HFStyle(Cfg()).eval()
+    mk = lambda n: dict(hidden=torch.randn(2, n, 8), mask=torch.rand(2, n) > 0.2, scale=0.5)  # noqa: E731
+    t = fxpass.trace(m, mk(6), cache=None)
+    assert t.untraced == {} and set(t.linear_sites) == {"q", "o"}
+    b = t.build()
+    for n in (6, 9, 13):
+        x = mk(n)
+        assert torch.equal(b(**x), m(**x))
+
+
+class ShapeBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.shape[1] > 4:  # decided on a shape: specialised, with a guard
+            x = x * 2
+        return self.lin(x)
+
+
+def test_guard_raises_on_the_other_branch():
+    m = ShapeBranch().eval()
+    t = fxpass.trace(m, (torch.randn(1, 6, 8),), cache=None)
+    assert "" in t.graphs and len(t.graphs[""].guards) == 1
+    b = t.build()
+    x = torch.randn(1, 10, 8)
+    assert torch.equal(b(x), m(x))
+    with pytest.raises(GuardError, match=r"bool\(\.\.\.\) was True, but this input gives False"):
+        b(torch.randn(1, 3, 8))
+
+
+def test_call_structure_guard():
+    m = HFStyle(Cfg()).eval()
+    t = fxpass.trace(m, dict(hidden=torch.randn(1, 4, 8)), cache=None)
+    b = t.build()
+    with pytest.raises(GuardError, match="traced for"):
+        b(hidden=torch.randn(1, 4, 8), mask=torch.ones(1, 4, dtype=torch.bool))
+
+
+def test_trace_does_not_modify_module_and_rejects_non_modules():
+    m = HFStyle(Cfg())
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    fxpass.trace(m, dict(hidden=torch.randn(1, 4, 8)), cache=TraceCache())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert "forward" not in m.__dict__ and not hasattr(m, "_tensor_constant0")
+    with pytest.raises(UsageError, match="expects an nn.Module"):
+        fxpass.trace(lambda x: x)
