@@ -28,7 +28,6 @@ Tower attribute paths in a loaded ``Gemma4ForConditionalGeneration`` (see :func:
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +50,7 @@ __all__ = [
     "build_tiny_gemma4",
     "write_tiny_gemma4_checkpoint",
     "load_tower",
+    "resolve_attr",
 ]
 
 KNOWN_TOWERS: tuple[str, ...] = ("gemma4_vision", "gemma4_audio", "siglip_vision", "clip_vision")
@@ -78,9 +78,9 @@ TINY_GEMMA4_TOKEN_IDS: dict[str, int] = {
 }
 _TINY_VOCAB = 320
 
-# Active (finite) clamp bounds for the tiny Gemma4 towers' ClippableLinears: the inputs are
-# RMS-normed (~unit scale), so +-2.0 clips a few percent of them; outputs of the tiny weights
-# (std 0.02 * larger init below) are clipped at +-1.0.
+# Active (finite) clamp bounds for the tiny Gemma4 towers' ClippableLinears: measured on the
+# tiny towers, +-2.0 clips 0-5% of a projection's inputs and +-1.0 clips 3-13% of the outputs of
+# most projections.
 _TINY_CLIP_IN = 2.0
 _TINY_CLIP_OUT = 1.0
 # Tiny towers use a larger init than HF's 0.02 so activations are not vanishingly small: with
@@ -217,7 +217,8 @@ def build_tower(
             with torch.device("meta"):
                 tower = _from_config(config, name)
         else:
-            tower = _from_config(config, name)
+            with torch.device("cpu"):  # an ambient torch.device("meta") context must not win
+                tower = _from_config(config, name)
             if size == "tiny":
                 _set_tiny_clip_bounds(tower)
                 _set_tiny_standardize(tower, torch.Generator().manual_seed(seed + 1))
@@ -331,9 +332,11 @@ def example_inputs(
     """Keyword arguments for `tower(**inputs)`, from the tower's own config.
 
     `size_index` 0, 1, 2 give three different valid sizes (0 the smallest), so shape-specialised
-    graphs can be tested against other shapes. Float tensors take the dtype and device of the
-    tower's first floating parameter (meta included). SigLIP/CLIP get
-    `interpolate_pos_encoding=True` at every size (needed away from the native image size).
+    graphs can be tested against other shapes; for Gemma4, index 1 also carries padding (patches
+    at position -1 / masked audio frames), the data-dependent path. Float tensors take the dtype
+    and device of the tower's first floating parameter (meta included). Towers whose forward
+    takes `interpolate_pos_encoding` (SigLIP, CLIP) get it as True at every size: needed away
+    from the native image size, and one keyword set for all sizes.
     """
     if size_index not in (0, 1, 2):
         raise UsageError(f"size_index must be 0, 1 or 2, got {size_index!r}")
@@ -352,6 +355,11 @@ def example_inputs(
             f"no example inputs known for {type(tower).__name__} (known: "
             f"{', '.join(_INPUT_BUILDERS)}, or any tower whose .config has image_size and "
             "num_channels); pass inputs explicitly"
+        )
+    if config is None:
+        raise UsageError(
+            f"{type(tower).__name__} has no .config to size example inputs from; "
+            "pass inputs explicitly"
         )
     ref = _float_param(tower)
     dtype = ref.dtype if ref is not None else torch.float32
@@ -377,7 +385,8 @@ def _tiny_gemma4_config() -> Any:
         vocab_size=_TINY_VOCAB,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,  # sliding + full attention (the last layer is always full)
+        num_hidden_layers=2,
+        layer_types=["sliding_attention", "full_attention"],  # one of each; HF forces the last full
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=32,
@@ -409,15 +418,21 @@ def _tiny_gemma4_config() -> Any:
         subsampling_conv_channels=[128, 32],  # [0] must be 128 (128 mel bins)
         output_proj_dims=64,
     )
-    ids = {k: v for k, v in TINY_GEMMA4_TOKEN_IDS.items() if not k.startswith(("pad", "eos", "bos"))}
+    top_level = ("pad_token_id", "eos_token_id", "bos_token_id")
+    ids = {k: v for k, v in TINY_GEMMA4_TOKEN_IDS.items() if k not in top_level}
     config = tf.Gemma4Config(text_config=text, vision_config=vision, audio_config=audio, **ids)
-    for k in ("pad_token_id", "eos_token_id", "bos_token_id"):
+    for k in top_level:  # on the top-level config too, where generate() and vLLM look first
         setattr(config, k, TINY_GEMMA4_TOKEN_IDS[k])
     return config
 
 
 def build_tiny_gemma4(*, seed: int = 0) -> nn.Module:
-    """The tiny random `Gemma4ForConditionalGeneration` (float32, eval) that the checkpoint holds."""
+    """The tiny random `Gemma4ForConditionalGeneration` (float32, eval) that the checkpoint holds.
+
+    The checkpoint stores its weights rounded to bfloat16. Loading recomputes non-persistent
+    buffers (the vision rotary `inv_freq`) in float32, while `model.to(torch.bfloat16)` would round
+    them too: to reproduce a loaded tower exactly, round only `state_dict()` entries.
+    """
     from transformers import Gemma4ForConditionalGeneration
 
     with torch.random.fork_rng(devices=[]):
@@ -458,14 +473,16 @@ def _auto_class_for(config: Any) -> Any:
 def resolve_attr(root: nn.Module, attr: str) -> nn.Module:
     """`root.<attr>` for a dotted path; a wrong step is a UsageError listing the children there."""
     if not attr or any(not part for part in attr.split(".")):
-        raise UsageError(f"attribute path {attr!r} is empty or has an empty step; e.g. 'model.vision_tower'")
-    node: Any = root
+        raise UsageError(
+            f"attribute path {attr!r} is empty or has an empty step; e.g. 'model.vision_tower'"
+        )
+    node = root
     walked: list[str] = []
     for part in attr.split("."):
-        child = getattr(node, part, None) if isinstance(node, nn.Module) else None
+        child = getattr(node, part, None)
         if not isinstance(child, nn.Module):
             where = ".".join(walked) or "<root>"
-            children = sorted(name for name, _ in node.named_children()) if isinstance(node, nn.Module) else []
+            children = sorted(name for name, _ in node.named_children())
             raise UsageError(
                 f"attribute path {attr!r}: {type(node).__name__} at {where} has no submodule "
                 f"{part!r}; its children are: {', '.join(children) or '(none)'}"
@@ -484,10 +501,14 @@ def load_tower(model_dir: str | Path, attr: str, *, dtype: torch.dtype | None = 
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise UsageError(f"checkpoint directory {model_dir} does not exist; write one with "
-                         "write_tiny_gemma4_checkpoint(path) or pass a local model directory")
+        raise UsageError(
+            f"checkpoint directory {model_dir} does not exist; write one with "
+            "write_tiny_gemma4_checkpoint(path) or pass a local model directory"
+        )
     if not (model_dir / "config.json").is_file():
-        raise UsageError(f"{model_dir} has no config.json; pass a directory written by save_pretrained")
+        raise UsageError(
+            f"{model_dir} has no config.json; pass a directory written by save_pretrained"
+        )
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
