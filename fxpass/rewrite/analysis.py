@@ -16,7 +16,6 @@ from collections import defaultdict
 import torch.fx as fx
 from torch import nn
 
-from fxpass import meta
 from fxpass.rewrite.base import RewriteContext, Site, is_vllm_linear
 
 PROBE_ATTRS = frozenset({"dtype", "shape", "device", "ndim", "is_cuda", "is_meta"})
@@ -59,7 +58,6 @@ def weight_uses(ctx: RewriteContext) -> list[WeightUse]:
             probes = [u for u in node.users if is_probe(u)]
             values = [u for u in node.users if not is_probe(u)]
             uses.append(WeightUse(full, attr, Site(mg, node), probes, values))
-            meta.info(node)["weight_use"] = "value" if values else "probe"
     return uses
 
 

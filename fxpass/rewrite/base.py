@@ -25,12 +25,25 @@ def is_vllm_linear(module: nn.Module) -> bool:
                for c in type(module).__mro__)
 
 
-@dataclasses.dataclass
 class Site:
-    """A node of one graph, with the graph's module path."""
+    """A node of one graph, with the graph's module path.
 
-    graph: ModuleGraph
-    node: fx.Node
+    Held by name: graphs are copied on first edit (``ModuleGraph.own``), and the name finds
+    the same node in the copy.
+    """
+
+    def __init__(self, graph: ModuleGraph, node: fx.Node) -> None:
+        self.graph = graph
+        self.name = node.name
+
+    @property
+    def node(self) -> fx.Node:
+        return self.graph.node(self.name)
+
+    def own(self) -> fx.Node:
+        """This site's node in a graph that may be edited."""
+        self.graph.own()
+        return self.node
 
     def full_target(self) -> str:
         q = self.graph.qualname
@@ -65,6 +78,7 @@ class RewriteContext:
         return iter(self.trace.graphs.values())
 
     def fix(self, rule: str, site: Site, detail: str) -> None:
+        site.own()
         self.report.fixes.append(Fix(rule, site.graph.qualname, site.node.format_node(), detail))
         meta.info(site.node).setdefault("fixes", []).append({"rule": rule, "detail": detail})
         self.edited.add(site.graph.qualname)

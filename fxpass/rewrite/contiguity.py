@@ -62,11 +62,13 @@ class Contiguity:
         return None
 
     def apply(self, ctx: RewriteContext, m: ContiguityMatch) -> None:
+        node = m.site.own()
         graph = m.site.graph.graph
-        with graph.inserting_before(m.site.node):
-            c = graph.call_method("contiguous", (m.input,))
+        inp = m.site.graph.node(m.input.name)
+        with graph.inserting_before(node):
+            c = graph.call_method("contiguous", (inp,))
         meta.info(c)["inserted_by"] = self.name
-        if tensor := meta.get(m.input, "tensor"):
+        if tensor := meta.get(inp, "tensor"):
             meta.info(c)["tensor"] = {**tensor, "contiguous": True}
-        m.site.node.replace_input_with(m.input, c)
+        node.replace_input_with(inp, c)
         ctx.fix(self.name, m.site, f"{m.site.full_target()}: {m.why}; inserted .contiguous()")

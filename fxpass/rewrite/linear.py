@@ -67,14 +67,14 @@ class LinearToVllm:
         method = quant_method_name(ctx.quant_config, layer)
         ctx.report.quant_methods[full] = method
         for site in m.sites:
-            node = site.node
+            node = site.own()
             if node.kwargs:  # nn.Linear(input=x) -> ReplicatedLinear(x)
                 node.args, node.kwargs = (node.kwargs["input"],), {}
+                ctx.edited.add(site.graph.qualname)
             meta.info(node)["rewrite"] = {
                 "rule": self.name, "layer": type(layer).__name__, "prefix": full,
                 "quant_method": method, "was": type(m.linear).__name__,
             }
-            ctx.edited.add(site.graph.qualname)
         if m.qualname in ctx.trace.linear_sites and m.sites:
             ctx.report.graph_rewrites.append(full)
         else:

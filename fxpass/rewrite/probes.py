@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from fxpass.rewrite.analysis import WeightUse, weight_uses
-from fxpass.rewrite.base import RewriteContext, is_vllm_linear
+from fxpass.rewrite.base import RewriteContext, Site, is_vllm_linear
 
 _KEEP = frozenset({"device", "is_cuda", "is_meta", "get_device"})
 
@@ -39,25 +39,21 @@ class WeightProbes:
         dtype, shape, _ = logical_weight_info(ctx.layer_after(use.linear))
         if use.attr == "bias":
             shape = torch.Size(shape[:1])
-        graph = use.site.graph.graph
-        for probe in use.probes:
+        getattr_node = use.site.own()
+        mg = use.site.graph
+        graph = mg.graph
+        for probe in [mg.node(p.name) for p in use.probes]:
             what = probe.args[1] if probe.target is builtins.getattr else probe.target
             if what in _KEEP:
                 continue
             value = _logical(probe, what, dtype, shape)
             detail = f"{use.linear}.{use.attr}.{what} -> {value!r}"
-            ctx.fix(self.name, _site(use, probe), detail)
+            ctx.fix(self.name, Site(mg, probe), detail)
             for user in list(probe.users):
                 user.replace_input_with(probe, value)
             graph.erase_node(probe)
-        if not use.site.node.users:
-            graph.erase_node(use.site.node)
-
-
-def _site(use: WeightUse, node: fx.Node) -> Any:
-    from fxpass.rewrite.base import Site
-
-    return Site(use.site.graph, node)
+        if not getattr_node.users:
+            graph.erase_node(getattr_node)
 
 
 def _logical(probe: fx.Node, what: str, dtype: torch.dtype, shape: torch.Size) -> Any:

@@ -41,6 +41,22 @@ class ModuleGraph:
     graph: fx.Graph
     spec: CallSpec
     reused_from: str | None = None  # qualname whose trace this graph copies
+    compiled: "GraphForward | None" = None  # forward compiled from an identical graph, if any
+    shared: bool = False  # graph is the trace cache's: copy before editing (see own())
+    _by_name: dict[str, fx.Node] | None = dataclasses.field(default=None, repr=False)
+
+    def own(self) -> fx.Graph:
+        """The graph, copied first if it is still shared with the cache (copy on write)."""
+        if self.shared:
+            self.graph = _copy_graph(self.graph)
+            self.shared = False
+            self._by_name = None
+        return self.graph
+
+    def node(self, name: str) -> fx.Node:
+        if self._by_name is None or name not in self._by_name:
+            self._by_name = {n.name: n for n in self.graph.nodes}
+        return self._by_name[name]
 
     @property
     def guards(self) -> list[fx.Node]:
@@ -91,6 +107,11 @@ def _same(a: Any, b: Any) -> bool:
         return True
     if type(a) is not type(b) or isinstance(a, torch.Tensor):
         return False
+    if isinstance(a, functools.partial):  # partials compare by identity; compare their parts
+        return (_same(a.func, b.func) and len(a.args) == len(b.args)
+                and all(_same(x, y) for x, y in zip(a.args, b.args))
+                and a.keywords.keys() == b.keywords.keys()
+                and all(_same(v, b.keywords[k]) for k, v in a.keywords.items()))
     try:
         return bool(a == b)
     except Exception:  # noqa: BLE001 - incomparable objects are simply different
@@ -250,11 +271,19 @@ def _read(module: nn.Module, path: str, name: str) -> Any:
 DEFAULT_CACHE = TraceCache()
 
 
-def _structure_key(module: nn.Module) -> tuple[Any, ...]:
-    mods = tuple((n, type(m)) for n, m in module.named_modules())
-    tensors = tuple((n, tuple(t.shape), t.dtype, t.device.type)
-                    for n, t in itertools.chain(module.named_parameters(), module.named_buffers()))
-    return (type(module), mods, tensors, module.training)
+def _structure_key(module: nn.Module, memo: dict[int, Any] | None = None) -> Any:
+    """Class, own tensors' shapes/dtypes and children's keys, recursively (memoised: O(tree))."""
+    if memo is not None and id(module) in memo:
+        return memo[id(module)]
+    own = tuple((n, tuple(t.shape), t.dtype, t.device.type)
+                for n, t in itertools.chain(module._parameters.items(), module._buffers.items())
+                if t is not None)
+    children = tuple((n, _structure_key(c, memo)) for n, c in module._modules.items()
+                     if c is not None)
+    key = (type(module), module.training, own, children)
+    if memo is not None:
+        memo[id(module)] = key
+    return key
 
 
 def _inputs_key(args: tuple[Any, ...], kwargs: dict[str, Any], symbolic: set[int]) -> Any:
@@ -304,10 +333,17 @@ def _finalize(graph: fx.Graph) -> None:
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    new = copy.deepcopy(graph)
-    for node in new.nodes:
-        if meta.KEY in node.meta:
-            node.meta[meta.KEY] = copy.deepcopy(node.meta[meta.KEY])
+    """A copy whose nodes and fxpass annotations can be edited without touching ``graph``."""
+    new = fx.Graph(tracer_cls=graph._tracer_cls)
+    val_map: dict[fx.Node, fx.Node] = {}
+    out = new.graph_copy(graph, val_map)
+    new.output(out)
+    for old_node, node in val_map.items():
+        info = old_node.meta.get(meta.KEY)
+        if info is not None:  # fx copies meta shallowly: give each copy its own annotations
+            node.meta[meta.KEY] = {k: dict(v) if isinstance(v, dict) else
+                                   list(v) if isinstance(v, list) else v
+                                   for k, v in info.items()}
     return new
 
 
@@ -354,6 +390,7 @@ class _Walker:
         self.cache = cache
         self.visited: set[str] = set()
         self.installed: list[nn.Module] = []  # graphs installed while walking, removed after
+        self.keys: dict[int, Any] = {}  # structure keys by module id, for this walk
 
     def visit(self, module: nn.Module, qualname: str, args: tuple[Any, ...],
               kwargs: dict[str, Any], symbolic: set[int]) -> None:
@@ -361,7 +398,7 @@ class _Walker:
         entry = None
         key = None
         if self.cache is not None:
-            key = (_structure_key(module), _inputs_key(args, kwargs, symbolic))
+            key = (_structure_key(module, self.keys), _inputs_key(args, kwargs, symbolic))
             entry = self.cache.lookup(key, module)
         if entry is not None:
             self.result.cache_hits += 1
@@ -374,10 +411,11 @@ class _Walker:
 
         if entry.graph is not None:
             assert entry.spec is not None
-            graph = _copy_graph(entry.graph)
-            self.result.graphs[qualname] = ModuleGraph(
-                qualname, type(module).__name__, graph, entry.spec, reused)
+            graph = entry.graph  # shared with the cache until someone edits it (own())
             self._install(module, entry)
+            self.result.graphs[qualname] = ModuleGraph(
+                qualname, type(module).__name__, graph, entry.spec, reused, entry.compiled,
+                shared=True)
             # Linears whose weights the graph reads without calling them (F.linear(x, l.weight),
             # nn.MultiheadAttention's out_proj) are sites too: apply decides what to do.
             for node in graph.nodes:
