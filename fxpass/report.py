@@ -35,6 +35,8 @@ class Report:
     plain_swaps: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> why no graph
     quant_methods: dict[str, str] = dataclasses.field(default_factory=dict)
     fixes: list[Fix] = dataclasses.field(default_factory=list)
+    fused: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # fused -> members
+    refusals: list[dict[str, str]] = dataclasses.field(default_factory=list)  # rule, target, why
     untraced: dict[str, str] = dataclasses.field(default_factory=dict)
     already_applied: bool = False
     weights_loaded: bool = False
@@ -56,6 +58,7 @@ class Report:
             "skipped": len(self.skipped),
             "probes": len(self.probes),
             "contiguity": len(self.contiguity),
+            "fused_groups": len(self.fused),
             "untraced_modules": len(self.untraced),
         }
 
@@ -69,6 +72,8 @@ class Report:
             "plain_swaps": dict(self.plain_swaps),
             "quant_methods": dict(self.quant_methods),
             "fixes": [f.to_dict() for f in self.fixes],
+            "fused": {k: list(v) for k, v in self.fused.items()},
+            "refusals": [dict(r) for r in self.refusals],
             "untraced": dict(self.untraced),
             "already_applied": self.already_applied,
             "weights_loaded": self.weights_loaded,
@@ -83,7 +88,8 @@ class Report:
         head = "already applied; nothing changed" if self.already_applied else (
             f"{c['replaced']} linears -> vLLM ({c['graph_rewrites']} in graphs, "
             f"{c['plain_swaps']} plain swaps), {c['skipped']} skipped, "
-            f"{c['probes']} weight probes folded, {c['contiguity']} contiguity fixes")
+            f"{c['probes']} weight probes folded, {c['contiguity']} contiguity fixes"
+            + (f", {c['fused_groups']} fused groups" if self.fused else ""))
         return f"fxpass[{self.prefix or '<root>'}]: {head}, {total * 1000:.1f} ms"
 
     def __str__(self) -> str:
@@ -92,8 +98,13 @@ class Report:
         if self.replaced:
             lines.append(f"  {'layer':<{width}}  how    quant")
             for name in self.replaced:
-                how = "graph" if name in self.graph_rewrites else "swap"
+                how = ("graph" if name in self.graph_rewrites else
+                       "fused" if any(name in m for m in self.fused.values()) else "swap")
                 lines.append(f"  {name:<{width}}  {how:<5}  {self.quant_methods.get(name, '')}")
+        for name, members in self.fused.items():
+            lines.append(f"  fused: {name} <- {', '.join(members)}")
+        for r in self.refusals:
+            lines.append(f"  {r['rule']} refused: {r['target']}: {r['reason']}")
         for name, why in self.plain_swaps.items():
             lines.append(f"  swap without graph: {name}: {why}")
         for name, why in self.skipped.items():

@@ -433,3 +433,137 @@ def logical_weight_info(layer: nn.Module) -> tuple[torch.dtype, torch.Size, torc
             f"{type(layer).__name__} is neither nn.Linear nor a vLLM LinearBase layer"
         ) from e
     return dtype, shape, layer.weight.device
+
+
+# --------------------------------------------------------------------------- fused layers
+
+
+def build_fused_linear(linears: list[nn.Linear], quant_config: Any, prefix: str) -> nn.Module:
+    """One ``MergedColumnParallelLinear`` over ``linears`` (same input), outputs concatenated.
+
+    ``prefix`` is the first member's checkpoint name: the quant config decides on it (the
+    fusion rule only fuses members that got the same method on their own prefixes).
+    """
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear
+
+    from .runtime import vllm_runtime
+
+    first = linears[0]
+    kwargs: dict[str, Any] = dict(
+        input_size=first.in_features,
+        output_sizes=[lin.out_features for lin in linears],
+        bias=first.bias is not None,
+        params_dtype=first.weight.dtype,
+        prefix=prefix,
+        return_bias=False,
+        disable_tp=True,
+    )
+    with vllm_runtime():
+        if quant_config is not None:
+            _resolve_quant_method(quant_config, prefix, {
+                k: v for k, v in kwargs.items() if k != "output_sizes"} | {
+                "output_size": sum(kwargs["output_sizes"])})
+        try:
+            with torch.device(first.weight.device):
+                layer = MergedColumnParallelLinear(quant_config=quant_config, **kwargs)
+        except (ValueError, AssertionError, NotImplementedError) as e:
+            raise QuantConfigError(
+                f"{prefix}: building a fused layer failed: {e}. Use fuse=False or add the "
+                "members to the quant config's skip list.") from e
+    _fix_bnb_4bit_storage(layer)
+    return layer
+
+
+def load_fused_weights(layer: nn.Module, shards: list[tuple[torch.Tensor, torch.Tensor | None]],
+                       quant_config: Any) -> None:
+    """Load each member's (weight, bias) as one shard of a fused layer, then finish loading.
+
+    Unquantized shards go through the layer's shard-aware ``weight_loader``; bitsandbytes
+    shards are quantized one by one (one quant state per shard, as vLLM's bnb loader does for
+    packed modules such as qkv_proj) and laid out back to back.
+    """
+    prefix = getattr(layer, "prefix", "") or type(layer).__name__
+    sizes = list(layer.output_sizes)
+    if len(shards) != len(sizes):
+        raise WeightLoadError(f"{prefix}: {len(shards)} shards for {len(sizes)} outputs")
+    for i, (w, b) in enumerate(shards):
+        if w.is_meta:
+            raise WeightLoadError(
+                f"{prefix}: shard {i} is on the meta device; materialise the weights or use "
+                "load_weights=False")
+        if tuple(w.shape) != (sizes[i], layer.input_size):
+            raise WeightLoadError(f"{prefix}: shard {i} has shape {tuple(w.shape)}, expected "
+                                  f"{(sizes[i], layer.input_size)}")
+    bnb = _bnb_linear_method(layer)
+    with torch.no_grad():
+        if bnb is None:
+            for i, (w, _) in enumerate(shards):
+                layer.weight.weight_loader(layer.weight, w.detach().to(layer.params_dtype), i)
+        else:
+            parts, states = [], {}
+            for i, (w, _) in enumerate(shards):
+                src = w.detach().to(device=layer.weight.device, dtype=layer.params_dtype)
+                if bnb.quant_config.load_in_8bit:
+                    packed, states[i] = _quantize_int8(src)
+                else:
+                    packed, states[i] = _quantize_4bit(src, bnb.quant_config.bnb_4bit_quant_type)
+                parts.append(packed)
+            data = torch.cat(parts, dim=0)
+            if data.shape != layer.weight.shape:
+                raise WeightLoadError(f"{prefix}: packed shards {tuple(data.shape)} do not fill "
+                                      f"the weight {tuple(layer.weight.shape)}")
+            layer.weight.data.copy_(data)
+            _bind_quant_states(layer.weight, states, int8=bnb.quant_config.load_in_8bit)
+        if layer.bias is not None:
+            for i, (_, b) in enumerate(shards):
+                layer.bias.weight_loader(layer.bias, b.detach().to(layer.bias.dtype), i)
+        layer.quant_method.process_weights_after_loading(layer)
+
+
+def load_checkpoint(model: nn.Module, state_dict: dict[str, torch.Tensor], quant_config: Any,
+                    *, fused: dict[str, list[str]] | None = None) -> list[str]:
+    """Load a checkpoint with the ORIGINAL (pre-apply) names into a rewritten model.
+
+    vLLM layers are filled through their loaders (fused layers shard by shard, using
+    ``fused``: fused qualified name -> member names, as in ``Report.fused`` without the
+    prefix); every other tensor is copied. Returns the names that found no home.
+    """
+    from .rewrite.base import is_vllm_linear
+
+    member_of = {m: (f, i) for f, ms in (fused or {}).items() for i, m in enumerate(ms)}
+    pending: dict[str, dict[int, list[torch.Tensor | None]]] = {}
+    loose = []
+    done = set()
+    for name, tensor in state_dict.items():
+        owner, _, attr = name.rpartition(".")
+        if owner in member_of and attr in ("weight", "bias"):
+            f, i = member_of[owner]
+            slot = pending.setdefault(f, {}).setdefault(i, [None, None])
+            slot[0 if attr == "weight" else 1] = tensor
+            continue
+        try:
+            mod = model.get_submodule(owner)
+        except AttributeError:
+            loose.append(name)
+            continue
+        if is_vllm_linear(mod) and attr in ("weight", "bias"):
+            if owner in done:
+                continue
+            w = state_dict.get(f"{owner}.weight")
+            b = state_dict.get(f"{owner}.bias")
+            load_linear_weights(mod, w, b, quant_config)
+            done.add(owner)
+            continue
+        target = getattr(mod, attr, None)
+        if not isinstance(target, torch.Tensor):
+            loose.append(name)
+            continue
+        with torch.no_grad():
+            target.copy_(tensor)
+    for f, slots in pending.items():
+        layer = model.get_submodule(f)
+        n = len(layer.output_sizes)
+        if sorted(slots) != list(range(n)):
+            raise WeightLoadError(f"{f}: checkpoint holds shards {sorted(slots)} of {n}")
+        load_fused_weights(layer, [(slots[i][0], slots[i][1]) for i in range(n)], quant_config)
+    return loose

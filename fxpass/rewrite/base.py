@@ -63,6 +63,8 @@ class RewriteContext:
     # qualified name -> why this linear must stay nn.Linear
     unsafe: dict[str, str] = dataclasses.field(default_factory=dict)
     edited: set[str] = dataclasses.field(default_factory=set)  # graphs changed
+    removed: list[str] = dataclasses.field(default_factory=list)  # modules deleted at commit
+    fused: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # fused -> members
 
     def full_name(self, qualname: str) -> str:
         return f"{self.prefix}.{qualname}" if self.prefix else qualname

@@ -51,6 +51,15 @@ class LinearToVllm:
     def check(self, ctx: RewriteContext, m: LinearMatch) -> str | None:
         if m.qualname in ctx.unsafe:
             return ctx.unsafe[m.qualname]
+        if not m.qualname:
+            return ("the model itself is an nn.Linear: there is no parent to swap it in; apply "
+                    "fxpass to the module that holds it")
+        if type(m.linear).forward is not nn.Linear.forward:
+            return (f"{type(m.linear).__qualname__} overrides nn.Linear.forward; a "
+                    "ReplicatedLinear would drop that code")
+        if "forward" in vars(m.linear) or m.linear._forward_hooks or m.linear._forward_pre_hooks:
+            return ("it carries forward hooks or an instance forward (accelerate-style "
+                    "wrapping); a ReplicatedLinear would drop them")
         for site in m.sites:
             node = site.node
             if len(node.args) + len(node.kwargs) != 1 or (node.kwargs and "input" not in node.kwargs):

@@ -41,6 +41,8 @@ def _mark_unsafe(ctx: RewriteContext) -> None:
                 f"outside its call ({users}); a vLLM layer does not keep them in HF's layout")
     for name, other in tied_linears(ctx.model).items():
         ctx.unsafe.setdefault(name, f"its weight is shared with {other} (tied weights)")
+    for name, why in getattr(ctx.trace, "python_linear_uses", {}).items():
+        ctx.unsafe.setdefault(name, f"{why}; a vLLM layer does not serve that as nn.Linear does")
 
 
 def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
@@ -84,13 +86,16 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
     t1 = time.perf_counter()
     try:
         _mark_unsafe(ctx)
-        for rule in rules(fuse=fuse):
+        for rule in rules():
             for m in rule.match(ctx):
                 reason = rule.check(ctx, m)
                 if reason is None:
                     rule.apply(ctx, m)
                 elif rule.name == "linear":
                     report.skipped[ctx.full_name(m.qualname)] = reason
+                elif getattr(rule, "report_refusals", False):
+                    report.refusals.append({"rule": rule.name, "target": rule.describe(ctx, m),
+                                            "reason": reason})
         for mg in ctx.graphs():
             if mg.qualname in ctx.edited:
                 mg.graph.lint()
@@ -110,7 +115,8 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
 
     t3 = time.perf_counter()
     _commit(ctx)
-    report.replaced = [ctx.full_name(q) for q in ctx.new_layers]
+    report.replaced = [ctx.full_name(q) for q in ctx.new_layers if q not in ctx.fused]
+    report.replaced += [ctx.full_name(m) for members in ctx.fused.values() for m in members]
     report.timings_s["commit"] = time.perf_counter() - t3
     return report
 
@@ -125,21 +131,30 @@ def _check_loadable(model: nn.Module) -> None:
 
 
 def _load(ctx: RewriteContext, qualname: str, layer: nn.Module) -> None:
-    from fxpass.weights import load_linear_weights
+    from fxpass.weights import load_fused_weights, load_linear_weights
 
+    if qualname in ctx.fused:
+        members = [ctx.module(m) for m in ctx.fused[qualname]]
+        load_fused_weights(layer, [(m.weight, m.bias) for m in members], ctx.quant_config)
+        return
     old = ctx.module(qualname)
     load_linear_weights(layer, old.weight, old.bias, ctx.quant_config)
 
 
 def _commit(ctx: RewriteContext) -> None:
     """Swap modules and install graphs; on any failure put everything back."""
-    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    swapped: list[tuple[nn.Module, str, nn.Module | None]] = []
     installed: list[tuple[nn.Module, Any]] = []
     try:
+        for qualname in ctx.removed:  # consumed by fusion
+            parent_name, _, child = qualname.rpartition(".")
+            parent = ctx.module(parent_name)
+            swapped.append((parent, child, getattr(parent, child)))
+            delattr(parent, child)
         for qualname, layer in ctx.new_layers.items():
             parent_name, _, child = qualname.rpartition(".")
             parent = ctx.module(parent_name)
-            old = getattr(parent, child)
+            old = getattr(parent, child, None)
             setattr(parent, child, layer)
             swapped.append((parent, child, old))
         for qualname, mg in ctx.trace.graphs.items():
@@ -155,7 +170,10 @@ def _commit(ctx: RewriteContext) -> None:
             else:
                 sub.__dict__["forward"] = previous
         for parent, child, old in reversed(swapped):
-            setattr(parent, child, old)
+            if old is None:
+                delattr(parent, child)
+            else:
+                setattr(parent, child, old)
         raise RewriteError(f"committing the rewrite failed at {type(e).__name__}: {e}; "
                            "the model was restored") from e
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from fxpass.rewrite.base import Rule
 from fxpass.rewrite.contiguity import Contiguity
+from fxpass.rewrite.fusion import SiblingFusion
 from fxpass.rewrite.linear import LinearToVllm
 from fxpass.rewrite.probes import WeightProbes
 
 
-def rules(*, fuse: bool = False) -> list[Rule]:
-    """Linear swap first (it plans the layers the others look at), then graph fixes."""
-    out: list[Rule] = [LinearToVllm(), WeightProbes(), Contiguity()]
-    return out
+def rules() -> list[Rule]:
+    """Linear swap first (it plans the layers the others look at), fusion (opt-in: it matches
+    nothing unless the context says fuse), then the graph fixes."""
+    return [LinearToVllm(), SiblingFusion(), WeightProbes(), Contiguity()]

@@ -1,0 +1,178 @@
+"""Rule (opt-in, ``fuse=True``): sibling linears reading one input become one vLLM GEMM.
+
+Only a graph shows that q/k/v (or gate/up, or any such group) read the same node. The group
+becomes one ``MergedColumnParallelLinear`` over the concatenated outputs, followed by a split;
+members reached through a thin wrapper (a traced module whose graph is just ``linear(x)``, such
+as ``Gemma4ClippableLinear`` without clipping) fuse too. Each member's weight is one shard of
+the fused layer (bnb quant states per shard), so checkpoints keep their original names (see
+``fxpass.weights.load_checkpoint``). Refused, with the reason in the report, where fusing would
+not be exact: a per-layer op on the input (clipping), different dtypes / bias / quant methods,
+a linear called elsewhere too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxpass import meta
+from fxpass.rewrite.base import RewriteContext, Site
+
+
+@dataclasses.dataclass
+class Member:
+    site: Site  # call_module node in the parent graph
+    linear: str  # qualified name of the nn.Linear
+    wrapper: str | None  # qualified name of a thin wrapper module called instead, if any
+    refusal: str | None = None
+
+
+@dataclasses.dataclass
+class FusionGroup:
+    members: list[Member]
+
+    @property
+    def graph(self):  # noqa: ANN201 - ModuleGraph
+        return self.members[0].site.graph
+
+    def names(self) -> list[str]:
+        return [m.linear for m in self.members]
+
+
+def _thin_wrapper_linear(ctx: RewriteContext, qualname: str) -> tuple[str | None, str | None]:
+    """(linear qualname, refusal) for a traced wrapper whose graph is ``linear(x)``."""
+    mg = ctx.trace.graphs.get(qualname)
+    if mg is None:
+        return None, None
+    nodes = list(mg.graph.nodes)
+    calls = [n for n in nodes if n.op == "call_module"]
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    if len(calls) != 1 or len(placeholders) != 1:
+        return None, None
+    call = calls[0]
+    target = f"{qualname}.{call.target}"
+    if not isinstance(ctx.module(target), nn.Linear):
+        return None, None
+    output = next(n for n in nodes if n.op == "output")
+    if call.args != (placeholders[0],) or call.kwargs:
+        ops = sorted({getattr(n.target, "__name__", str(n.target)) for n in nodes
+                      if n.op not in ("placeholder", "output", "get_attr") and n is not call})
+        return target, (f"{qualname} applies {', '.join(ops) or 'other ops'} to the input "
+                        "before its linear (per-layer, e.g. clipping)")
+    if output.args[0] is not call:
+        return target, f"{qualname} applies ops to the linear's output (per-layer)"
+    return target, None
+
+
+class SiblingFusion:
+    name = "fusion"
+    report_refusals = True
+
+    def describe(self, ctx: RewriteContext, g: FusionGroup) -> str:
+        return " + ".join(ctx.full_name(n) for n in g.names())
+
+    def match(self, ctx: RewriteContext) -> list[FusionGroup]:
+        if not ctx.fuse:
+            return []
+        call_counts: dict[str, int] = {}
+        for mg in ctx.graphs():
+            for node in mg.graph.nodes:
+                if node.op == "call_module":
+                    q = f"{mg.qualname}.{node.target}" if mg.qualname else str(node.target)
+                    call_counts[q] = call_counts.get(q, 0) + 1
+        from fxpass.rewrite.analysis import weight_uses
+
+        read = {u.linear for u in weight_uses(ctx)}
+        groups = []
+        for mg in ctx.graphs():
+            by_input: dict[fx.Node, list[Member]] = {}
+            for node in mg.graph.nodes:
+                if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+                    continue
+                if not isinstance(node.args[0], fx.Node):
+                    continue
+                site = Site(mg, node)
+                target = site.full_target()
+                mod = ctx.module(target)
+                if isinstance(mod, nn.Linear):
+                    member = Member(site, target, None)
+                else:
+                    linear, refusal = _thin_wrapper_linear(ctx, target)
+                    if linear is None:
+                        continue
+                    member = Member(site, linear, target, refusal)
+                if call_counts.get(target, 0) > 1:
+                    member.refusal = f"{target} is called more than once"
+                elif member.linear in read:
+                    member.refusal = f"{member.linear}'s weight is read in a graph"
+                by_input.setdefault(node.args[0], []).append(member)
+            groups += [FusionGroup(ms) for ms in by_input.values() if len(ms) > 1]
+        return groups
+
+    def check(self, ctx: RewriteContext, g: FusionGroup) -> str | None:
+        for m in g.members:
+            if m.refusal:
+                return m.refusal
+            if m.linear not in ctx.new_layers:
+                return f"{m.linear} is not rewritten ({ctx.unsafe.get(m.linear, 'skipped')})"
+        linears = [ctx.module(n) for n in g.names()]
+        first = linears[0]
+        for n, lin in zip(g.names(), linears):
+            if lin.in_features != first.in_features or lin.weight.dtype != first.weight.dtype:
+                return f"{n} differs in input size or dtype from {g.names()[0]}"
+            if (lin.bias is None) != (first.bias is None):
+                return f"{n} differs in bias from {g.names()[0]}"
+        methods = {ctx.report.quant_methods[ctx.full_name(n)] for n in g.names()}
+        if len(methods) != 1:
+            return f"members have different quant methods {sorted(methods)}"
+        return None
+
+    def apply(self, ctx: RewriteContext, g: FusionGroup) -> None:
+        from fxpass.weights import build_fused_linear, quant_method_name
+
+        mg = g.graph
+        graph = mg.own()
+        nodes = [mg.node(m.site.name) for m in g.members]
+        rels = [str(n.target).split(".")[0] for n in nodes]
+        attr = "fused__" + "__".join(rels)
+        fused_q = f"{mg.qualname}.{attr}" if mg.qualname else attr
+        linears = [ctx.module(n) for n in g.names()]
+        layer = build_fused_linear(linears, ctx.quant_config, ctx.full_name(g.names()[0]))
+        sizes = [lin.out_features for lin in linears]
+
+        x = nodes[0].args[0]
+        with graph.inserting_before(nodes[0]):
+            fused = graph.call_module(attr, (x,))
+            parts = graph.call_function(torch.split, (fused, sizes), {"dim": -1})
+            outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(sizes))]
+        method = quant_method_name(ctx.quant_config, layer)
+        meta.info(fused)["rewrite"] = {
+            "rule": self.name, "layer": type(layer).__name__, "prefix": ctx.full_name(fused_q),
+            "quant_method": method, "members": [ctx.full_name(n) for n in g.names()],
+        }
+        for node, out in zip(nodes, outs):
+            if tensor := meta.get(node, "tensor"):
+                meta.info(out)["tensor"] = {**tensor, "contiguous": False}
+            meta.info(out)["inserted_by"] = self.name
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+
+        for m in g.members:
+            ctx.new_layers.pop(m.linear)
+            ctx.removed.append(m.wrapper or m.linear)
+            if m.wrapper:
+                ctx.trace.graphs.pop(m.wrapper, None)
+            full = ctx.full_name(m.linear)
+            if full in ctx.report.graph_rewrites:
+                ctx.report.graph_rewrites.remove(full)
+        ctx.new_layers[fused_q] = layer
+        ctx.fused[fused_q] = list(g.names())
+        ctx.report.fused[ctx.full_name(fused_q)] = [ctx.full_name(n) for n in g.names()]
+        ctx.report.quant_methods[ctx.full_name(fused_q)] = method
+        ctx.fix(self.name, Site(mg, fused),
+                f"{', '.join(g.names())} read one input: one {type(layer).__name__} "
+                f"({'+'.join(map(str, sizes))} outputs) and a split")

@@ -1,0 +1,104 @@
+"""Sibling-linear fusion (apply(fuse=True)): exact where it fuses, refused with a reason where not."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModel
+
+import fxpass
+from fxpass import zoo
+from fxpass.weights import bnb_config, load_checkpoint
+
+pytestmark = pytest.mark.usefixtures("vllm_rt")
+
+
+def _first(out):
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def _sqnr(ref, got):
+    ref, got = ref.float(), got.float()
+    err = (ref - got).pow(2).sum()
+    return float(10 * torch.log10(ref.pow(2).sum() / err)) if err > 0 else float("inf")
+
+
+def _unclipped_gemma4_vision(dtype=torch.float32):
+    cfg = zoo.tower_config("gemma4_vision")
+    cfg.use_clipped_linears = False
+    torch.manual_seed(0)
+    return AutoModel.from_config(cfg).to(dtype).eval()
+
+
+def _towers():
+    return {
+        "siglip_vision": (lambda dt: zoo.build_tower("siglip_vision", dtype=dt), 1),
+        "clip_vision": (lambda dt: zoo.build_tower("clip_vision", dtype=dt), 1),
+        "gemma4_vision_unclipped": (_unclipped_gemma4_vision, 0),
+    }
+
+
+@pytest.mark.parametrize("name", list(_towers()))
+def test_fused_unquantized_matches_original(name):
+    build, size = _towers()[name]
+    tower = build(torch.float32)
+    ref = copy.deepcopy(tower)
+    report = fxpass.apply(tower, None, prefix="t", load_weights=True, fuse=True,
+                          example_inputs=zoo.example_inputs(tower, size_index=size))
+    assert report.fused, report
+    assert all(len(m) >= 2 for m in report.fused.values())
+    assert sorted(report.replaced) == sorted(
+        f"t.{n}" for n, m in ref.named_modules() if isinstance(m, torch.nn.Linear)
+        and n != "head.attention.out_proj")
+    with torch.no_grad():
+        for s in (size, size + 1):
+            x = zoo.example_inputs(ref, size_index=s, seed=5)
+            torch.testing.assert_close(_first(tower(**x)), _first(ref(**x)), atol=1e-4, rtol=0)
+
+
+def test_gemma4_thin_wrappers_fuse_qkv_and_gate_up():
+    tower = _unclipped_gemma4_vision()
+    report = fxpass.apply(tower, None, load_weights=True, fuse=True)
+    groups = sorted(tuple(n.rsplit(".", 2)[-2] for n in m) for m in report.fused.values())
+    assert ("gate_proj", "up_proj") in groups and ("q_proj", "k_proj", "v_proj") in groups
+    attn = tower.encoder.layers[0].self_attn
+    assert not hasattr(attn, "q_proj") and hasattr(attn, "fused__q_proj__k_proj__v_proj")
+
+
+@pytest.mark.parametrize("name", ["siglip_vision", "gemma4_vision_unclipped"])
+def test_fused_nf4_equals_unfused_nf4(name):
+    build, size = _towers()[name]
+    x = zoo.example_inputs(build(torch.bfloat16), size_index=size + 1, seed=2)
+    outs = {}
+    for fuse in (False, True):
+        tower = build(torch.bfloat16)
+        fxpass.apply(tower, bnb_config("nf4"), load_weights=True, fuse=fuse,
+                     example_inputs=zoo.example_inputs(tower, size_index=size))
+        with torch.no_grad():
+            outs[fuse] = _first(tower(**x))
+    # One quant state per shard: the fused layer holds the same 4-bit weights as the members.
+    assert _sqnr(outs[False], outs[True]) >= 40.0
+
+
+def test_clipped_wrappers_are_refused_with_reason():
+    tower = zoo.build_tower("gemma4_vision")  # tiny config: clipping on, active bounds
+    report = fxpass.apply(tower, None, load_weights=True, fuse=True)
+    assert not report.fused
+    reasons = [r["reason"] for r in report.refusals if r["rule"] == "fusion"]
+    assert reasons and all("clamp" in r and "per-layer" in r for r in reasons)
+
+
+def test_checkpoint_with_original_names_loads_into_fused_layers():
+    ref = zoo.build_tower("clip_vision")
+    state = ref.state_dict()
+    fresh = zoo.build_tower("clip_vision", seed=123)  # other weights: the load must overwrite them
+    x = zoo.example_inputs(fresh, size_index=1)
+    report = fxpass.apply(fresh, None, prefix="vision", fuse=True, example_inputs=x)
+    fused = {k.removeprefix("vision."): [m.removeprefix("vision.") for m in v]
+             for k, v in report.fused.items()}
+    leftover = load_checkpoint(fresh, state, None, fused=fused)
+    assert leftover == []
+    with torch.no_grad():
+        torch.testing.assert_close(_first(fresh(**x)), _first(ref(**x)), atol=1e-4, rtol=0)
