@@ -102,3 +102,18 @@ def test_checkpoint_with_original_names_loads_into_fused_layers():
     assert leftover == []
     with torch.no_grad():
         torch.testing.assert_close(_first(fresh(**x)), _first(ref(**x)), atol=1e-4, rtol=0)
+
+
+def test_elementwise_ops_on_dead_fresh_inputs_go_in_place():
+    tower = _unclipped_gemma4_vision()
+    ref = copy.deepcopy(tower)
+    report = fxpass.apply(tower, None, load_weights=True, fuse=True)
+    inplace = [f for f in report.fixes if f.rule == "elementwise"]
+    assert any("mul -> in-place .mul_()" in f.detail for f in inplace), report
+    with torch.no_grad():
+        for s in (0, 1, 2):
+            x = zoo.example_inputs(ref, size_index=s)
+            torch.testing.assert_close(_first(tower(**x)), _first(ref(**x)), atol=1e-4, rtol=0)
+    # never on a module input or a view: the residual adds read the layer input
+    attn_layer = report.fixes
+    assert all("placeholder" not in f.node for f in attn_layer if f.rule == "elementwise")
