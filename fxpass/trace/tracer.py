@@ -294,8 +294,8 @@ def _leaf_names(treespec: pytree.TreeSpec, sig: inspect.Signature | None) -> lis
     dummy = pytree.tree_unflatten(list(range(treespec.num_leaves)), treespec)
     names: dict[int, str] = {}
     args, kwargs = dummy
-    params = list(sig.parameters) if sig is not None else []
-    positional = [p for p in params if p != "self"]
+    positional = [n for n, p in (sig.parameters.items() if sig is not None else ())
+                  if p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL)]
 
     def walk(obj: Any, path: str) -> None:
         for kp, leaf in pytree.tree_flatten_with_path(obj)[0]:
@@ -310,13 +310,50 @@ def _leaf_names(treespec: pytree.TreeSpec, sig: inspect.Signature | None) -> lis
     return [names.get(i, f"leaf{i}") for i in range(treespec.num_leaves)]
 
 
-def make_call_spec(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                   symbolic_ints: set[int] | None = None) -> CallSpec:
-    leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+@functools.lru_cache(maxsize=1024)
+def forward_signature(cls: type) -> inspect.Signature | None:
+    """Signature of ``cls.forward`` without ``self`` (through decorators), or None."""
     try:
-        sig: inspect.Signature | None = inspect.signature(fn)
+        sig = inspect.signature(cls.forward)
     except (TypeError, ValueError):
-        sig = None
+        return None
+    params = list(sig.parameters.values())[1:]
+    return sig.replace(parameters=params)
+
+
+def canonical_call(sig: inspect.Signature | None, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The same call whether the caller passed arguments by position or by name.
+
+    vLLM calls ``tower(features, mask)`` where HF code and example inputs use keywords; both
+    bind to the same parameters. Canonical form: positional-only and ``*args`` values as
+    positionals, every other argument by name (in signature order, ``**kwargs`` sorted).
+    Raises TypeError, as the call itself would, when the arguments do not bind.
+    """
+    if sig is None:
+        return tuple(args), dict(kwargs)
+    bound = sig.bind(*args, **kwargs)
+    pos: list[Any] = []
+    named: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.POSITIONAL_ONLY:
+            pos.append(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            pos.extend(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            extra.update(value)
+        else:
+            named[name] = value
+    named.update(sorted(extra.items()))
+    return tuple(pos), named
+
+
+def make_call_spec(sig: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   symbolic_ints: set[int] | None = None) -> CallSpec:
+    """Spec of a call already in canonical form (see :func:`canonical_call`)."""
+    leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     names = _leaf_names(treespec, sig)
     placeholders, constants = [], {}
     for i, leaf in enumerate(leaves):
@@ -431,10 +468,15 @@ class ValueTracer(fx.Tracer):
         if kind == "call_module":
             mod = self.root.get_submodule(target)
             if target not in self.captures:
-                cap = Capture(tuple(vargs), dict(vkwargs), _symbolic_int_leaves(args, kwargs))
+                pargs, pkwargs = canonical_call(forward_signature(type(mod)), args, kwargs)
+                cap = Capture(_values(pargs), _values(pkwargs),
+                              _symbolic_int_leaves(pargs, pkwargs))
                 self.captures[target] = cap
                 if self.on_first_call is not None:
-                    self.on_first_call(target, cap)
+                    # Eager: the visit may run the child as plain Python (when it does not
+                    # trace); its calls and attribute reads must not land in this graph.
+                    with self.eager():
+                        self.on_first_call(target, cap)
             with self.eager():
                 return mod(*vargs, **vkwargs)
         raise TraceError(f"unexpected node kind {kind}")

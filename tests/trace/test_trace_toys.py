@@ -140,3 +140,16 @@ def test_trace_does_not_modify_module_and_rejects_non_modules():
     assert "forward" not in m.__dict__ and not hasattr(m, "_tensor_constant0")
     with pytest.raises(UsageError, match="expects an nn.Module"):
         fxpass.trace(lambda x: x)
+
+
+def test_positional_and_keyword_calls_share_one_graph():
+    """vLLM calls towers positionally where HF code and example inputs use keywords."""
+    m = HFStyle(Cfg()).eval()
+    t = fxpass.trace(m, dict(hidden=torch.randn(1, 4, 8), mask=torch.ones(1, 4, dtype=torch.bool)),
+                     cache=None)
+    b = t.build()
+    x, mask = torch.randn(2, 5, 8), torch.rand(2, 5) > 0.3
+    assert torch.equal(b(x, mask), m(x, mask))
+    assert torch.equal(b(x, mask=mask), m(hidden=x, mask=mask))
+    with pytest.raises(TypeError):
+        b(x, mask, x, x)  # does not bind, as for the original forward
