@@ -511,12 +511,26 @@ def load_tower(model_dir: str | Path, attr: str, *, dtype: torch.dtype | None = 
         )
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
+    def not_loadable(what: str, e: Exception) -> UsageError:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return UsageError(
+            f"{model_dir}: {what} failed ({type(e).__name__}: {first}); pass a save_pretrained "
+            "directory of an architecture transformers implements (checkpoints are loaded "
+            "offline with trust_remote_code=False: code shipped in a checkpoint never runs)")
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False,
+                                            local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - not JSON, no model_type, custom code, ...
+        raise not_loadable("reading config.json", e) from e
     auto = _auto_class_for(config)
-    model = auto.from_pretrained(
-        model_dir,
-        dtype=dtype if dtype is not None else "auto",
-        trust_remote_code=False,
-        local_files_only=True,
-    )
+    try:
+        model = auto.from_pretrained(
+            model_dir,
+            dtype=dtype if dtype is not None else "auto",
+            trust_remote_code=False,
+            local_files_only=True,
+        )
+    except Exception as e:  # noqa: BLE001 - missing / mismatched weight files, ...
+        raise not_loadable(f"loading the weights with {auto.__name__}", e) from e
     return resolve_attr(model, attr).eval()

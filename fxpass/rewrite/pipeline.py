@@ -8,11 +8,13 @@ raised with its cause, so a tower is never left half-rewritten.
 
 from __future__ import annotations
 
+import itertools
 import time
 import types
 from typing import Any
 
 import torch
+import torch.utils._pytree
 from torch import nn
 
 from fxpass.errors import FxpassError, RewriteError, UsageError, WeightLoadError
@@ -76,9 +78,16 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
         _check_loadable(model)
     if trace_result is None:
         if has_linears:
-            trace_result = trace(model, example_inputs)
+            try:
+                trace_result = trace(model, example_inputs)
+            except FxpassError:
+                raise
+            except Exception as e:  # trace keeps per-module failures; this is anything else
+                raise RewriteError(f"tracing {type(model).__name__} failed: "
+                                   f"{type(e).__name__}: {e}; the model was not changed") from e
         else:
             trace_result = Trace(root=model)
+    _check_examples_ran(model, trace_result)
     report.untraced = dict(trace_result.untraced)
     report.timings_s["trace"] = time.perf_counter() - t0
 
@@ -109,7 +118,14 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
     t2 = time.perf_counter()
     if load_weights:
         for qualname, layer in ctx.new_layers.items():
-            _load(ctx, qualname, layer)
+            try:
+                _load(ctx, qualname, layer)
+            except FxpassError:
+                raise
+            except Exception as e:
+                raise WeightLoadError(f"{ctx.full_name(qualname)}: loading its weights failed: "
+                                      f"{type(e).__name__}: {e}; the model was not changed"
+                                      ) from e
         report.weights_loaded = True
     report.timings_s["weights"] = time.perf_counter() - t2
 
@@ -119,6 +135,28 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
     report.replaced += [ctx.full_name(m) for members in ctx.fused.values() for m in members]
     report.timings_s["commit"] = time.perf_counter() - t3
     return report
+
+
+def _check_examples_ran(model: nn.Module, tr: Trace) -> None:
+    """Refuse example inputs the model itself cannot run: nothing learnt from them holds.
+
+    On meta values data-dependent ops (``nonzero``) fail after the submodules were reached,
+    which is expected (vLLM's model init); a failure with real values, or before reaching
+    any submodule, means the inputs do not fit the model.
+    """
+    error = getattr(tr, "eager_errors", {}).get("")
+    if not error:
+        return
+    leaves = torch.utils._pytree.tree_leaves(tr.example_inputs or ())
+    on_meta = any(isinstance(t, torch.Tensor) and t.is_meta
+                  for t in itertools.chain(leaves, model.parameters()))
+    reached = len(tr.graphs) + len(tr.untraced) > 1
+    if on_meta and reached:
+        return
+    raise UsageError(
+        f"fxpass.apply: {type(model).__name__} does not run on the example inputs ({error}); "
+        "pass example_inputs that its forward accepts, as a real call would (kwargs dict, "
+        "args tuple or (args, kwargs)), or None for a known HF tower")
 
 
 def _check_loadable(model: nn.Module) -> None:
@@ -145,15 +183,20 @@ def _commit(ctx: RewriteContext) -> None:
     """Swap modules and install graphs; on any failure put everything back."""
     swapped: list[tuple[nn.Module, str, nn.Module | None]] = []
     installed: list[tuple[nn.Module, Any]] = []
+    # each touched parent's children as they were, in order (re-adding a deleted child
+    # would append it: named_modules / state_dict order would change)
+    children: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
     try:
         for qualname in ctx.removed:  # consumed by fusion
             parent_name, _, child = qualname.rpartition(".")
             parent = ctx.module(parent_name)
+            children.setdefault(id(parent), (parent, dict(parent._modules)))
             swapped.append((parent, child, getattr(parent, child)))
             delattr(parent, child)
         for qualname, layer in ctx.new_layers.items():
             parent_name, _, child = qualname.rpartition(".")
             parent = ctx.module(parent_name)
+            children.setdefault(id(parent), (parent, dict(parent._modules)))
             old = getattr(parent, child, None)
             setattr(parent, child, layer)
             swapped.append((parent, child, old))
@@ -174,6 +217,9 @@ def _commit(ctx: RewriteContext) -> None:
                 delattr(parent, child)
             else:
                 setattr(parent, child, old)
+        for parent, saved in children.values():
+            parent._modules.clear()
+            parent._modules.update(saved)
         raise RewriteError(f"committing the rewrite failed at {type(e).__name__}: {e}; "
                            "the model was restored") from e
 

@@ -17,6 +17,7 @@ import linecache
 import threading
 import time
 import types
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
@@ -27,7 +28,15 @@ from torch import nn
 
 from fxpass import meta
 from fxpass.errors import GuardError, TraceError, UsageError
-from fxpass.trace.tracer import Capture, CallSpec, ValueTracer, make_call_spec
+from fxpass.trace.tracer import (
+    Capture,
+    CallSpec,
+    ValueTracer,
+    canonical_call,
+    forward_signature,
+    is_constant,
+    make_call_spec,
+)
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -83,8 +92,10 @@ class GraphForward:
         exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - fx-generated code
         self.fn: Callable[..., Any] = namespace["forward"]
         self.src = code.src
+        self.graph = mg.graph  # what runs: verify and viz read node names off it
 
     def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs = canonical_call(forward_signature(type(module)), args, kwargs)
         leaves, treespec = pytree.tree_flatten((args, kwargs))
         spec = self.spec
         where = f"module {self.qualname or '<root>'!r} ({type(module).__name__})"
@@ -126,6 +137,11 @@ class Trace:
     graphs: dict[str, ModuleGraph] = dataclasses.field(default_factory=dict)
     untraced: dict[str, str] = dataclasses.field(default_factory=dict)
     linear_sites: dict[str, str] = dataclasses.field(default_factory=dict)
+    # linear -> what the Python code of an untraced module does to it that a vLLM layer
+    # cannot serve (attribute reads, keyword calls, stride(-1) != 1 inputs): stay nn.Linear
+    python_linear_uses: dict[str, str] = dataclasses.field(default_factory=dict)
+    # untraced module -> the error its plain Python run on the example values raised
+    eager_errors: dict[str, str] = dataclasses.field(default_factory=dict)
     example_inputs: Inputs | None = None
     elapsed_s: float = 0.0
     cache_hits: int = 0
@@ -232,6 +248,12 @@ class _Entry:
     reason: str | None
     qualname: str
     compiled: GraphForward | None = None  # used while walking only
+    # untraced modules only: linear (relative path) -> what the Python code does to it
+    linear_uses: dict[str, str] = dataclasses.field(default_factory=dict)
+    eager_error: str | None = None  # untraced modules only: their Python run failed too
+    # Set when the graph holds tensors made while tracing (fxpass_constant nodes): they may
+    # derive from this module's state, so the trace serves this module only.
+    owner: "weakref.ref[nn.Module] | None" = None
 
 
 class TraceCache:
@@ -243,6 +265,8 @@ class TraceCache:
 
     def lookup(self, key: Any, module: nn.Module) -> _Entry | None:
         for entry in self._entries.get(key, ()):
+            if entry.owner is not None and entry.owner() is not module:
+                continue
             if all(_same(_read(module, p, n), v) for (p, n), v in entry.reads.items()):
                 self._entries.move_to_end(key)
                 return entry
@@ -349,31 +373,56 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
 
 def _eager_captures(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                     on_first_call: Callable[[str, Capture], None]
-                    ) -> tuple[dict[str, Capture], str | None]:
+                    ) -> tuple[dict[str, Capture], str | None, dict[str, str]]:
     """Run an untraceable module as Python, capturing the submodule calls it makes directly.
 
     Each such submodule is visited (traced, its graph installed) before it runs, as in a
-    traced caller.
+    traced caller. Also returns, per ``nn.Linear`` below the module, what its own Python code
+    did to it that a vLLM layer cannot serve (no graph will show or fix it): attributes read
+    off the linear (``.weight``, ``.out_features``), a call with keywords (``input=x``) and a
+    call whose input has stride(-1) != 1.
     """
     captures: dict[str, Capture] = {}
     paths = {m: n for n, m in module.named_modules() if n}
+    linears = {m: n for m, n in paths.items() if isinstance(m, nn.Linear)}
+    reads: dict[str, set[str]] = {}
     depth = [0]
+    quiet = [0]  # >0 while a child is being visited (its own tracing reads don't count)
+    raw_keywords: dict[str, tuple[str, ...]] = {}
     orig_call = nn.Module.__call__
+    prev_getattribute = nn.Linear.__dict__.get("__getattribute__")
 
     def call(mod: nn.Module, *a: Any, **kw: Any) -> Any:
         path = paths.get(mod)
         if path is not None and depth[0] == 0 and path not in captures:
-            leaves = pytree.tree_leaves((a, kw))
-            captures[path] = cap = Capture(tuple(a), dict(kw), set(range(len(leaves))))
-            on_first_call(path, cap)
+            ca, ckw = canonical_call(forward_signature(type(mod)), a, kw)
+            leaves = pytree.tree_leaves((ca, ckw))
+            captures[path] = cap = Capture(ca, ckw, set(range(len(leaves))))
+            raw_keywords[path] = tuple(kw)  # as called: the canonical form names everything
+            quiet[0] += 1
+            try:
+                on_first_call(path, cap)
+            finally:
+                quiet[0] -= 1
         depth[0] += path is not None
         try:
             return orig_call(mod, *a, **kw)
         finally:
             depth[0] -= path is not None
 
+    def linear_getattribute(mod: nn.Module, name: str) -> Any:
+        if name[0] != "_" and depth[0] == 0 and not quiet[0]:
+            path = linears.get(mod)
+            if path is not None:
+                reads.setdefault(path, set()).add(name)
+        if prev_getattribute is not None:
+            return prev_getattribute(mod, name)
+        return super(nn.Linear, mod).__getattribute__(name)
+
     error = None
     nn.Module.__call__ = call  # type: ignore[method-assign]
+    if linears:
+        nn.Linear.__getattribute__ = linear_getattribute  # type: ignore[method-assign]
     try:
         with torch.no_grad():
             module(*_clone_values(args), **_clone_values(kwargs))
@@ -381,7 +430,25 @@ def _eager_captures(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
     finally:
         nn.Module.__call__ = orig_call  # type: ignore[method-assign]
-    return captures, error
+        if linears:
+            if prev_getattribute is None:
+                del nn.Linear.__getattribute__
+            else:
+                nn.Linear.__getattribute__ = prev_getattribute  # type: ignore[method-assign]
+    uses = {path: f"reads {', '.join(f'.{n}' for n in sorted(names))} off it"
+            for path, names in reads.items()}
+    for path, cap in captures.items():
+        if path in uses or path not in linears.values():
+            continue
+        if raw_keywords.get(path):
+            uses[path] = (f"calls it with keywords ({', '.join(raw_keywords[path])}=...), which "
+                          "ReplicatedLinear.forward(x) does not take")
+            continue
+        inp = next(iter(pytree.tree_leaves((cap.args, cap.kwargs))), None)
+        if isinstance(inp, torch.Tensor) and inp.dim() and inp.stride(-1) != 1:
+            uses[path] = (f"calls it with an input of stride(-1) == {inp.stride(-1)}, which "
+                          "vLLM's CPU GEMM rejects (only graphs get a .contiguous() inserted)")
+    return captures, error, uses
 
 
 class _Walker:
@@ -427,6 +494,12 @@ class _Walker:
                             f"{qualname}.{owner}" if qualname else owner, qualname)
         else:
             self.result.untraced[qualname] = entry.reason or "not traced"
+            if entry.eager_error:
+                self.result.eager_errors[qualname] = entry.eager_error
+            for rel, what in entry.linear_uses.items():
+                self.result.python_linear_uses.setdefault(
+                    f"{qualname}.{rel}" if qualname else rel,
+                    f"module {qualname or '<root>'} stays Python and its code {what}")
 
         for rel, cap in entry.captures.items():
             child_q = f"{qualname}.{rel}" if qualname else rel
@@ -460,7 +533,7 @@ class _Walker:
                kwargs: dict[str, Any], symbolic: set[int]) -> _Entry:
         tracer = ValueTracer()
         tracer.on_first_call = functools.partial(self._visit_child, module, qualname)
-        spec = make_call_spec(type(module).forward, args, kwargs, symbolic)
+        spec = make_call_spec(forward_signature(type(module)), args, kwargs, symbolic)
         reason = None
         graph = None
         with _recording(module, tracer) as rec, torch.no_grad():
@@ -471,13 +544,20 @@ class _Walker:
             except Exception as e:  # noqa: BLE001 - any failure keeps the module as Python
                 reason = _reason(e)
                 graph = None
+        linear_uses: dict[str, str] = {}
+        eager_error = None
         if graph is None:
-            captures, eager_error = _eager_captures(
+            captures, eager_error, linear_uses = _eager_captures(
                 module, args, kwargs, functools.partial(self._visit_child, module, qualname))
             if eager_error:
                 reason += (f" (running it as Python on the example also failed: {eager_error}; "
                            f"submodules called after that point are not traced)")
-        return _Entry(dict(rec.reads), graph, spec, captures, reason, qualname)
+        owner = None
+        if graph is not None and any(n.op == "call_function" and is_constant(n.target)
+                                     for n in graph.nodes):
+            owner = weakref.ref(module)
+        return _Entry(dict(rec.reads), graph, spec, captures, reason, qualname,
+                      linear_uses=linear_uses, eager_error=eager_error, owner=owner)
 
 
 def _reason(e: BaseException) -> str:
@@ -516,6 +596,11 @@ def trace(module: nn.Module, example_inputs: Any = None, *,
         raise UsageError(f"fxpass.trace expects an nn.Module, got {type(module).__name__}")
     start = time.perf_counter()
     args, kwargs = _normalise_inputs(module, example_inputs)
+    try:
+        args, kwargs = canonical_call(forward_signature(type(module)), args, kwargs)
+    except TypeError as e:
+        raise UsageError(f"example inputs do not fit {type(module).__name__}.forward: {e}; pass "
+                         "the arguments a real call would") from e
     result = Trace(root=module, example_inputs=(args, kwargs))
     installed = [m for m in module.modules() if "forward" in m.__dict__]
     if installed:

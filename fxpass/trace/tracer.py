@@ -269,7 +269,13 @@ def _make_constant(value: torch.Tensor) -> Callable[[], torch.Tensor]:
         return value
 
     fxpass_constant.__module__ = __name__
+    fxpass_constant._fxpass_constant = True  # type: ignore[attr-defined]
     return fxpass_constant
+
+
+def is_constant(target: Any) -> bool:
+    """Whether a call_function target is a tensor constant made by the tracer."""
+    return getattr(target, "_fxpass_constant", False) is True
 
 
 @dataclasses.dataclass
@@ -381,6 +387,10 @@ class ValueTracer(fx.Tracer):
 
     def __init__(self) -> None:
         super().__init__(autowrap_modules=(__import__("math"),))
+        # Buffers read in forward become get_attr nodes, never values baked into the graph
+        # (a baked `self.std_bias.float()` would carry one module's buffer to every module
+        # sharing the trace, and miss checkpoint loads).
+        self.proxy_buffer_attributes = True
         self._eager = 0
         self.captures: dict[str, Capture] = {}
         self.guard_count = 0

@@ -153,3 +153,30 @@ def test_positional_and_keyword_calls_share_one_graph():
     assert torch.equal(b(x, mask=mask), m(hidden=x, mask=mask))
     with pytest.raises(TypeError):
         b(x, mask, x, x)  # does not bind, as for the original forward
+
+
+class BufferUser(nn.Module):
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("bias", torch.randn(8, generator=g).to(torch.bfloat16))
+        self.plain = torch.randn(8, generator=g)  # a tensor attribute, neither buffer nor param
+
+    def forward(self, x):
+        return x + self.bias.float() + self.plain * 2
+
+
+def test_module_state_is_read_at_run_time_not_baked():
+    shared = TraceCache()
+    a, b = BufferUser(0), BufferUser(1)
+    x = torch.randn(2, 8)
+    fxpass.trace(a, (x,), cache=shared)
+    tb = fxpass.trace(b, (x,), cache=shared)
+    assert torch.equal(tb.build()(x), b(x))
+    # a trace whose graph holds tensors made while tracing serves its own module only
+    assert tb.cache_hits == 0
+    built = tb.build()
+    with torch.no_grad():
+        built.bias.add_(1.0)  # e.g. weights loaded after apply, as in vLLM's model init
+        b.bias.add_(1.0)
+    assert torch.equal(built(x), b(x))
