@@ -1,0 +1,184 @@
+"""The `fxpass` command line: `fxpass diff` exit codes, JSON schema, baselines, planted faults.
+
+Runs `fxpass.cli.main([...])` in-process (vLLM is imported once per session); one subprocess
+checks the console script itself.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fxpass.cli import BASELINE_MARGIN_DB, SCHEMA, baseline_view, main
+from fxpass.verify.faults import ENV_VAR
+
+VISION = "model.vision_tower"
+AUDIO = "model.audio_tower"
+K_PROJ = "encoder.layers.0.self_attn.k_proj.linear"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    from fxpass import zoo
+
+    return zoo.write_tiny_gemma4_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-gemma4")
+
+
+@pytest.fixture(scope="module")
+def nf4_run(ckpt, tmp_path_factory, vllm_rt) -> dict:
+    out = tmp_path_factory.mktemp("nf4") / "out.json"
+    code = main(["diff", str(ckpt), "--tower", VISION, "--quant", "bnb-nf4", "--json", str(out)])
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+def test_diff_passes_and_json_has_nodes_and_output_sqnr(nf4_run):
+    doc = nf4_run
+    assert doc["schema"] == SCHEMA and doc["passed"] is True and doc["exit_code"] == 0
+    assert doc["baseline_margin_db"] == BASELINE_MARGIN_DB
+    (run,) = doc["runs"]
+    assert {"model_dir", "tower", "tower_class", "prefix", "quant", "dtype", "mode",
+            "planted_fault", "passed", "output_sqnr_db", "first_divergence", "baseline",
+            "apply", "verify"} <= set(run)
+    assert (run["tower"], run["quant"], run["dtype"], run["mode"]) == (
+        VISION, "bnb-nf4", "bfloat16", "propagated")
+    assert run["passed"] is True and run["first_divergence"] is None
+    assert run["planted_fault"] is None and run["baseline"] is None
+    # apply report
+    assert len(run["apply"]["replaced"]) == 8
+    assert set(run["apply"]["quant_methods"].values()) == {"nf4"}
+    # verify: per-node metrics, output SQNR vs both references
+    v = run["verify"]
+    assert v["passed"] is True and v["references"] == ["fake_quant", "reference"]
+    assert isinstance(run["output_sqnr_db"]["reference"], float)
+    assert run["output_sqnr_db"]["reference"] > v["budget"]["output_sqnr_db"]
+    assert len(v["inputs"]) == 3
+    layers = [n for n in v["nodes"] if n["kind"] == "layer"]
+    assert len(layers) == 8 * 3
+    m = layers[0]["metrics"]["reference"]
+    assert {"max_abs", "max_rel", "cosine", "sqnr_db", "nan", "inf", "shape_mismatch",
+            "dtype_mismatch"} <= set(m)
+    assert [o["leaf"] for o in v["outputs"]] == ["last_hidden_state"] * 3
+
+
+def test_planted_fault_exits_1_and_names_the_layer(ckpt, tmp_path, monkeypatch, capsys,
+                                                   vllm_rt):
+    out = tmp_path / "fault.json"
+    monkeypatch.setenv(ENV_VAR, f"transpose:{VISION}.{K_PROJ}")
+    code = main(["diff", str(ckpt), "--tower", VISION, "--quant", "bnb-nf4", "--json", str(out)])
+    assert code == 1
+    captured = capsys.readouterr()
+    assert f"first divergence at {K_PROJ}" in captured.err
+    assert "FAILED" in captured.out
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["passed"] is False and run["planted_fault"]["layer"] == K_PROJ
+    assert run["first_divergence"]["module"] == K_PROJ
+
+
+def test_isolated_mode_and_hidden_flag(ckpt, capsys, vllm_rt):
+    code = main(["diff", str(ckpt), "--tower", AUDIO, "--mode", "isolated",
+                 "--plant-fault", "wrong-weights:layers.0.self_attn.k_proj.linear"])
+    assert code == 1
+    assert "first divergence at layers.0.self_attn.k_proj.linear" in capsys.readouterr().err
+
+
+def test_baseline_same_passes_worse_fails(ckpt, nf4_run, tmp_path, capsys, vllm_rt):
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps(baseline_view(nf4_run)))
+    argv = ["diff", str(ckpt), "--tower", VISION, "--quant", "bnb-nf4"]
+    assert main([*argv, "--baseline", str(same)]) == 0
+    assert "not worse" in capsys.readouterr().out
+
+    better = baseline_view(nf4_run)  # a baseline 5 dB better than what the code gives now
+    for o in better["runs"][0]["verify"]["outputs"]:
+        o["metrics"]["reference"]["sqnr_db"] += 5.0
+    better_file = tmp_path / "better.json"
+    better_file.write_text(json.dumps(better))
+    out = tmp_path / "worse.json"
+    assert main([*argv, "--baseline", str(better_file), "--json", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "WORSE than baseline" in captured.out and "worse than baseline" in captured.err
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["verify"]["passed"] is True  # within budget, but worse than the baseline
+    assert run["baseline"]["passed"] is False
+    assert any("output last_hidden_state" in r for r in run["baseline"]["regressions"])
+
+    other = baseline_view(nf4_run)  # made for another tower: a usage error
+    other["runs"][0]["tower"] = AUDIO
+    other_file = tmp_path / "other.json"
+    other_file.write_text(json.dumps(other))
+    assert main([*argv, "--baseline", str(other_file)]) == 2
+    assert "has no run for" in capsys.readouterr().err
+
+
+def test_inputs_file(ckpt, tmp_path, vllm_rt):
+    import torch
+    from safetensors.torch import save_file
+
+    from fxpass import zoo
+
+    tower = zoo.load_tower(ckpt, AUDIO, dtype=torch.float32)
+    inputs = zoo.example_inputs(tower, size_index=1, seed=7)
+    path = tmp_path / "inputs.safetensors"
+    save_file(inputs, str(path))
+    out = tmp_path / "out.json"
+    assert main(["diff", str(ckpt), "--tower", AUDIO, "--inputs", str(path),
+                 "--dtype", "float32", "--json", str(out)]) == 0
+    v = json.loads(out.read_text())["runs"][0]["verify"]
+    assert v["inputs"] == [{"input_features": {"shape": [1, 96, 128], "dtype": "float32"},
+                            "attention_mask": {"shape": [1, 96], "dtype": "bool"}}]
+    torch.save([inputs, inputs], tmp_path / "two.pt")
+    assert main(["diff", str(ckpt), "--tower", AUDIO, "--inputs", str(tmp_path / "two.pt"),
+                 "--dtype", "float32"]) == 0
+
+
+def test_demo(capsys, vllm_rt):
+    assert main(["diff", "--demo", "--quant", "none"]) == 0
+    out = capsys.readouterr().out
+    assert f"== {VISION} (Gemma4VisionModel)" in out and f"== {AUDIO} (Gemma4AudioModel)" in out
+    assert "fxpass diff: PASSED (2 tower(s))" in out
+
+
+@pytest.fixture(scope="module")
+def no_config_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("empty")
+
+
+def _usage_cases(ckpt: Path, empty: Path, tmp: Path) -> list[tuple[list[str], str]]:
+    not_json = tmp / "not.json"
+    not_json.write_text("{")
+    return [
+        ([], "required: COMMAND"),
+        (["diff"], "MODEL_DIR is required"),
+        (["diff", str(tmp / "missing")], "is not a directory"),
+        (["diff", str(empty), "--tower", VISION], "has no config.json"),
+        (["diff", str(ckpt)], "--tower ATTR is required"),
+        (["diff", str(ckpt), "--tower", "model.nope"], "has no submodule 'nope'"),
+        (["diff", str(ckpt), "--demo"], "not both"),
+        (["diff", str(ckpt), "--tower", VISION, "--quant", "bnb-nf8"], "invalid choice"),
+        (["diff", str(ckpt), "--tower", VISION, "--plant-fault", "melt:x"], "KIND:LAYER"),
+        (["diff", str(ckpt), "--tower", VISION, "--inputs", str(tmp / "nope.pt")],
+         "no such file"),
+        (["diff", str(ckpt), "--tower", VISION, "--inputs", str(not_json)], "cannot read"),
+        (["diff", str(ckpt), "--tower", VISION, "--baseline", str(not_json)],
+         "not readable JSON"),
+    ]
+
+
+def test_usage_errors_exit_2(ckpt, no_config_dir, tmp_path, capsys):
+    for argv, message in _usage_cases(ckpt, no_config_dir, tmp_path):
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+
+def test_console_script_subprocess(tmp_path):
+    exe = Path(sys.executable).with_name("fxpass")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "fxpass.cli"]
+    proc = subprocess.run([*cmd, "diff", str(tmp_path / "missing"), "--tower", VISION],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "fxpass diff: error:" in proc.stderr and "is not a directory" in proc.stderr
