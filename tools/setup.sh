@@ -30,12 +30,13 @@ PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 "${PIP[@]}" --no-deps -e .
 
-# Headless Chromium for the HTML visualisation tests (Debian's package).
-if ! command -v chromium >/dev/null 2>&1; then
+# Debian's headless Chromium (the HTML visualisation tests drive it through playwright,
+# which never downloads a browser) and graphviz (`fxpass viz --format svg`).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v dot >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium graphviz >/dev/null
   else
-    echo "setup: chromium is missing and cannot be installed here (need root + apt-get)" >&2
+    echo "setup: chromium/graphviz are missing and cannot be installed here (need root + apt-get)" >&2
     exit 1
   fi
 fi

@@ -1,0 +1,5 @@
+import sys
+
+from fxpass.viz.cli import main
+
+sys.exit(main())

@@ -1,0 +1,126 @@
+"""``fxpass viz MODEL_DIR --tower ATTR -o OUT [--quant ...] [--diff] [--format html|svg|dot]``.
+
+Loads the checkpoint's tower, traces it on the zoo's example inputs, keeps the "before"
+graphs, applies the rewrite (weights loaded, quantized in flight), optionally runs
+``fxpass.verify`` against an untouched copy, and writes the page. ``add_cli(subparsers)``
+registers the command on the main CLI; ``python -m fxpass.viz`` runs it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from fxpass.errors import FxpassError, UsageError
+
+QUANT_CHOICES = ("none", "bnb-nf4", "bnb-fp4", "bnb-int8")
+
+
+def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("model_dir", metavar="MODEL_DIR",
+                        help="local checkpoint directory (save_pretrained layout)")
+    parser.add_argument("--tower", required=True, metavar="ATTR",
+                        help="dotted attribute path of the tower, e.g. model.vision_tower")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT",
+                        help="file to write (.html, .svg or .dot)")
+    parser.add_argument("--quant", choices=QUANT_CHOICES, default="none",
+                        help="quantize the rewritten layers with bitsandbytes (default: none)")
+    parser.add_argument("--diff", action="store_true",
+                        help="run fxpass.verify against the original tower and overlay the "
+                             "per-node metrics (SQNR colour scale, first divergence)")
+    parser.add_argument("--format", choices=("html", "svg", "dot"), default=None,
+                        help="output format (default: from OUT's suffix, else html); svg "
+                             "needs Graphviz's dot")
+    parser.add_argument("--view", choices=("after", "before"), default="after",
+                        help="which graphs svg/dot show (html shows both)")
+    parser.add_argument("--prefix", default=None,
+                        help="checkpoint prefix for the vLLM layers (default: --tower)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="dtype to load the tower in (default: the checkpoint's)")
+    parser.add_argument("--size-index", type=int, default=0, choices=(0, 1, 2),
+                        help="which zoo example input size to trace with (default 0)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``viz`` on ``parser.add_subparsers()``; the command runs ``args.func(args)``,
+    which returns 0 once the file is written (the page itself says whether verify passed)
+    and raises UsageError (bad paths/arguments, Graphviz missing) or another FxpassError."""
+    parser = subparsers.add_parser(
+        "viz", help="write an HTML/SVG/DOT view of a tower's rewrite (and numeric diff)",
+        description=__doc__.split("\n\n")[1] if __doc__ else None)
+    return configure(parser)
+
+
+def _format_of(args: argparse.Namespace) -> str:
+    if args.format:
+        return args.format
+    suffix = Path(args.output).suffix.lower().lstrip(".")
+    return {"svg": "svg", "dot": "dot", "gv": "dot"}.get(suffix, "html")
+
+
+def run(args: argparse.Namespace) -> int:
+    import fxpass
+    from fxpass import zoo
+    from fxpass.runtime import vllm_runtime
+    from fxpass.viz import render, snapshot
+
+    fmt = _format_of(args)
+    out = Path(args.output)
+    if out.parent and not out.parent.exists():
+        raise UsageError(f"cannot write {out}: directory {out.parent} does not exist")
+    if fmt == "svg":
+        from fxpass.viz.dot import dot_program
+
+        dot_program()  # fail before the expensive part when Graphviz is missing
+    t0 = time.perf_counter()
+    import torch
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    tower = zoo.load_tower(args.model_dir, args.tower, dtype=dtype)
+    inputs = zoo.example_inputs(tower, size_index=args.size_index)
+    reference = copy.deepcopy(tower) if args.diff else None
+    quant = None
+    with vllm_runtime():
+        if args.quant != "none":
+            from fxpass.weights import bnb_config
+
+            quant = bnb_config(args.quant.removeprefix("bnb-"))
+        tr = fxpass.trace(tower, inputs)
+        before = snapshot(tr)
+        report = fxpass.apply(tower, quant, prefix=args.prefix if args.prefix is not None
+                              else args.tower, load_weights=True, trace_result=tr)
+        verify = None
+        if args.diff:
+            verify = fxpass.verify(reference, tower, inputs)
+    title = f"fxpass: {args.tower} of {Path(args.model_dir).name} ({args.quant})"
+    kw: dict[str, Any] = {"title": title}
+    if fmt != "html":
+        kw["view"] = args.view
+    text = render(fmt, tr, report, verify, before, **kw)
+    out.write_text(text, encoding="utf-8")
+    print(report.summary_line())
+    if verify is not None:
+        print(verify.summary_line())
+    print(f"viz: wrote {out} ({fmt}, {len(text) / 1024:.0f} KiB) in "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = configure(argparse.ArgumentParser(prog="python -m fxpass.viz",
+                                               description="fxpass viz: see a tower's rewrite"))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"fxpass viz: error: {e}", file=sys.stderr)
+        return 2
+    except FxpassError as e:
+        print(f"fxpass viz: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
