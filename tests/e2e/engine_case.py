@@ -1,0 +1,353 @@
+"""One end-to-end case: start vLLM's LLM engine in this process, generate, record, exit.
+
+Run by tests/e2e/test_vllm_e2e.py as ``python engine_case.py SPEC.json`` in a fresh process
+(with the torchvision stand-in first on PYTHONPATH and the engine in-process:
+VLLM_ENABLE_V1_MULTIPROCESSING=0), because a failed in-process engine can hang the next call.
+SPEC holds: model (directory), quantization (null or "bitsandbytes"), batches (lists of prompt
+names from PROMPTS, each list one generate() call, in order; a batch that raises ends the
+run), max_tokens, out (a directory). Results go to OUT/result.json, written after every step,
+and tensors captured inside the model to OUT/captures.pt. The process leaves with os._exit,
+never through vLLM's shutdown, which is where a broken in-process engine can hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+T0 = time.perf_counter()
+
+# Prompt texts. The tiny model is random: only the token ids matter, not what they say.
+PROMPTS: dict[str, dict[str, Any]] = {
+    "text": {"prompt": "hello world what is this", "modality": None},
+    "text2": {"prompt": "tell me about the sound and the picture", "modality": None},
+    "image": {"prompt": "describe this image <|image|> what is in the image", "modality": "image"},
+    "audio": {"prompt": "what is this audio <|audio|> describe the sound", "modality": "audio"},
+}
+
+
+def make_image():
+    """A fixed 96x64 RGB image (smooth gradients + noise), built with numpy only."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    h, w = 64, 96
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (w + h)], axis=-1)
+    rgb = rgb + rng.normal(0, 20, size=rgb.shape)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+
+
+def make_audio(sr: int = 16000, seconds: float = 0.6):
+    """A fixed waveform at the feature extractor's rate: two tones and a little noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    t = np.arange(int(sr * seconds)) / sr
+    wave = 0.4 * np.sin(2 * np.pi * 220 * t) + 0.2 * np.sin(2 * np.pi * 1330 * t)
+    wave = wave + 0.02 * rng.standard_normal(t.shape)
+    return wave.astype(np.float32), sr
+
+
+def _request(name: str) -> dict[str, Any]:
+    p = PROMPTS[name]
+    req: dict[str, Any] = {"prompt": p["prompt"]}
+    if p["modality"] == "image":
+        req["multi_modal_data"] = {"image": make_image()}
+    elif p["modality"] == "audio":
+        req["multi_modal_data"] = {"audio": make_audio()}
+    return req
+
+
+class Recorder:
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.result: dict[str, Any] = {"steps": [], "batches": {}, "errors": {}}
+
+    def step(self, name: str) -> None:
+        self.result["steps"].append([name, round(time.perf_counter() - T0, 3)])
+        self.flush()
+
+    def flush(self) -> None:
+        tmp = self.out / "result.json.tmp"
+        tmp.write_text(json.dumps(self.result, indent=1, default=str))
+        tmp.replace(self.out / "result.json")
+
+
+# ------------------------------------------------------------------ inside the worker
+# With VLLM_ENABLE_V1_MULTIPROCESSING=0 the worker is this process: the hooks below reach it.
+
+LOADS: dict[str, dict[str, Any]] = {}  # "<layer prefix>.<weight|bias>" -> what the loader got
+
+
+def record_weight_loads() -> None:
+    """Wrap ReplicatedLinear.weight_loader (before any layer exists) to log what vLLM loads."""
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+
+    orig = ReplicatedLinear.weight_loader
+
+    def weight_loader(self, param, loaded_weight):
+        which = "weight" if param is getattr(self, "weight", None) else (
+            "bias" if param is getattr(self, "bias", None) else "other")
+        w = loaded_weight.detach().float()
+        LOADS[f"{self.prefix}.{which}"] = {
+            "shape": list(loaded_weight.shape), "dtype": str(loaded_weight.dtype),
+            "sum": float(w.sum()), "abs_sum": float(w.abs().sum()),
+        }
+        return orig(self, param, loaded_weight)
+
+    ReplicatedLinear.weight_loader = weight_loader
+
+
+def inspect_model(model) -> dict[str, Any]:
+    """Which classes sit where in the towers, and how their weights look after loading."""
+    from torch import nn
+    from vllm.model_executor.layers.linear import LinearBase
+
+    out: dict[str, Any] = {"class": type(model).__name__, "towers": {}}
+    for tower_name in ("vision_tower", "audio_tower"):
+        tower = getattr(model, tower_name, None)
+        if tower is None:
+            continue
+        info: dict[str, Any] = {"vllm_linears": {}, "nn_linears": [], "graph_modules": []}
+        for name, mod in tower.named_modules():
+            full = f"{tower_name}.{name}" if name else tower_name
+            fwd = mod.__dict__.get("forward")
+            if fwd is not None and type(getattr(fwd, "__func__", None)).__name__.endswith(
+                    "Forward"):
+                info["graph_modules"].append(full)
+            if isinstance(mod, LinearBase):
+                w = getattr(mod, "weight", None)
+                entry = {
+                    "class": type(mod).__name__,
+                    "prefix": getattr(mod, "prefix", None),
+                    "quant_method": type(getattr(mod, "quant_method", None)).__name__,
+                    "weight_dtype": str(w.dtype) if w is not None else None,
+                    "weight_shape": list(w.shape) if w is not None else None,
+                    "bnb_quant_state": bool(getattr(w, "bnb_quant_state", None)),
+                }
+                if entry["bnb_quant_state"]:
+                    entry["bnb_sqnr_db"] = _bnb_sqnr(mod, full)
+                info["vllm_linears"][full] = entry
+            elif isinstance(mod, nn.Linear):
+                info["nn_linears"].append(full)
+        out["towers"][tower_name] = info
+    return out
+
+
+_CHECKPOINT: dict[str, Any] = {}
+
+
+def _bnb_sqnr(layer, full: str) -> float | None:
+    """SQNR (dB) of the layer's dequantized 4-bit weight against the checkpoint's bf16 weight."""
+    import math
+
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+
+    ref = _CHECKPOINT.get(f"model.{full}.weight")
+    if ref is None:
+        return None
+    w = layer.weight
+    states = w.bnb_quant_state
+    offsets = w.bnb_shard_offsets
+    parts = []
+    for i, qs in sorted(states.items()):
+        chunk = w[offsets[i]:offsets[i + 1]]
+        parts.append(dequantize_4bit(chunk, qs).float().reshape(-1))
+    deq = torch.cat(parts).reshape(ref.shape)
+    r = ref.float()
+    err = float(((deq - r) ** 2).sum())
+    return math.inf if err == 0 else 10 * math.log10(float((r ** 2).sum()) / err)
+
+
+CAPTURES: dict[str, Any] = {}
+
+
+def install_capture_hooks(model) -> str:
+    """Keep the inputs vLLM feeds the towers and what comes out, for the HF comparison."""
+    vt = getattr(model, "vision_tower", None)
+    at = getattr(model, "audio_tower", None)
+    ev = getattr(model, "embed_vision", None)
+
+    def clone(t):
+        return t.detach().clone() if hasattr(t, "detach") else t
+
+    if vt is not None and ev is not None:
+        def patch_pre(mod, args, kwargs):
+            CAPTURES.setdefault("vision_calls", []).append(
+                {"pixel_values": clone(args[0]), "pixel_position_ids": clone(args[1])})
+
+        def embed_pre(mod, args, kwargs):
+            x = kwargs.get("inputs_embeds", args[0] if args else None)
+            CAPTURES.setdefault("vision_out", []).append(clone(x))
+
+        vt.patch_embedder.register_forward_pre_hook(patch_pre, with_kwargs=True)
+        ev.register_forward_pre_hook(embed_pre, with_kwargs=True)
+    if at is not None:
+        def audio_hook(mod, args, kwargs, output):
+            hs = output[0] if isinstance(output, tuple) else output.last_hidden_state
+            mask = output[1] if isinstance(output, tuple) else output.attention_mask
+            CAPTURES.setdefault("audio_calls", []).append({
+                "input_features": clone(args[0]), "attention_mask": clone(args[1]),
+                "out": clone(hs), "out_mask": clone(mask)})
+
+        at.register_forward_hook(audio_hook, with_kwargs=True)
+    return "ok"
+
+
+# ------------------------------------------------------------------ HF reference
+
+
+def metrics(candidate, reference) -> dict[str, Any]:
+    """How far vLLM's tower output is from HF's (float32 maths on both)."""
+    import math
+
+    c, r = candidate.detach().float(), reference.detach().float()
+    if c.shape != r.shape:
+        return {"shape": list(c.shape), "ref_shape": list(r.shape), "shape_mismatch": True}
+    diff = (c - r).abs()
+    err = float((diff ** 2).sum())
+    sig = float((r ** 2).sum())
+    return {
+        "shape": list(c.shape),
+        "numel": c.numel(),
+        "n_different": int((diff != 0).sum()),
+        "max_abs": float(diff.max()),
+        "ref_max_abs": float(r.abs().max()),
+        "sqnr_db": math.inf if err == 0 else 10 * math.log10(sig / err),
+        "cosine": float(torch_cos(c, r)),
+        # torch.testing.assert_close's bf16 criterion as a number (<= 1 passes); information
+        "assert_close_bf16_ratio": float((diff / (1e-5 + 1.6e-2 * r.abs())).max()),
+    }
+
+
+def torch_cos(a, b):
+    import torch
+
+    return torch.nn.functional.cosine_similarity(a.reshape(1, -1), b.reshape(1, -1))[0]
+
+
+def compare_with_hf(model_dir: str, out_dir: Path) -> dict[str, Any]:
+    """Run HF's own towers (loaded by transformers from the same checkpoint, bf16, nn.Linear)
+    on the exact inputs vLLM fed its towers during generation; compare the outputs.
+
+    The (vLLM, HF) output pairs go to OUT/tower_pairs.pt for the test's budget check."""
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    hf = Gemma4ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    out: dict[str, Any] = {}
+    pairs: dict[str, Any] = {}
+    with torch.no_grad():
+        for i, (call, got) in enumerate(zip(CAPTURES.get("vision_calls", []),
+                                            CAPTURES.get("vision_out", []))):
+            # vLLM runs patch_embedder -> encoder -> pooler and strips padding itself; HF's
+            # Gemma4VisionModel.forward does the same in one call.
+            ref = hf.model.vision_tower(pixel_values=call["pixel_values"],
+                                        pixel_position_ids=call["pixel_position_ids"])
+            ref = ref.last_hidden_state
+            pairs[f"vision[{i}]"] = (got.reshape(ref.shape), ref)
+            out[f"vision[{i}]"] = metrics(got.reshape(ref.shape), ref)
+            out[f"vision[{i}]"]["padding_patches"] = int(
+                (call["pixel_position_ids"] == -1).all(-1).sum())
+        for i, call in enumerate(CAPTURES.get("audio_calls", [])):
+            ref = hf.model.audio_tower(call["input_features"], call["attention_mask"])
+            mask = call["out_mask"]
+            pairs[f"audio[{i}]"] = (call["out"][mask], ref.last_hidden_state[mask])
+            m = metrics(*pairs[f"audio[{i}]"])
+            m["mask_equal"] = bool((ref.attention_mask == mask).all())
+            out[f"audio[{i}]"] = m
+    torch.save(pairs, out_dir / "tower_pairs.pt")
+    return out
+
+
+# ------------------------------------------------------------------ the run
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    rec = Recorder(out)
+    res = rec.result
+    res["env"] = {k: os.environ.get(k) for k in ("FXPASS_DISABLE",
+                                                 "VLLM_ENABLE_V1_MULTIPROCESSING")}
+    try:
+        from safetensors.torch import load_file
+
+        _CHECKPOINT.update(load_file(str(Path(spec["model"]) / "model.safetensors")))
+        import torch
+        from vllm import LLM, SamplingParams
+
+        import fxpass.vllm_plugin as plugin
+
+        rec.step("imported")
+        record_weight_loads()
+        kwargs: dict[str, Any] = dict(
+            model=spec["model"], dtype="bfloat16", max_model_len=512, enforce_eager=True,
+            max_num_seqs=4, max_num_batched_tokens=512, seed=0,
+            limit_mm_per_prompt={"image": 1, "audio": 1, "video": 0},
+        )
+        if spec.get("quantization"):
+            kwargs["quantization"] = spec["quantization"]
+        llm = LLM(**kwargs)
+        rec.step("engine_ready")
+        res["plugin_records"] = [r.to_dict() for r in plugin.records()]
+        res["weight_loads"] = dict(LOADS)
+        res["model"] = llm.apply_model(inspect_model)[0]
+        llm.apply_model(install_capture_hooks)
+        rec.flush()
+
+        params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8),
+                                ignore_eos=True)
+        for batch in spec["batches"]:
+            label = "+".join(batch)
+            try:
+                outputs = llm.generate([_request(n) for n in batch], params, use_tqdm=False)
+            except Exception as e:  # noqa: BLE001 - recorded; the engine is not used again
+                res["errors"][label] = _error_text(e)
+                rec.step(f"failed:{label}")
+                break
+            for name, o in zip(batch, outputs):
+                res["batches"].setdefault(label, {})[name] = {
+                    "prompt_token_ids": list(o.prompt_token_ids),
+                    "token_ids": list(o.outputs[0].token_ids),
+                }
+            rec.step(f"generated:{label}")
+        # guard fallbacks counted during generation
+        res["plugin_records"] = [r.to_dict() for r in plugin.records()]
+        torch.save(CAPTURES, out / "captures.pt")
+        rec.flush()
+        if spec.get("hf_compare"):
+            res["tower_vs_hf"] = compare_with_hf(spec["model"], out)
+            rec.step("hf_compared")
+        res["done"] = True
+        rec.step("done")
+    except BaseException as e:  # noqa: BLE001
+        res["fatal"] = _error_text(e)
+        rec.step("fatal")
+    finally:
+        rec.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def _error_text(e: BaseException) -> str:
+    chain = []
+    cur: BaseException | None = e
+    while cur is not None and len(chain) < 6:
+        chain.append(f"{type(cur).__name__}: {cur}")
+        cur = cur.__cause__ or cur.__context__
+    return " <- ".join(chain) + "\n" + "".join(traceback.format_exception(e))[-6000:]
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

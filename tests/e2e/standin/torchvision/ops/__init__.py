@@ -1,0 +1,7 @@
+from torchvision.ops import boxes  # noqa: F401
+
+from .._stub import missing
+
+
+def __getattr__(name: str):
+    return missing(__name__, name)

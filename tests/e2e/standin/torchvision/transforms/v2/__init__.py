@@ -1,0 +1,8 @@
+from torchvision.transforms.v2 import functional  # noqa: F401
+from torchvision.transforms._functional import InterpolationMode  # noqa: F401
+
+from ..._stub import missing
+
+
+def __getattr__(name: str):
+    return missing(__name__, name)

@@ -1,0 +1,214 @@
+"""fxpass.vllm_plugin without an engine: registration, patching, fallbacks, the switch."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import fxpass.vllm_plugin as plugin
+
+
+@pytest.fixture
+def plugin_state(monkeypatch):
+    """Isolate the plugin's process state (registration, original, records, meta_path)."""
+    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.setattr(plugin, "_original", None)
+    monkeypatch.setattr(plugin, "_records", [])
+    monkeypatch.delenv(plugin.ENV_DISABLE, raising=False)
+    meta_path = list(sys.meta_path)
+    yield
+    sys.meta_path[:] = meta_path
+
+
+@pytest.fixture
+def plugin_log():
+    """The plugin logs under vllm.fxpass; vLLM's config stops propagation at 'vllm'."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    logger = logging.getLogger("vllm.fxpass")
+    handler = Keep(level=logging.DEBUG)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield records
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+
+
+def test_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep for ep in entry_points(group="vllm.general_plugins")}
+    assert eps["fxpass"].value == "fxpass.vllm_plugin:register"
+    assert eps["fxpass"].load() is plugin.register
+
+
+def test_import_is_cheap():
+    code = ("import sys, fxpass.vllm_plugin as p; p.register(); "
+            "print(sorted(m for m in ('vllm', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    # register() without vLLM imported leaves an import hook and imports nothing heavy
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("disable", ["1", "true", "YES", "on"])
+def test_disabled_values(monkeypatch, disable):
+    monkeypatch.setenv(plugin.ENV_DISABLE, disable)
+    assert plugin.disabled()
+
+
+@pytest.mark.parametrize("value", ["", "0", "no", "off"])
+def test_enabled_values(monkeypatch, value):
+    monkeypatch.setenv(plugin.ENV_DISABLE, value)
+    assert not plugin.disabled()
+
+
+def _fake_vllm(tmp_path, monkeypatch, name: str):
+    """A package standing in for vLLM's utils module and a model module importing from it."""
+    pkg = tmp_path / name
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "utils.py").write_text(textwrap.dedent("""
+        CALLS = []
+        def recursive_replace_linear(model, quant_config, prefix=""):
+            CALLS.append((model, quant_config, prefix))
+    """))
+    (pkg / "model.py").write_text(
+        f"from {name}.utils import recursive_replace_linear\n"
+        "def build(tower, q, prefix):\n"
+        "    recursive_replace_linear(tower, q, prefix=prefix)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugin, "TARGET_MODULE", f"{name}.utils")
+    for mod in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[mod]
+    return pkg
+
+
+def test_register_before_import_patches_through_import_hook(
+        tmp_path, monkeypatch, plugin_state):
+    _fake_vllm(tmp_path, monkeypatch, "fakevllm_a")
+    plugin.register()
+    assert "fakevllm_a.utils" not in sys.modules
+    model_mod = importlib.import_module("fakevllm_a.model")
+    utils = sys.modules["fakevllm_a.utils"]
+    assert utils.recursive_replace_linear is plugin.replace_linear
+    assert model_mod.recursive_replace_linear is plugin.replace_linear
+    assert plugin._original.__module__ == "fakevllm_a.utils"
+    assert plugin.vllm_walk() is plugin._original  # the seed's walk, for comparisons
+    assert not any(isinstance(f, plugin._PatchOnImport) for f in sys.meta_path)
+    plugin.register()  # idempotent
+    assert utils.recursive_replace_linear is plugin.replace_linear
+
+
+def test_register_after_import_rebinds_importers(tmp_path, monkeypatch, plugin_state):
+    _fake_vllm(tmp_path, monkeypatch, "fakevllm_b")
+    model_mod = importlib.import_module("fakevllm_b.model")
+    original = sys.modules["fakevllm_b.utils"].recursive_replace_linear
+    plugin.register()
+    assert model_mod.recursive_replace_linear is plugin.replace_linear
+    assert plugin._original is original
+
+
+def test_register_disabled_patches_nothing(tmp_path, monkeypatch, plugin_state):
+    _fake_vllm(tmp_path, monkeypatch, "fakevllm_c")
+    monkeypatch.setenv(plugin.ENV_DISABLE, "1")
+    plugin.register()
+    model_mod = importlib.import_module("fakevllm_c.model")
+    assert model_mod.recursive_replace_linear is not plugin.replace_linear
+
+
+def test_failed_rewrite_falls_back_to_vllm_walk(tmp_path, monkeypatch, plugin_state, plugin_log):
+    _fake_vllm(tmp_path, monkeypatch, "fakevllm_d")
+    plugin.register()
+    model_mod = importlib.import_module("fakevllm_d.model")
+    utils = sys.modules["fakevllm_d.utils"]
+    tower = nn.Sequential(nn.Linear(4, 4))  # no example inputs known: fxpass.apply raises
+    model_mod.build(tower, "QUANT", "vision_tower")
+    assert utils.CALLS == [(tower, "QUANT", "vision_tower")]  # the walk ran, same arguments
+    (rec,) = plugin.records()
+    assert rec.prefix == "vision_tower" and rec.report is None
+    assert "UsageError" in rec.fallback and "no example inputs" in rec.fallback
+    warnings = [r for r in plugin_log if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "vision_tower" in warnings[0].getMessage()
+    assert rec.to_dict()["fallback"] == rec.fallback
+
+
+def test_disabled_at_call_time_runs_the_walk(tmp_path, monkeypatch, plugin_state):
+    _fake_vllm(tmp_path, monkeypatch, "fakevllm_e")
+    plugin.register()
+    model_mod = importlib.import_module("fakevllm_e.model")
+    monkeypatch.setenv(plugin.ENV_DISABLE, "1")
+    tower = nn.Sequential(nn.Linear(4, 4))
+    model_mod.build(tower, None, "audio_tower")
+    assert sys.modules["fakevllm_e.utils"].CALLS == [(tower, None, "audio_tower")]
+    assert plugin.records() == []
+
+
+class _Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x, y):
+        if x.shape[0] > 1:  # a shape branch: the graph is specialised, with a guard
+            y = y * 1.0
+        return self.lin(x) + y
+
+
+def test_guard_failure_runs_python_forward(plugin_log):
+    import fxpass
+
+    toy = _Toy().eval()
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    fxpass.trace(toy, {"x": x, "y": y}, cache=None).install()
+    x1, y1 = x[:1], y[:1]
+    with pytest.raises(fxpass.GuardError):
+        toy(x1, y1)  # batch 1 takes the other branch
+    rec = plugin.TowerRecord(prefix="t", tower="_Toy")
+    plugin._guard_graphs(toy, rec)
+    with torch.no_grad():
+        assert torch.equal(toy(x, y), toy.lin(x) + y)  # the graph
+        assert rec.guard_fallbacks == {}
+        assert torch.equal(toy(x1, y1), toy.lin(x1) + y1)  # Python forward for this call
+        toy(x1, y1)
+    assert rec.guard_fallbacks == {"<root>": 2}
+    assert len([r for r in plugin_log if r.levelno == logging.WARNING]) == 1  # once per module
+    from fxpass.trace import GraphForward
+
+    assert isinstance(toy.__dict__["forward"].__func__, GraphForward)
+
+
+def test_audio_tower_traced_in_vllm_call_convention(vllm_rt, plugin_state):
+    """vLLM calls the audio tower positionally; the zoo's inputs are keywords: same graph."""
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+
+    from fxpass import zoo
+
+    tower = zoo.build_tower("gemma4_audio", dtype=torch.bfloat16)
+    inputs = zoo.example_inputs(tower, size_index=1)
+    plugin._original = lambda *a, **k: pytest.fail("fell back to vLLM's walk")
+    plugin.replace_linear(tower, None, prefix="audio_tower")
+    (rec,) = plugin.records()
+    assert rec.fallback is None and rec.report is not None
+    assert all(not isinstance(m, nn.Linear) for m in tower.modules())
+    assert len(rec.report.replaced) == sum(isinstance(m, ReplicatedLinear)
+                                           for m in tower.modules())
+    for m in tower.modules():
+        if isinstance(m, ReplicatedLinear):
+            m.quant_method.process_weights_after_loading(m)
+    with torch.no_grad():
+        out = tower(inputs["input_features"], inputs["attention_mask"])  # as gemma4_mm does
+    assert out.last_hidden_state.shape[0] == 1
+    assert rec.guard_fallbacks == {}
