@@ -1,0 +1,308 @@
+"""Side-by-side benchmark: fxpass vs vLLM's module walk vs HF eager, in one run.
+
+Everything is measured in the same process, interleaved, as medians of repeated runs and
+reported as ratios (machines are noisy; ratios measured together are what carry over):
+
+* pass time: ``fxpass.apply`` vs ``recursive_replace_linear`` on default-size Gemma4 vision
+  and audio towers on the meta device, cold (empty trace cache) and warm (cache hit), next to
+  the towers' own ``from_config`` time;
+* tower forward latency: HF eager vs walk-rewritten vs fxpass vs fxpass ``fuse=True``, in fp32,
+  bf16 and bnb nf4, on a full-width Gemma4 vision config with fewer layers;
+* weight bytes of each variant and the peak memory a forward allocates;
+* ``fxpass.verify`` cost relative to one forward of the original (when verify is available).
+
+``--quick`` shrinks every size so the suite can prove the benchmark runs (no figures from it).
+Run: ``.venv/bin/python tools/bench.py [--quick] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import statistics
+import time
+import os
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+
+def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median seconds per variant, variants alternating run by run (shared noise)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _peak_forward_bytes(fn: Callable[[], Any]) -> int:
+    """Peak bytes allocated by torch during ``fn`` (CPU allocator events, in time order)."""
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler's start/stop lines quiet
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage),
+                    key=lambda e: e.time_range.start)
+    cur = peak = 0
+    for e in events:
+        cur += e.cpu_memory_usage
+        peak = max(peak, cur)
+    return peak
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    for m in model.modules():  # bnb quant states hold the absmax scales
+        w = getattr(m, "weight", None)
+        states = getattr(w, "bnb_quant_state", None) or {}
+        for s in states.values():
+            absmax = getattr(s, "absmax", s)
+            if isinstance(absmax, torch.Tensor):
+                total += absmax.numel() * absmax.element_size()
+    # vLLM-CPU keeps the GEMM's packed weight outside .weight (oneDNN handler): count it
+    # from the logical shape so the unquantized variants stay comparable
+    for m in model.modules():
+        if type(m).__name__ in ("ReplicatedLinear", "MergedColumnParallelLinear"):
+            w = m.weight
+            if w.numel() == 0:
+                total += m.input_size * m.output_size * torch.finfo(m.params_dtype).bits // 8
+    return total
+
+
+def pass_time(quick: bool, repeats: int) -> dict[str, Any]:
+    from vllm.model_executor.models.transformers.utils import recursive_replace_linear
+
+    import fxpass
+    from fxpass import zoo
+    from fxpass.trace import DEFAULT_CACHE
+
+    out = {}
+    for name, prefix in (("gemma4_vision", "vision_tower"), ("gemma4_audio", "audio_tower")):
+        size = "tiny" if quick else "default"
+        t0 = time.perf_counter()
+        base = zoo.build_tower(name, size=size, device="meta", dtype=torch.bfloat16)
+        build = time.perf_counter() - t0
+        build = _median_time(lambda: zoo.build_tower(name, size=size, device="meta",
+                                                     dtype=torch.bfloat16), repeats)
+        DEFAULT_CACHE.clear()
+        m = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        fxpass.apply(m, None, prefix=prefix)
+        cold = time.perf_counter() - t0
+
+        def walk() -> None:
+            recursive_replace_linear(copy.deepcopy(base), None, prefix=prefix)
+
+        def warm() -> None:
+            fxpass.apply(copy.deepcopy(base), None, prefix=prefix)
+
+        copy_cost = _median_time(lambda: copy.deepcopy(base), repeats)
+        t = _interleaved({"walk": walk, "fxpass_warm": warm}, repeats)
+        walk_s = max(t["walk"] - copy_cost, 1e-9)
+        warm_s = max(t["fxpass_warm"] - copy_cost, 1e-9)
+        n_linear = sum(isinstance(x, nn.Linear) for x in base.modules())
+        out[name] = {
+            "linears": n_linear,
+            "from_config_s": build,
+            "walk_s": walk_s,
+            "fxpass_cold_s": cold,
+            "fxpass_warm_s": warm_s,
+            "warm_over_walk": warm_s / walk_s,
+            "cold_over_from_config": cold / build,
+        }
+    return out
+
+
+def _vision_config(quick: bool) -> Any:
+    from fxpass import zoo
+
+    if quick:
+        return zoo.tower_config("gemma4_vision"), 0
+    cfg = zoo.tower_config("gemma4_vision", "default")
+    cfg.num_hidden_layers = 4
+    return cfg, None
+
+
+def _vision_inputs(tower: nn.Module, patches: int) -> dict[str, torch.Tensor]:
+    cfg = tower.config
+    k = cfg.pooling_kernel_size
+    side = int(round((patches // (k * k)) ** 0.5)) * k
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    pos = torch.stack([xs.flatten(), ys.flatten()], -1)[None]
+    ref = next(tower.parameters())
+    pixels = torch.rand(1, side * side, 3 * cfg.patch_size ** 2, generator=torch.Generator()
+                        .manual_seed(0)).to(ref.dtype)
+    return {"pixel_values": pixels, "pixel_position_ids": pos}
+
+
+def forward_latency(quick: bool, repeats: int) -> dict[str, Any]:
+    from transformers import AutoModel
+    from vllm.model_executor.models.transformers.utils import recursive_replace_linear
+
+    import fxpass
+    from fxpass import zoo
+    from fxpass.weights import bnb_config, load_linear_weights
+
+    cfg, _ = _vision_config(quick)
+    patch_counts = (36, 81) if quick else (576, 256)
+    results: dict[str, Any] = {}
+    for dtype_name, dtype, quant in (("fp32", torch.float32, None),
+                                     ("bf16", torch.bfloat16, None),
+                                     ("nf4", torch.bfloat16, "nf4")):
+        torch.manual_seed(0)
+        hf = AutoModel.from_config(cfg).to(dtype).eval()
+        qc = bnb_config(quant) if quant else None
+        variants: dict[str, nn.Module] = {}
+        if quant is None:
+            variants["hf"] = hf
+        else:
+            # nf4 has no HF eager twin: its baseline is the bf16 HF tower
+            variants["hf"] = hf
+        seed = copy.deepcopy(hf)
+        old = {n: m for n, m in seed.named_modules() if isinstance(m, nn.Linear)}
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            recursive_replace_linear(seed, qc, prefix="vision_tower")
+        finally:
+            torch.set_default_dtype(default)
+        for n, lin in old.items():
+            load_linear_weights(seed.get_submodule(n), lin.weight, lin.bias, qc)
+        variants["walk"] = seed
+        for fuse in (False, True):
+            m = copy.deepcopy(hf)
+            x0 = _vision_inputs(m, patch_counts[0])
+            fxpass.apply(m, qc, prefix="vision_tower", load_weights=True, fuse=fuse,
+                         example_inputs=x0)
+            variants["fxpass_fused" if fuse else "fxpass"] = m
+        row: dict[str, Any] = {"weight_bytes": {k: _weight_bytes(v) for k, v in variants.items()}}
+        for patches in patch_counts:
+            x = _vision_inputs(hf, patches)
+            fns = {k: (lambda v=v: v(**x)) for k, v in variants.items()}
+            with torch.no_grad():
+                t = _interleaved(fns, repeats)
+                peak = {k: _peak_forward_bytes(fn) for k, fn in fns.items()}
+            row[f"patches_{patches}"] = {
+                "median_s": t,
+                "speedup_vs_hf": {k: t["hf"] / v for k, v in t.items()},
+                "peak_forward_bytes": peak,
+            }
+        results[dtype_name] = row
+        del variants, hf, seed
+        gc.collect()
+    return results
+
+
+def verify_cost(quick: bool, repeats: int) -> dict[str, Any]:
+    import fxpass
+    from fxpass.verify import verify
+    from fxpass import zoo
+
+    tower = zoo.build_tower("gemma4_vision") if quick else None
+    if tower is None:
+        from transformers import AutoModel
+
+        cfg, _ = _vision_config(False)
+        torch.manual_seed(0)
+        tower = AutoModel.from_config(cfg).eval()
+    ref = copy.deepcopy(tower)
+    x = _vision_inputs(tower, 36 if quick else 576)
+    fxpass.apply(tower, None, load_weights=True, example_inputs=x)
+    with torch.no_grad():
+        fwd = _median_time(lambda: ref(**x), repeats)
+    t0 = time.perf_counter()
+    report = verify(ref, tower, [x], progress=False)
+    cost = time.perf_counter() - t0
+    return {"forward_s": fwd, "verify_s": cost, "verify_over_forward": cost / fwd,
+            "passed": bool(report.passed)}
+
+
+def run(quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
+    from fxpass.runtime import vllm_runtime
+
+    repeats = repeats or (3 if quick else 7)
+    with vllm_runtime():
+        result = {
+            "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "threads": torch.get_num_threads(), "torch": torch.__version__},
+            "quick": quick,
+            "repeats": repeats,
+            "pass_time": pass_time(quick, repeats),
+            "forward": forward_latency(quick, repeats),
+            "verify": verify_cost(quick, repeats),
+        }
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [f"machine: {result['machine']}  (medians of {result['repeats']}; quick="
+             f"{result['quick']})", "", "pass time (meta towers, bf16)"]
+    for name, r in result["pass_time"].items():
+        lines.append(
+            f"  {name:<14} {r['linears']:>4} linears  walk {r['walk_s'] * 1e3:7.1f} ms  "
+            f"fxpass warm {r['fxpass_warm_s'] * 1e3:7.1f} ms ({r['warm_over_walk']:.2f}x walk)  "
+            f"cold {r['fxpass_cold_s'] * 1e3:7.1f} ms ({r['cold_over_from_config']:.2f}x "
+            f"from_config {r['from_config_s'] * 1e3:.1f} ms)")
+    lines += ["", "vision tower forward (speedup vs HF eager; >1 is faster)"]
+    for dt, row in result["forward"].items():
+        for key, r in row.items():
+            if not key.startswith("patches_"):
+                continue
+            cells = "  ".join(f"{k} {r['median_s'][k] * 1e3:7.1f} ms ({r['speedup_vs_hf'][k]:.2f}x)"
+                              for k in r["median_s"])
+            lines.append(f"  {dt:<4} {key:<12} {cells}")
+        wb = row["weight_bytes"]
+        lines.append(f"  {dt:<4} weight bytes " + "  ".join(
+            f"{k} {v / 2**20:.1f} MiB" for k, v in wb.items()))
+    if "nf4" in result["forward"] and "bf16" in result["forward"]:
+        nf4 = result["forward"]["nf4"]["weight_bytes"]["fxpass"]
+        bf16 = result["forward"]["bf16"]["weight_bytes"]["hf"]
+        lines.append(f"  nf4 weights / bf16 weights: {nf4 / bf16:.2f}x")
+    v = result.get("verify")
+    if v:
+        lines += ["", f"verify: {v['verify_s'] * 1e3:.1f} ms = {v['verify_over_forward']:.2f}x one "
+                      f"forward of the original ({v['forward_s'] * 1e3:.1f} ms); passed={v['passed']}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fxpass bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: proves it runs")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--json", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    result = run(args.quick, args.repeats)
+    print(table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,25 @@
+"""The benchmark's quick mode runs end to end (figures come from its full mode, never asserts)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fxpass import bench
+
+pytestmark = pytest.mark.usefixtures("vllm_rt")
+
+
+def test_quick_benchmark_runs_and_reports_ratios():
+    result = bench.run(quick=True, repeats=1)
+    for name in ("gemma4_vision", "gemma4_audio"):
+        r = result["pass_time"][name]
+        assert r["walk_s"] > 0 and r["fxpass_warm_s"] > 0 and r["warm_over_walk"] > 0
+    for dt in ("fp32", "bf16", "nf4"):
+        row = result["forward"][dt]
+        assert set(row["weight_bytes"]) == {"hf", "walk", "fxpass", "fxpass_fused"}
+        cell = next(v for k, v in row.items() if k.startswith("patches_"))
+        assert set(cell["speedup_vs_hf"]) == {"hf", "walk", "fxpass", "fxpass_fused"}
+        assert all(v > 0 for v in cell["peak_forward_bytes"].values())
+    assert result["verify"]["passed"] is True
+    text = bench.table(result)
+    assert "pass time" in text and "verify:" in text
