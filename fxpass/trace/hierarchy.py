@@ -184,9 +184,22 @@ class Trace:
 def uninstall(module: nn.Module) -> None:
     """Remove fxpass-installed forwards from a module tree (back to the class forward)."""
     for sub in module.modules():
-        fwd = sub.__dict__.get("forward")
-        if isinstance(fwd, types.MethodType) and isinstance(fwd.__func__, GraphForward):
+        if _is_graph_forward(sub.__dict__.get("forward")):
             del sub.__dict__["forward"]
+
+
+def _is_graph_forward(fwd: Any) -> bool:
+    return isinstance(fwd, types.MethodType) and isinstance(fwd.__func__, GraphForward)
+
+
+def _foreign_forward(module: nn.Module) -> bool:
+    """An instance ``forward`` fxpass did not install (accelerate hooks, a monkeypatch)."""
+    fwd = module.__dict__.get("forward")
+    return fwd is not None and not _is_graph_forward(fwd)
+
+
+_FOREIGN_FORWARD = ("it has an instance forward fxpass did not install (accelerate hooks, a "
+                    "monkeypatch); a graph of its class forward would replace it")
 
 
 # -- attribute-read recording (the cache key's non-structural part) ----------------------
@@ -464,7 +477,7 @@ class _Walker:
         self.visited.add(qualname)
         entry = None
         key = None
-        if self.cache is not None:
+        if self.cache is not None and not _foreign_forward(module):
             key = (_structure_key(module, self.keys), _inputs_key(args, kwargs, symbolic))
             entry = self.cache.lookup(key, module)
         if entry is not None:
@@ -472,7 +485,7 @@ class _Walker:
             reused: str | None = entry.qualname
         else:
             entry = self._trace(module, qualname, args, kwargs, symbolic)
-            if self.cache is not None:
+            if key is not None:
                 self.cache.store(key, entry)
             reused = None
 
@@ -538,6 +551,8 @@ class _Walker:
         graph = None
         with _recording(module, tracer) as rec, torch.no_grad():
             try:
+                if _foreign_forward(module):
+                    raise TraceError(_FOREIGN_FORWARD)
                 graph = tracer.trace_call(module, _clone_values(args), _clone_values(kwargs), spec)
                 _finalize(graph)
                 captures = tracer.captures
@@ -602,7 +617,7 @@ def trace(module: nn.Module, example_inputs: Any = None, *,
         raise UsageError(f"example inputs do not fit {type(module).__name__}.forward: {e}; pass "
                          "the arguments a real call would") from e
     result = Trace(root=module, example_inputs=(args, kwargs))
-    installed = [m for m in module.modules() if "forward" in m.__dict__]
+    installed = [m for m in module.modules() if _is_graph_forward(m.__dict__.get("forward"))]
     if installed:
         # Trace the class forward, not a previously installed graph.
         saved = {m: m.__dict__.pop("forward") for m in installed}

@@ -1,0 +1,294 @@
+"""Injected faults: whatever step of ``fxpass.apply`` fails, the model is exactly as before.
+
+Each rewrite step is made to fail in turn (monkeypatched): every rule registered in
+``fxpass.rewrite.registry`` (its ``match``, ``check`` and ``apply``; the list is read from the
+registry, so a new rule is covered without editing this file), building the vLLM layers,
+loading each layer's weights, and every single module swap and forward install of the commit.
+After each failure: the same module objects at the same paths with the same classes, a
+bit-identical state_dict, no installed forwards, a bit-identical output, and an error that is
+an :class:`fxpass.errors.FxpassError` naming the step. Then a clean ``apply`` on the same
+model must still work (the failure left nothing behind, in the model or in the trace cache).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxpass
+import fxpass.weights as weights
+from fxpass.errors import FxpassError, QuantConfigError, RewriteError, WeightLoadError
+from fxpass.rewrite import pipeline, registry
+from fxpass.rewrite.base import is_vllm_linear
+
+pytestmark = pytest.mark.usefixtures("vllm_rt")
+
+D = 8
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(D, 2 * D)
+        self.down = nn.Linear(2 * D, D)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(x)))
+
+
+class FaultToy(nn.Module):
+    """Gives every registered rule something to do: q/k/v siblings (fusion), a weight dtype
+    probe (weight-probes), a transposed input (contiguity), plain linears, nested graphs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(D, D)
+        self.k_proj = nn.Linear(D, D)
+        self.v_proj = nn.Linear(D, D)
+        self.proj = nn.Linear(D, D)
+        self.lconv = nn.Linear(D, D, bias=False)
+        self.blocks = nn.ModuleList([Block(), Block()])
+
+    def forward(self, hidden_states):
+        x = hidden_states.to(self.proj.weight.dtype)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        h = self.proj(q * torch.sigmoid(k) + v)
+        b, n, d = h.shape
+        cols = h.reshape(b * n, d).t().contiguous()  # channels-first detour (lconv1d style)
+        h = self.lconv(cols.t()).view(b, n, d)
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+
+X = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(0))
+
+
+def _toy() -> FaultToy:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return FaultToy().eval()
+
+
+class Snapshot:
+    def __init__(self, model: nn.Module) -> None:
+        self.modules = [(n, m, type(m)) for n, m in model.named_modules(remove_duplicate=False)]
+        self.state = {k: v.clone() for k, v in model.state_dict().items()}
+        self.forwards = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+        with torch.no_grad():
+            self.out = model(X)
+
+    def assert_same(self, model: nn.Module) -> None:
+        now = [(n, m, type(m)) for n, m in model.named_modules(remove_duplicate=False)]
+        assert [(n, t) for n, _, t in now] == [(n, t) for n, _, t in self.modules]
+        assert all(a is b for (_, a, _), (_, b, _) in zip(now, self.modules))
+        state = model.state_dict()
+        assert list(state) == list(self.state)
+        assert all(torch.equal(state[k], v) for k, v in self.state.items())
+        assert {n: m.__dict__.get("forward") for n, m in model.named_modules()} == self.forwards
+        with torch.no_grad():
+            assert torch.equal(model(X), self.out)
+
+
+def _apply(model: nn.Module):
+    return fxpass.apply(model, None, load_weights=True, fuse=True, example_inputs=(X,))
+
+
+def _assert_clean_apply_still_works(model: nn.Module, snap: Snapshot) -> None:
+    report = _apply(model)
+    assert report.replaced
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), snap.out, atol=1e-4, rtol=0)
+
+
+class Injected(RuntimeError):
+    pass
+
+
+def test_fault_toy_exercises_every_registered_rule():
+    """The fault tests below only prove something if each rule really runs on the toy."""
+    report = _apply(_toy())
+    by_rule = {f.rule for f in report.fixes}
+    names = [r.name for r in registry.rules()]
+    assert report.replaced and "linear" in names
+    for name in names:
+        if name == "linear":
+            continue
+        fired = name in by_rule or (name == "fusion" and report.fused) or any(
+            r["rule"] == name for r in report.refusals)
+        assert fired, (f"rule {name!r} does nothing on FaultToy: extend the toy so the "
+                       f"injected-fault tests cover it (report: {report.to_dict()})")
+
+
+RULE_STEPS = [(type(r), step) for r in registry.rules() for step in ("match", "check", "apply")]
+
+
+def _count_rule_calls(monkeypatch, rule_cls, step) -> int:
+    real = getattr(rule_cls, step)
+    calls = []
+
+    def counting(self, *a, **kw):
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(rule_cls, step, counting)
+    _apply(_toy())
+    monkeypatch.setattr(rule_cls, step, real)
+    return len(calls)
+
+
+@pytest.mark.parametrize("rule_cls,step", RULE_STEPS,
+                         ids=[f"{c.__name__}.{s}" for c, s in RULE_STEPS])
+@pytest.mark.parametrize("exc", [Injected, QuantConfigError], ids=["RuntimeError", "fxpass"])
+def test_rule_step_failure_leaves_model_untouched(monkeypatch, rule_cls, step, exc):
+    n = _count_rule_calls(monkeypatch, rule_cls, step)
+    assert n >= 1, f"{rule_cls.__name__}.{step} is never called on FaultToy: extend the toy"
+    real = getattr(rule_cls, step)
+    for k in sorted({1, n}):  # the first and the last call fail
+        model = _toy()
+        snap = Snapshot(model)
+        calls = []
+
+        def failing(self, *a, **kw):
+            calls.append(1)
+            if len(calls) == k:
+                raise exc(f"injected into {rule_cls.__name__}.{step} call {k}")
+            return real(self, *a, **kw)
+
+        monkeypatch.setattr(rule_cls, step, failing)
+        expected = RewriteError if exc is Injected else exc
+        with pytest.raises(expected, match=f"injected into {rule_cls.__name__}.{step} call {k}"
+                           ) as info:
+            _apply(model)
+        if exc is Injected:
+            assert "the model was not changed" in str(info.value)
+            assert isinstance(info.value.__cause__, Injected)
+        snap.assert_same(model)
+        monkeypatch.setattr(rule_cls, step, real)
+        _assert_clean_apply_still_works(model, snap)
+
+
+def _count_calls(monkeypatch, module, name) -> int:
+    real = getattr(module, name)
+    calls = []
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(module, name, counting)
+    _apply(_toy())
+    monkeypatch.setattr(module, name, real)
+    return len(calls)
+
+
+@pytest.mark.parametrize("name", ["build_vllm_linear", "build_fused_linear", "load_linear_weights",
+                                  "load_fused_weights"])
+@pytest.mark.parametrize("exc", [Injected, WeightLoadError], ids=["RuntimeError", "fxpass"])
+def test_layer_build_or_weight_load_failure_leaves_model_untouched(monkeypatch, name, exc):
+    if not hasattr(weights, name):
+        pytest.skip(f"fxpass.weights has no {name}")
+    n = _count_calls(monkeypatch, weights, name)
+    assert n >= 1, f"{name} is never called on the toy"
+    real = getattr(weights, name)
+    for k in sorted({1, n}):  # the first and the last call fail
+        model = _toy()
+        snap = Snapshot(model)
+        calls = []
+
+        def flaky(*a, **kw):
+            calls.append(1)
+            if len(calls) == k:
+                raise exc(f"injected into {name} call {k}")
+            return real(*a, **kw)
+
+        monkeypatch.setattr(weights, name, flaky)
+        with pytest.raises(FxpassError, match=f"injected into {name} call {k}") as info:
+            _apply(model)
+        if exc is Injected:
+            assert isinstance(info.value.__cause__, Injected)
+        snap.assert_same(model)
+        monkeypatch.setattr(weights, name, real)
+        _assert_clean_apply_still_works(model, snap)
+
+
+def _commit_events(monkeypatch, fail_at: int | None) -> list[str]:
+    """Count (and fail at) the commit's steps: every nn.Module.__setattr__ of a vLLM layer or
+    of ``forward``, and every __delattr__ (fusion's removals), made inside pipeline._commit."""
+    real = nn.Module.__setattr__
+    real_commit = pipeline._commit
+    seen: list[str] = []
+    active = [False]
+
+    def commit(ctx):
+        active[0] = True
+        try:
+            return real_commit(ctx)
+        finally:
+            active[0] = False
+
+    def setattr_(self, name, value):
+        if active[0] and (name == "forward"
+                          or (isinstance(value, nn.Module) and is_vllm_linear(value))):
+            seen.append(f"{type(self).__name__}.{name}")
+            if fail_at is not None and len(seen) == fail_at:
+                raise Injected(f"injected at commit step {fail_at} ({seen[-1]})")
+        return real(self, name, value)
+
+    real_del = nn.Module.__delattr__
+
+    def delattr_(self, name):  # fusion removes its member linears
+        if active[0]:
+            seen.append(f"del {type(self).__name__}.{name}")
+            if fail_at is not None and len(seen) == fail_at:
+                raise Injected(f"injected at commit step {fail_at} ({seen[-1]})")
+        return real_del(self, name)
+
+    monkeypatch.setattr(nn.Module, "__setattr__", setattr_)
+    monkeypatch.setattr(nn.Module, "__delattr__", delattr_)
+    monkeypatch.setattr(pipeline, "_commit", commit)
+    return seen
+
+
+def test_every_commit_step_failure_restores_the_model(monkeypatch):
+    seen = _commit_events(monkeypatch, None)
+    _apply(_toy())
+    monkeypatch.undo()
+    steps = list(seen)
+    assert any(s.endswith(".forward") for s in steps), steps  # forward installs
+    assert any(s.startswith("del ") for s in steps), steps  # fusion's removals
+    assert any(not s.endswith(".forward") and not s.startswith("del ") for s in steps), steps
+    for k in range(1, len(steps) + 1):
+        model = _toy()
+        snap = Snapshot(model)
+        _commit_events(monkeypatch, k)
+        with pytest.raises(RewriteError, match=f"injected at commit step {k} ") as info:
+            _apply(model)
+        monkeypatch.undo()
+        assert "the model was restored" in str(info.value), k
+        snap.assert_same(model)
+    _assert_clean_apply_still_works(model, snap)
+
+
+def test_failed_apply_leaves_trace_cache_usable(monkeypatch):
+    """A failure after the rules edited graphs must not leave edited graphs in the cache."""
+    from fxpass.trace import DEFAULT_CACHE, trace
+
+    model = _toy()
+    fresh = copy.deepcopy(model)
+
+    def boom(*a, **kw):
+        raise Injected("injected after planning")
+
+    monkeypatch.setattr(weights, "load_linear_weights", boom)
+    with pytest.raises(FxpassError):
+        _apply(model)
+    monkeypatch.undo()
+    cached = trace(fresh, (X,), cache=DEFAULT_CACHE)
+    clean = trace(copy.deepcopy(fresh), (X,), cache=None)
+    assert {q: g.graph.python_code("self").src for q, g in cached.graphs.items()} == {
+        q: g.graph.python_code("self").src for q, g in clean.graphs.items()}

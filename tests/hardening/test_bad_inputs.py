@@ -1,0 +1,445 @@
+"""One test per row of ``tests/hardening/BAD_INPUTS.md`` (the README's bad-input table).
+
+Each checks the exact error type and the message: what is wrong, where (the module path /
+layer prefix / file), and what to do. Rows that change nothing also check the model is left
+exactly as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxpass
+from fxpass import zoo
+from fxpass.cli import main
+from fxpass.errors import QuantConfigError, UsageError, WeightLoadError
+from fxpass.rewrite.base import is_vllm_linear
+from fxpass.weights import bnb_config, load_linear_weights
+
+pytestmark = pytest.mark.usefixtures("vllm_rt")
+
+D = 8
+X = torch.randn(2, 3, D, generator=torch.Generator().manual_seed(1))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(D, 2 * D)
+        self.fc2 = nn.Linear(2 * D, D)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Tower(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(D, D)
+        self.layers = nn.ModuleList([Block(), Block()])
+
+    def forward(self, hidden_states):
+        h = self.embed(hidden_states)
+        for layer in self.layers:
+            h = h + layer(h)
+        return h
+
+
+def _tower() -> Tower:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Tower().eval()
+
+
+class Unchanged:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.modules = [(n, m, type(m)) for n, m in model.named_modules()]
+        self.state = {k: v.clone() for k, v in model.state_dict().items()}
+        self.forwards = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+
+    def check(self) -> None:
+        now = [(n, m, type(m)) for n, m in self.model.named_modules()]
+        assert len(now) == len(self.modules)
+        assert all(a == b and x is y and s is t
+                   for (a, x, s), (b, y, t) in zip(now, self.modules))
+        state = self.model.state_dict()
+        assert list(state) == list(self.state)
+        assert all(torch.equal(state[k], v) for k, v in self.state.items() if not v.is_meta)
+        assert {n: m.__dict__.get("forward") for n, m in self.model.named_modules()} == \
+            self.forwards
+
+
+def _bnb_subclass(behaviour: str):
+    from vllm_bnb_plugin.bitsandbytes import BitsAndBytesConfig
+
+    class BadConfig(BitsAndBytesConfig):
+        def get_quant_method(self, layer, prefix):
+            if behaviour == "none":
+                return None
+            raise KeyError(f"no scheme for {prefix}")
+
+    return BadConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+
+
+def _walk(model: nn.Module, prefix: str) -> None:
+    """vLLM 0.32's recursive_replace_linear on ``model``, then the original weights loaded."""
+    from vllm.model_executor.models.transformers.utils import recursive_replace_linear
+
+    old = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    recursive_replace_linear(model, None, prefix=prefix)
+    for n, lin in old.items():
+        load_linear_weights(model.get_submodule(n), lin.weight, lin.bias, None)
+
+
+# ---------------------------------------------------------------------------- the API
+
+
+def test_not_an_nn_module():
+    with pytest.raises(UsageError, match=r"^fxpass\.apply expects an nn\.Module, got function$"):
+        fxpass.apply(lambda x: x)
+    with pytest.raises(UsageError, match=r"^fxpass\.trace expects an nn\.Module, got dict$"):
+        fxpass.trace({"weight": torch.zeros(2, 2)})
+
+
+def test_prefix_not_a_string():
+    with pytest.raises(UsageError, match=r"^prefix must be a str, got int$"):
+        fxpass.apply(_tower(), prefix=3)
+
+
+def test_model_with_no_linears_gives_an_empty_report():
+    model = nn.Sequential(nn.LayerNorm(D), nn.GELU()).eval()
+    same = Unchanged(model)
+    report = fxpass.apply(model, None, load_weights=True, example_inputs=(X,))
+    assert report.replaced == [] and report.skipped == {} and report.fixes == []
+    assert report.summary_line().startswith("fxpass[<root>]: 0 linears -> vLLM")
+    same.check()
+
+
+def test_model_that_is_itself_a_linear_is_left_alone_with_a_reason():
+    model = nn.Linear(D, D).eval()
+    same = Unchanged(model)
+    report = fxpass.apply(model, None, load_weights=True, example_inputs=(X,))
+    assert report.replaced == []
+    assert report.skipped == {"": "the model itself is an nn.Linear: there is no parent to swap "
+                                  "it in; apply fxpass to the module that holds it"}
+    assert type(model) is nn.Linear and torch.equal(model.weight, same.state["weight"])
+
+
+@pytest.mark.parametrize("behaviour", ["none", "raise"])
+def test_quant_config_that_cannot_serve_a_layer(behaviour):
+    model = _tower()
+    same = Unchanged(model)
+    with pytest.raises(QuantConfigError) as info:
+        fxpass.apply(model, _bnb_subclass(behaviour), prefix="vision_tower", load_weights=True,
+                     example_inputs=(X,))
+    msg = str(info.value)
+    if behaviour == "none":
+        assert msg.startswith("vision_tower.embed: BadConfig.get_quant_method returned None for "
+                              "a ReplicatedLinear (vLLM requires a method for every linear layer)")
+    else:
+        assert msg.startswith("vision_tower.embed: BadConfig.get_quant_method raised KeyError: "
+                              "'no scheme for vision_tower.embed'")
+        assert isinstance(info.value.__cause__, KeyError)
+    assert "'vision_tower.embed' to" in msg and "skip list" in msg and "quant_config=None" in msg
+    same.check()
+
+
+def test_unknown_quant_method_api():
+    with pytest.raises(UsageError, match=r"^unknown bitsandbytes method 'nf3'; expected one of "
+                                         r"\('nf4', 'fp4', 'int8'\)$"):
+        bnb_config("nf3")
+
+
+def test_model_already_rewritten_by_fxpass_is_left_alone():
+    model = _tower()
+    fxpass.apply(model, None, load_weights=True, example_inputs=(X,))
+    same = Unchanged(model)
+    with torch.no_grad():
+        before = model(X)
+    again = fxpass.apply(model, None, load_weights=True, example_inputs=(X,))
+    assert again.already_applied and again.replaced == [] and again.skipped == {}
+    assert again.summary_line().startswith("fxpass[<root>]: already applied; nothing changed")
+    same.check()
+    with torch.no_grad():
+        assert torch.equal(model(X), before)
+
+
+def test_model_already_rewritten_keeps_its_refusals_listed():
+    """Linears the first apply refused stay nn.Linear; the second apply says why."""
+    class WithMHA(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(D, D)
+            self.attn = nn.MultiheadAttention(D, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(self.proj(x), x, x, need_weights=False)[0]
+
+    model = WithMHA().eval()
+    first = fxpass.apply(model, None, load_weights=True, example_inputs=(X,))
+    assert "attn.out_proj" in first.skipped
+    again = fxpass.apply(model, None, load_weights=True, example_inputs=(X,))
+    assert again.already_applied
+    assert again.skipped == {"attn.out_proj": "left by the earlier fxpass.apply; applying again "
+                                              "changes nothing"}
+
+
+def test_model_partly_rewritten_by_the_vllm_walk():
+    ref = _tower()
+    model = copy.deepcopy(ref)
+    _walk(model.layers[0], "tower.layers.0")
+    walked = {n: m for n, m in model.named_modules() if is_vllm_linear(m)}
+    assert set(walked) == {"layers.0.fc1", "layers.0.fc2"}
+    report = fxpass.apply(model, None, prefix="tower", load_weights=True, example_inputs=(X,))
+    assert sorted(report.replaced) == ["tower.embed", "tower.layers.1.fc1", "tower.layers.1.fc2"]
+    assert report.skipped == {}
+    assert all(model.get_submodule(n) is m for n, m in walked.items())  # kept, not rebuilt
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), ref(X), atol=1e-4, rtol=0)
+
+
+def test_model_fully_rewritten_by_the_vllm_walk_gives_an_empty_report():
+    model = _tower()
+    _walk(model, "tower")
+    same = Unchanged(model)
+    report = fxpass.apply(model, None, prefix="tower", load_weights=True, example_inputs=(X,))
+    assert report.replaced == [] and report.skipped == {} and not report.already_applied
+    same.check()
+
+
+def test_meta_linears_with_load_weights():
+    with torch.device("meta"):
+        model = _tower()
+    same = Unchanged(model)
+    with pytest.raises(WeightLoadError, match=(
+            r"^embed: load_weights=True needs real weights, but this linear is on the meta "
+            r"device; materialise the model \(to_empty \+ load a checkpoint\) or use "
+            r"load_weights=False and let vLLM's loader fill the layers$")):
+        fxpass.apply(model, None, load_weights=True, example_inputs=(X.to("meta"),))
+    same.check()
+
+
+def test_mixed_devices_some_linears_on_meta():
+    model = _tower()
+    model.layers[1].fc2.to("meta")
+    same = Unchanged(model)
+    with pytest.raises(WeightLoadError, match=r"^layers\.1\.fc2: load_weights=True needs real "
+                                              r"weights, but this linear is on the meta device"):
+        fxpass.apply(model, None, load_weights=True, example_inputs=(X,))
+    same.check()
+
+
+class MixedDtypes(nn.Module):
+    """An fp32 projection in front of a bf16 head, cast the HF way (weight.dtype)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+        self.head = nn.Linear(D, D).to(torch.bfloat16)
+
+    def forward(self, x):
+        h = self.proj(x)
+        return self.head(h.to(self.head.weight.dtype)).float()
+
+
+def test_mixed_dtypes_each_layer_keeps_its_own_dtype():
+    torch.manual_seed(0)
+    model = MixedDtypes().eval()
+    ref = copy.deepcopy(model)
+    report = fxpass.apply(model, None, load_weights=True, example_inputs=(X,))
+    assert sorted(report.replaced) == ["head", "proj"]
+    assert model.proj.params_dtype == torch.float32 and model.head.params_dtype == torch.bfloat16
+    assert "head.weight.dtype -> torch.bfloat16" in " ".join(f.detail for f in report.probes)
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), ref(X), atol=1e-2, rtol=0)
+
+
+def test_example_inputs_that_do_not_fit_the_forward_signature():
+    model = _tower()
+    same = Unchanged(model)
+    with pytest.raises(UsageError, match=(
+            r"^example inputs do not fit Tower\.forward: missing a required argument: "
+            r"'hidden_states'; pass the arguments a real call would$")):
+        fxpass.apply(model, None, load_weights=True, example_inputs={"pixel_values": X})
+    with pytest.raises(UsageError, match=r"^example inputs do not fit Tower\.forward: too many "
+                                         r"positional arguments"):
+        fxpass.apply(model, None, load_weights=True, example_inputs=(X, X))
+    same.check()
+
+
+def test_example_inputs_the_model_cannot_run():
+    for bad, why in [((X[..., :5],), "RuntimeError: mat1 and mat2 shapes cannot be multiplied"),
+                     ((X.double(),), "RuntimeError: mat1 and mat2 must have the same dtype")]:
+        model = _tower()
+        same = Unchanged(model)
+        with pytest.raises(UsageError) as info:
+            fxpass.apply(model, None, load_weights=True, example_inputs=bad)
+        msg = str(info.value)
+        assert msg.startswith(f"fxpass.apply: Tower does not run on the example inputs ({why}")
+        assert msg.endswith("pass example_inputs that its forward accepts, as a real call would "
+                            "(kwargs dict, args tuple or (args, kwargs)), or None for a known "
+                            "HF tower")
+        same.check()
+
+
+def test_example_inputs_of_the_wrong_kind():
+    with pytest.raises(UsageError, match=r"^example_inputs must be a dict of keyword arguments, "
+                                         r"a tuple of positional arguments or an \(args, kwargs\) "
+                                         r"pair; got str$"):
+        fxpass.apply(_tower(), example_inputs="pixel_values")
+
+
+def test_no_example_inputs_for_an_unknown_model():
+    with pytest.raises(UsageError, match=r"^no example inputs known for Tower \(known: "
+                                         r".*\); pass inputs explicitly$"):
+        fxpass.apply(_tower())
+
+
+def test_meta_tower_stays_allowed():
+    """The one failing Python run that is fine: meta values in vLLM's model init."""
+    tower = zoo.build_tower("gemma4_vision", device="meta")
+    report = fxpass.apply(tower, None, prefix="vision_tower")
+    assert report.replaced and not report.weights_loaded
+
+
+# ---------------------------------------------------------------------------- loader / CLI
+
+
+def _cli(capsys, *argv):
+    code = main(["diff", *map(str, argv)])
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_cli_unknown_quant(capsys, clip_ckpt):
+    code, err = _cli(capsys, clip_ckpt, "--tower", "encoder", "--quant", "bnb-nf3")
+    assert code == 2
+    assert ("fxpass diff: error: argument --quant: invalid choice: 'bnb-nf3' (choose from "
+            "'none', 'bnb-nf4', 'bnb-fp4', 'bnb-int8')") in err
+
+
+def test_tower_attribute_path_that_does_not_exist(capsys, clip_ckpt):
+    expected = ("attribute path 'encodr': CLIPVisionModel at <root> has no submodule 'encodr'; "
+                "its children are: embeddings, encoder, post_layernorm, pre_layrnorm")
+    with pytest.raises(UsageError) as info:
+        zoo.load_tower(clip_ckpt, "encodr")
+    assert str(info.value) == expected
+    with pytest.raises(UsageError, match=r"^attribute path 'encoder\.layers\.7': ModuleList at "
+                                         r"encoder\.layers has no submodule '7'; its children "
+                                         r"are: 0, 1$"):
+        zoo.load_tower(clip_ckpt, "encoder.layers.7")
+    with pytest.raises(UsageError, match=r"^attribute path 'encoder\.\.layers' is empty or has "
+                                         r"an empty step; e\.g\. 'model\.vision_tower'$"):
+        zoo.load_tower(clip_ckpt, "encoder..layers")
+    code, err = _cli(capsys, clip_ckpt, "--tower", "encodr")
+    assert code == 2 and f"fxpass diff: error: {expected}" in err
+
+
+def test_checkpoint_directory_missing(capsys, tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(UsageError, match=(
+            rf"^checkpoint directory {missing} does not exist; write one with "
+            r"write_tiny_gemma4_checkpoint\(path\) or pass a local model directory$")):
+        zoo.load_tower(missing, "model.vision_tower")
+    code, err = _cli(capsys, missing, "--tower", "model.vision_tower")
+    assert code == 2 and f"fxpass diff: error: MODEL_DIR {missing} is not a directory" in err
+
+
+def test_checkpoint_directory_not_hf(capsys, tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 16)
+    with pytest.raises(UsageError, match=rf"^{tmp_path} has no config\.json; pass a directory "
+                                         r"written by save_pretrained$"):
+        zoo.load_tower(tmp_path, "model.vision_tower")
+    code, err = _cli(capsys, tmp_path, "--tower", "model.vision_tower")
+    assert code == 2
+    assert (f"fxpass diff: error: MODEL_DIR {tmp_path} has no config.json (not a "
+            "save_pretrained directory)") in err
+
+
+@pytest.mark.parametrize("config,cause", [
+    ("not json", "OSError: It looks like the config file at"),
+    ({}, "ValueError: Unrecognized model in"),
+    ({"model_type": "not_a_model"}, "ValueError: The checkpoint you are trying to load has "
+                                    "model type `not_a_model`"),
+], ids=["not-json", "no-model-type", "unknown-model-type"])
+def test_checkpoint_config_transformers_cannot_read(capsys, tmp_path, config, cause):
+    (tmp_path / "config.json").write_text(config if isinstance(config, str) else
+                                          json.dumps(config))
+    with pytest.raises(UsageError) as info:
+        zoo.load_tower(tmp_path, "encoder")
+    msg = str(info.value)
+    assert msg.startswith(f"{tmp_path}: reading config.json failed ({cause}")
+    assert msg.endswith("pass a save_pretrained directory of an architecture transformers "
+                        "implements (checkpoints are loaded offline with trust_remote_code="
+                        "False: code shipped in a checkpoint never runs)")
+    code, err = _cli(capsys, tmp_path, "--tower", "encoder")
+    assert code == 2 and f"fxpass diff: error: {tmp_path}: reading config.json failed" in err
+
+
+def test_checkpoint_without_weights(capsys, clip_ckpt, tmp_path):
+    (tmp_path / "config.json").write_text((clip_ckpt / "config.json").read_text())
+    with pytest.raises(UsageError) as info:
+        zoo.load_tower(tmp_path, "encoder")
+    assert str(info.value).startswith(
+        f"{tmp_path}: loading the weights with AutoModel failed (OSError: Error no file named "
+        "model.safetensors")
+
+
+def test_input_file_that_does_not_match_the_tower(capsys, clip_ckpt, tmp_path):
+    from safetensors.torch import save_file
+
+    wrong_keys = tmp_path / "pixels.safetensors"
+    save_file({"pixel_values": torch.randn(1, 3, 32, 32)}, str(wrong_keys))
+    code, err = _cli(capsys, clip_ckpt, "--tower", "encoder", "--inputs", wrong_keys,
+                     "--dtype", "float32")
+    assert code == 2
+    assert ("fxpass diff: error: example inputs do not fit CLIPEncoder.forward: missing a "
+            "required argument: 'inputs_embeds'; pass the arguments a real call would") in err
+
+    wrong_size = tmp_path / "embeds.safetensors"
+    save_file({"inputs_embeds": torch.randn(1, 5, 7)}, str(wrong_size))  # wrong hidden size
+    code, err = _cli(capsys, clip_ckpt, "--tower", "encoder", "--inputs", wrong_size,
+                     "--dtype", "float32")
+    assert code == 2
+    assert ("fxpass diff: error: fxpass.apply: CLIPEncoder does not run on the example inputs "
+            "(RuntimeError: ") in err
+    assert "pass example_inputs that its forward accepts" in err
+
+
+def test_input_file_missing_or_unreadable(capsys, clip_ckpt, tmp_path):
+    code, err = _cli(capsys, clip_ckpt, "--tower", "encoder", "--inputs", tmp_path / "x.pt")
+    assert code == 2 and f"fxpass diff: error: --inputs {tmp_path / 'x.pt'}: no such file" in err
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"definitely not a torch file")
+    code, err = _cli(capsys, clip_ckpt, "--tower", "encoder", "--inputs", garbage)
+    assert code == 2 and f"fxpass diff: error: --inputs {garbage}: cannot read it: " in err
+    not_kwargs = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], not_kwargs)
+    code, err = _cli(capsys, clip_ckpt, "--tower", "encoder", "--inputs", not_kwargs)
+    assert code == 2 and (f"fxpass diff: error: --inputs {not_kwargs}: expected a dict of "
+                          "keyword-argument tensors (or a list of such dicts)") in err
+
+
+def test_input_file_pickle_is_refused_not_run(capsys, clip_ckpt, tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps(_Evil(str(marker)), protocol=2))
+    code, err = _cli(capsys, clip_ckpt, "--tower", "encoder", "--inputs", path)
+    assert code == 2 and "cannot read it: UnpicklingError" in err
+    assert not marker.exists()
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
