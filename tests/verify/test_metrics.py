@@ -32,8 +32,11 @@ def test_hand_computed_float32():
     assert m.sqnr_db == pytest.approx(10 * math.log10(39.0))
     # <c,r> = 1+4+9+20 = 34; |c|^2 = 30, |r|^2 = 39
     assert m.cosine == pytest.approx(34 / math.sqrt(30 * 39))
-    # worst element: 1 / (0.5 + 0.1*5) = 1.0
-    assert m.tol_ratio == pytest.approx(1.0)
+    # worst element: 1 / (0.5 * rms + 0.1*5); rms = sqrt(39/4) > 1 scales the atol
+    assert m.tol_ratio == pytest.approx(1.0 / (0.5 * math.sqrt(39 / 4) + 0.5))
+    # at unit scale (rms <= 1) it is assert_close's criterion exactly: 0.1 / (0.05 + 0.1*0.5)
+    small = compare_tensors(c / 10, r / 10, atol=0.05, rtol=0.1)
+    assert small.tol_ratio == pytest.approx(1.0)
     assert m.ref_max_abs == 5.0
 
 
