@@ -182,6 +182,14 @@ def _set_tiny_standardize(tower: nn.Module, generator: torch.Generator) -> None:
             tower.std_scale.copy_(1.0 + 0.1 * torch.randn(n, generator=generator))
 
 
+def _set_random_biases(model: nn.Module, generator: torch.Generator) -> None:
+    """Non-zero linear biases (HF initialises them to 0): a dropped bias must show."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear) and mod.bias is not None:
+                mod.bias.copy_(_TINY_INIT_RANGE * torch.randn(mod.bias.shape, generator=generator))
+
+
 def _from_config(config: PretrainedConfig, name: str) -> nn.Module:
     from transformers import AutoModel
 
@@ -222,6 +230,7 @@ def build_tower(
             if size == "tiny":
                 _set_tiny_clip_bounds(tower)
                 _set_tiny_standardize(tower, torch.Generator().manual_seed(seed + 1))
+                _set_random_biases(tower, torch.Generator().manual_seed(seed + 2))
     return tower.to(device=device, dtype=dtype).eval()
 
 
@@ -438,6 +447,7 @@ def build_tiny_gemma4(*, seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Gemma4ForConditionalGeneration(_tiny_gemma4_config())
+    _set_random_biases(model, torch.Generator().manual_seed(seed + 2))
     return model.eval()
 
 
