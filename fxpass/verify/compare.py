@@ -360,8 +360,8 @@ class _Checker:
                 if m.tol_ratio is not None and m.tol_ratio > 1.0:
                     n.violations.append(
                         f"vs {ref}: max abs {m.max_abs:.3g} (max rel {m.max_rel:.3g}) is "
-                        f"{m.tol_ratio:.3g}x the near-exact tolerance atol={b.atol:g} + "
-                        f"rtol={b.rtol:g}*|ref|")
+                        f"{m.tol_ratio:.3g}x the near-exact tolerance atol={b.atol:g}"
+                        f"*max(1, rms(ref)) + rtol={b.rtol:g}*|ref|")
                 if (b.exact_sqnr_db is not None and m.sqnr_db is not None
                         and _is_float(m.ref_dtype) and m.sqnr_db < b.exact_sqnr_db):
                     n.violations.append(
