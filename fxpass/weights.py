@@ -119,25 +119,29 @@ def build_vllm_linear(
         raise UsageError(f"{prefix}: expected an nn.Linear, got {type(linear).__name__}")
     from vllm.model_executor.layers.linear import ReplicatedLinear
 
+    target = torch.device(device) if device is not None else linear.weight.device
+    return _build_layer(ReplicatedLinear, quant_config, prefix, target,
+                        input_size=linear.in_features, output_size=linear.out_features,
+                        bias=linear.bias is not None, params_dtype=linear.weight.dtype)
+
+
+def _build_layer(cls: type, quant_config: Any, prefix: str, device: torch.device,
+                 **sizes: Any) -> nn.Module:
+    """Build a vLLM linear ``cls`` (replicated, no TP, tensor out) with the method the config
+    gives ``prefix``; quant-config failures become QuantConfigError naming the layer."""
     from .runtime import vllm_runtime
 
-    target = torch.device(device) if device is not None else linear.weight.device
-    kwargs: dict[str, Any] = dict(
-        input_size=linear.in_features,
-        output_size=linear.out_features,
-        bias=linear.bias is not None,
-        params_dtype=linear.weight.dtype,
-        prefix=prefix,
-        return_bias=False,
-        disable_tp=True,
-    )
+    kwargs: dict[str, Any] = dict(sizes, prefix=prefix, return_bias=False, disable_tp=True)
     with vllm_runtime():
         method_cls = None
         if quant_config is not None:
-            method_cls = _resolve_quant_method(quant_config, prefix, kwargs)
+            probe = {k: v for k, v in kwargs.items() if k != "output_sizes"}
+            if "output_sizes" in kwargs:
+                probe["output_size"] = sum(kwargs["output_sizes"])
+            method_cls = _resolve_quant_method(quant_config, prefix, probe)
         try:
-            with torch.device(target):
-                layer = ReplicatedLinear(quant_config=quant_config, **kwargs)
+            with torch.device(device):
+                layer = cls(quant_config=quant_config, **kwargs)
         except (ValueError, AssertionError, NotImplementedError) as e:
             if quant_config is None:
                 raise
@@ -446,32 +450,11 @@ def build_fused_linear(linears: list[nn.Linear], quant_config: Any, prefix: str)
     """
     from vllm.model_executor.layers.linear import MergedColumnParallelLinear
 
-    from .runtime import vllm_runtime
-
     first = linears[0]
-    kwargs: dict[str, Any] = dict(
-        input_size=first.in_features,
-        output_sizes=[lin.out_features for lin in linears],
-        bias=first.bias is not None,
-        params_dtype=first.weight.dtype,
-        prefix=prefix,
-        return_bias=False,
-        disable_tp=True,
-    )
-    with vllm_runtime():
-        if quant_config is not None:
-            _resolve_quant_method(quant_config, prefix, {
-                k: v for k, v in kwargs.items() if k != "output_sizes"} | {
-                "output_size": sum(kwargs["output_sizes"])})
-        try:
-            with torch.device(first.weight.device):
-                layer = MergedColumnParallelLinear(quant_config=quant_config, **kwargs)
-        except (ValueError, AssertionError, NotImplementedError) as e:
-            raise QuantConfigError(
-                f"{prefix}: building a fused layer failed: {e}. Use fuse=False or add the "
-                "members to the quant config's skip list.") from e
-    _fix_bnb_4bit_storage(layer)
-    return layer
+    return _build_layer(MergedColumnParallelLinear, quant_config, prefix, first.weight.device,
+                        input_size=first.in_features,
+                        output_sizes=[lin.out_features for lin in linears],
+                        bias=first.bias is not None, params_dtype=first.weight.dtype)
 
 
 def load_fused_weights(layer: nn.Module, shards: list[tuple[torch.Tensor, torch.Tensor | None]],
