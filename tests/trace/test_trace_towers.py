@@ -43,11 +43,16 @@ def test_graph_backed_module_is_exact(traced):
     name, tower, t = traced
     built = t.build()
     assert built is not tower
+    inputs = [zoo.example_inputs(tower, size_index=s, seed=s + 1) for s in CHECK_SIZES[name]]
+    if "pixel_values" in inputs[0] and inputs[0]["pixel_values"].dim() == 4:
+        # SigLIP/CLIP: a third size on the traced branch (2.5x the native image size)
+        side = int(tower.config.image_size * 2.5)
+        inputs.append(dict(inputs[0], pixel_values=torch.rand(1, 3, side, side)))
+    assert len(inputs) == 3  # the trace size and two others
     with torch.no_grad():
-        for size in CHECK_SIZES[name]:
-            x = zoo.example_inputs(tower, size_index=size, seed=size + 1)
+        for x in inputs:
             ref, got = _first(tower(**x)), _first(built(**x))
-            assert torch.equal(ref, got), (name, size)
+            assert torch.equal(ref, got), (name, {k: getattr(v, "shape", v) for k, v in x.items()})
 
 
 def test_module_tree_unchanged(traced):
