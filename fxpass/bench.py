@@ -71,27 +71,37 @@ def _peak_forward_bytes(fn: Callable[[], Any]) -> int:
     return peak
 
 
-def _weight_bytes(model: nn.Module) -> int:
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    for m in model.modules():  # bnb quant states hold the absmax scales
-        w = getattr(m, "weight", None)
-        states = getattr(w, "bnb_quant_state", None) or {}
-        for s in states.values():
-            absmax = getattr(s, "absmax", s)
-            if isinstance(absmax, torch.Tensor):
-                total += absmax.numel() * absmax.element_size()
-    # vLLM-CPU keeps the GEMM's packed weight outside .weight (oneDNN handler): count it
-    # from the logical shape so the unquantized variants stay comparable
-    for m in model.modules():
-        if type(m).__name__ in ("ReplicatedLinear", "MergedColumnParallelLinear"):
-            w = m.weight
-            if w.numel() == 0:
-                total += m.input_size * m.output_size * torch.finfo(m.params_dtype).bits // 8
+def _linear_bytes(m: nn.Module) -> int:
+    """Bytes a linear layer holds: weight (packed or not), bias, bnb absmax scales.
+
+    vLLM-CPU keeps an unquantized GEMM's weight in its oneDNN handler and empties
+    ``.weight``: that one is counted from the logical shape, so variants stay comparable.
+    """
+    total = 0
+    for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
+        total += t.numel() * t.element_size()
+    w = getattr(m, "weight", None)
+    for state in (getattr(w, "bnb_quant_state", None) or {}).values():
+        absmax = getattr(state, "absmax", state)
+        if isinstance(absmax, torch.Tensor):
+            total += absmax.numel() * absmax.element_size()
+    if w is not None and w.numel() == 0 and hasattr(m, "params_dtype"):
+        total += m.input_size * m.output_size * torch.finfo(m.params_dtype).bits // 8
     return total
+
+
+def _weight_bytes(model: nn.Module) -> dict[str, int]:
+    """{"total": every parameter/buffer/quant state, "linear": the linear layers only}."""
+    linear_ids = set()
+    linear = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear) or type(m).__name__ in (
+                "ReplicatedLinear", "MergedColumnParallelLinear"):
+            linear += _linear_bytes(m)
+            linear_ids.update(id(t) for t in m.parameters(recurse=False))
+    other = sum(t.numel() * t.element_size() for t in {id(t): t for t in
+                [*model.parameters(), *model.buffers()]}.values() if id(t) not in linear_ids)
+    return {"total": linear + other, "linear": linear}
 
 
 def pass_time(quick: bool, repeats: int) -> dict[str, Any]:
@@ -277,12 +287,16 @@ def table(result: dict[str, Any]) -> str:
                               for k in r["median_s"])
             lines.append(f"  {dt:<4} {key:<12} {cells}")
         wb = row["weight_bytes"]
-        lines.append(f"  {dt:<4} weight bytes " + "  ".join(
-            f"{k} {v / 2**20:.1f} MiB" for k, v in wb.items()))
+        lines.append(f"  {dt:<4} weight MiB (all / linears) " + "  ".join(
+            f"{k} {v['total'] / 2**20:.1f} / {v['linear'] / 2**20:.1f}" for k, v in wb.items()))
+        peak = next(v for k, v in row.items() if k.startswith("patches_"))["peak_forward_bytes"]
+        lines.append(f"  {dt:<4} peak forward MiB ({next(k for k in row if k.startswith('patches_'))}) "
+                     + "  ".join(f"{k} {v / 2**20:.1f}" for k, v in peak.items()))
     if "nf4" in result["forward"] and "bf16" in result["forward"]:
         nf4 = result["forward"]["nf4"]["weight_bytes"]["fxpass"]
         bf16 = result["forward"]["bf16"]["weight_bytes"]["hf"]
-        lines.append(f"  nf4 weights / bf16 weights: {nf4 / bf16:.2f}x")
+        lines.append(f"  nf4 / bf16 weight bytes: linears {nf4['linear'] / bf16['linear']:.2f}x, "
+                     f"whole tower {nf4['total'] / bf16['total']:.2f}x")
     v = result.get("verify")
     if v:
         lines += ["", f"verify: {v['verify_s'] * 1e3:.1f} ms = {v['verify_over_forward']:.2f}x one "

@@ -268,14 +268,13 @@ def _guard_graphs(tower: Any, record: TowerRecord) -> None:
     """Make each installed graph fall back to its module's Python forward on a GuardError."""
     import types
 
-    from fxpass.trace import GraphForward
+    from fxpass.trace import installed_graph
 
     guarded = _guarded_forward_class()
     for qualname, module in tower.named_modules():
-        fwd = module.__dict__.get("forward")
-        if (isinstance(fwd, types.MethodType) and isinstance(fwd.__func__, GraphForward)
-                and not isinstance(fwd.__func__, guarded)):
-            module.forward = types.MethodType(guarded(fwd.__func__, qualname, record), module)
+        fwd = installed_graph(module)
+        if fwd is not None and not isinstance(fwd, guarded):
+            module.forward = types.MethodType(guarded(fwd, qualname, record), module)
 
 
 _guarded_cls: type | None = None

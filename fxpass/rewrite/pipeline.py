@@ -22,15 +22,11 @@ from fxpass.report import Report
 from fxpass.rewrite.analysis import tied_linears, weight_uses
 from fxpass.rewrite.base import RewriteContext, is_vllm_linear
 from fxpass.rewrite.registry import rules
-from fxpass.trace import GraphForward, Trace, trace
+from fxpass.trace import GraphForward, Trace, installed_graph, trace
 
 
 def _fxpass_applied(model: nn.Module) -> bool:
-    for m in model.modules():
-        fwd = m.__dict__.get("forward")
-        if isinstance(fwd, types.MethodType) and isinstance(fwd.__func__, GraphForward):
-            return True
-    return False
+    return any(installed_graph(m) is not None for m in model.modules())
 
 
 def _mark_unsafe(ctx: RewriteContext) -> None:

@@ -6,9 +6,10 @@ from fxpass.trace.hierarchy import (
     ModuleGraph,
     Trace,
     TraceCache,
+    installed_graph,
     trace,
     uninstall,
 )
 
-__all__ = ["DEFAULT_CACHE", "GraphForward", "ModuleGraph", "Trace", "TraceCache", "trace",
-           "uninstall"]
+__all__ = ["DEFAULT_CACHE", "GraphForward", "ModuleGraph", "Trace", "TraceCache",
+           "installed_graph", "trace", "uninstall"]

@@ -225,8 +225,19 @@ def uninstall(module: nn.Module) -> None:
             del sub.__dict__["forward"]
 
 
+def installed_graph(module: nn.Module) -> GraphForward | None:
+    """The GraphForward fxpass installed as ``module``'s forward, if any."""
+    return _graph_forward(module.__dict__.get("forward"))
+
+
+def _graph_forward(fwd: Any) -> GraphForward | None:
+    if isinstance(fwd, types.MethodType) and isinstance(fwd.__func__, GraphForward):
+        return fwd.__func__
+    return None
+
+
 def _is_graph_forward(fwd: Any) -> bool:
-    return isinstance(fwd, types.MethodType) and isinstance(fwd.__func__, GraphForward)
+    return _graph_forward(fwd) is not None
 
 
 def _foreign_forward(module: nn.Module) -> bool:
