@@ -262,10 +262,10 @@ class ValueAttribute(ValueProxy):
         return self.tracer.create_proxy("call_method", self.attr, (self.root, *args), kwargs)
 
 
-def _make_constant(value: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """A graph target returning a tensor made during tracing (kept off the module)."""
+def _make_constant(value: Any) -> Callable[[], Any]:
+    """A graph target returning a tensor (or object) met while tracing, kept off the module."""
 
-    def fxpass_constant() -> torch.Tensor:
+    def fxpass_constant() -> Any:
         return value
 
     fxpass_constant.__module__ = __name__
@@ -274,7 +274,7 @@ def _make_constant(value: torch.Tensor) -> Callable[[], torch.Tensor]:
 
 
 def is_constant(target: Any) -> bool:
-    """Whether a call_function target is a tensor constant made by the tracer."""
+    """Whether a call_function target is a constant (tensor or object) made by the tracer."""
     return getattr(target, "_fxpass_constant", False) is True
 
 
@@ -395,6 +395,7 @@ class ValueTracer(fx.Tracer):
         self.captures: dict[str, Capture] = {}
         self.guard_count = 0
         self._constants: dict[int, fx.Node] = {}
+        self._objects: dict[int, str] | None = None
         # Called with (relative path, capture) at a submodule's first call, before it runs on
         # the example values: the hierarchy traces the child there and installs its graph, so
         # the child runs its trace-safe graph (HF skips data-dependent shortcuts for proxies).
@@ -592,11 +593,40 @@ class ValueTracer(fx.Tracer):
                     self._constants[id(a)] = node
                 return node
         if dataclasses.is_dataclass(a) and not isinstance(a, type):
-            # ModelOutput & co: rebuild the same type, not a plain dict.
             fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(a)}
-            return self.create_node("call_function", type(a), (),
-                                    self.create_arg({k: v for k, v in fields.items()}))
-        return super().create_arg(a)
+            if _has_proxy(fields):
+                # ModelOutput & co built from graph values: rebuild the same type at run
+                # time, not a plain dict.
+                return self.create_node("call_function", type(a), (), self.create_arg(fields))
+            # A dataclass holding no graph values (a transformers 5 config): the object itself.
+            return self._object_constant(a)
+        try:
+            return super().create_arg(a)
+        except NotImplementedError:
+            # Any other object fx has no argument form for: passed by reference.
+            return self._object_constant(a)
+
+    def _object_constant(self, a: Any) -> fx.Node:
+        path = self._object_attrs().get(id(a))
+        if path is not None:  # an attribute of the module tree (self.config): read at run time
+            return self.create_proxy("get_attr", path, (), {}).node
+        node = self._constants.get(id(a))
+        if node is None:
+            node = self.create_node("call_function", _make_constant(a), (), {})
+            meta.info(node).update(value=a, static=True)
+            self._constants[id(a)] = node
+        return node
+
+    def _object_attrs(self) -> dict[int, str]:
+        """id -> qualified path of the plain objects held as attributes in the module tree."""
+        if self._objects is None:
+            self._objects = {}
+            for prefix, mod in self.root.named_modules():
+                for k, v in vars(mod).items():
+                    if (not k.startswith("_") and not isinstance(v, (torch.Tensor, nn.Module))
+                            and not isinstance(v, (int, float, str, bool, type(None)))):
+                        self._objects.setdefault(id(v), f"{prefix}.{k}" if prefix else k)
+        return self._objects
 
     def _buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
         return self.root.named_buffers()

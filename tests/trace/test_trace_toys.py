@@ -180,3 +180,41 @@ def test_module_state_is_read_at_run_time_not_baked():
         built.bias.add_(1.0)  # e.g. weights loaded after apply, as in vLLM's model init
         b.bias.add_(1.0)
     assert torch.equal(built(x), b(x))
+
+
+@dataclasses.dataclass
+class Settings:
+    scale: float = 2.0
+
+
+class Child(nn.Module):
+    def forward(self, x, settings):
+        return x * settings.scale
+
+
+class PassesConfig(nn.Module):
+    """A config object (a dataclass in transformers 5) handed to a submodule call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.settings = Settings()
+        self.child = Child()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(self.child(x, settings=self.settings))
+
+
+def test_config_objects_passed_to_submodules_stay_the_same_object():
+    m = PassesConfig()
+    x = torch.randn(2, 4)
+    t = fxpass.trace(m, (x,), cache=None)
+    assert t.untraced == {} and "" in t.graphs
+    b = t.build()
+    assert torch.equal(b(x), m(x))
+    # the root hands the child its own module's config object (a get_attr, not a copy)
+    assert any(n.op == "get_attr" and n.target == "settings" for n in t.graphs[""].graph.nodes)
+    # the child specialised on the config's values: a changed config is refused, not ignored
+    b.settings.scale = 3.0
+    with pytest.raises(GuardError, match=r"Settings\(scale=3.0\).*Settings\(scale=2.0\)"):
+        b(x)
