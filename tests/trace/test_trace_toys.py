@@ -7,20 +7,11 @@ import dataclasses
 import pytest
 import torch
 from torch import nn
+from toys import MLP
 
 import fxpass
 from fxpass.errors import GuardError, UsageError
 from fxpass.trace import TraceCache
-
-
-class MLP(nn.Module):
-    def __init__(self, d: int = 8) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d, 2 * d)
-        self.fc2 = nn.Linear(2 * d, d)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 class DataDependent(nn.Module):

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from toys import MLP
 
 XSS_NAME = "<img src=x onerror=alert(1)>"
 XSS_REASON = "<script>alert(2)</script> & <b onmouseover=alert(3)>not traceable</b>"
-
-
-class MLP(nn.Module):
-    def __init__(self, d: int = 8) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(d, 2 * d)
-        self.fc2 = nn.Linear(2 * d, d)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.fc1(x)))
 
 
 class Stubborn(nn.Module):
