@@ -175,7 +175,6 @@ def forward_latency(quick: bool, repeats: int) -> dict[str, Any]:
     from vllm.model_executor.models.transformers.utils import recursive_replace_linear
 
     import fxpass
-    from fxpass import zoo
     from fxpass.weights import bnb_config, load_linear_weights
 
     cfg, _ = _vision_config(quick)

@@ -469,7 +469,7 @@ def load_fused_weights(layer: nn.Module, shards: list[tuple[torch.Tensor, torch.
     sizes = list(layer.output_sizes)
     if len(shards) != len(sizes):
         raise WeightLoadError(f"{prefix}: {len(shards)} shards for {len(sizes)} outputs")
-    for i, (w, b) in enumerate(shards):
+    for i, (w, _) in enumerate(shards):
         if w.is_meta:
             raise WeightLoadError(
                 f"{prefix}: shard {i} is on the meta device; materialise the weights or use "

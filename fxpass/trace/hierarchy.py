@@ -19,7 +19,7 @@ import time
 import types
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -680,7 +680,3 @@ def trace(module: nn.Module, example_inputs: Any = None, *,
             m.__dict__["forward"] = fwd
     result.elapsed_s = time.perf_counter() - start
     return result
-
-
-def iter_graph_modules(trace_: Trace) -> Iterator[ModuleGraph]:
-    return iter(trace_.graphs.values())

@@ -291,9 +291,6 @@ class CallSpec:
     constants: dict[int, Any]  # leaf index -> value baked into the graph
     names: list[str]
 
-    def describe(self) -> str:
-        return ", ".join(self.names)
-
 
 def _leaf_names(treespec: pytree.TreeSpec, sig: inspect.Signature | None) -> list[str]:
     """Readable placeholder names for each leaf: ``hidden_states``, ``position_embeddings_0``."""

@@ -11,7 +11,7 @@ from torch import nn
 
 import fxpass
 from fxpass import zoo
-from fxpass.errors import QuantConfigError, RewriteError
+from fxpass.errors import QuantConfigError
 from fxpass.rewrite import vllm_linear_names
 from fxpass.weights import bnb_config, load_linear_weights
 
