@@ -114,9 +114,7 @@ def pass_time(quick: bool, repeats: int) -> dict[str, Any]:
     out = {}
     for name, prefix in (("gemma4_vision", "vision_tower"), ("gemma4_audio", "audio_tower")):
         size = "tiny" if quick else "default"
-        t0 = time.perf_counter()
         base = zoo.build_tower(name, size=size, device="meta", dtype=torch.bfloat16)
-        build = time.perf_counter() - t0
         build = _median_time(lambda: zoo.build_tower(name, size=size, device="meta",
                                                      dtype=torch.bfloat16), repeats)
         DEFAULT_CACHE.clear()
@@ -186,12 +184,8 @@ def forward_latency(quick: bool, repeats: int) -> dict[str, Any]:
         torch.manual_seed(0)
         hf = AutoModel.from_config(cfg).to(dtype).eval()
         qc = bnb_config(quant) if quant else None
-        variants: dict[str, nn.Module] = {}
-        if quant is None:
-            variants["hf"] = hf
-        else:
-            # nf4 has no HF eager twin: its baseline is the bf16 HF tower
-            variants["hf"] = hf
+        # nf4 has no HF eager twin: its baseline is the bf16 HF tower
+        variants: dict[str, nn.Module] = {"hf": hf}
         seed = copy.deepcopy(hf)
         old = {n: m for n, m in seed.named_modules() if isinstance(m, nn.Linear)}
         default = torch.get_default_dtype()

@@ -583,12 +583,7 @@ class ValueTracer(fx.Tracer):
         if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter):
             if a not in self.tensor_attrs and not any(a is b for _, b in self._buffers()):
                 # A tensor made during tracing: a graph constant, not an attribute on the module.
-                node = self._constants.get(id(a))
-                if node is None:
-                    node = self.create_node("call_function", _make_constant(a), (), {})
-                    meta.info(node).update(value=a, static=False)
-                    self._constants[id(a)] = node
-                return node
+                return self._constant(a, static=False)
         if dataclasses.is_dataclass(a) and not isinstance(a, type):
             fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(a)}
             if _has_proxy(fields):
@@ -607,10 +602,14 @@ class ValueTracer(fx.Tracer):
         path = self._object_attrs().get(id(a))
         if path is not None:  # an attribute of the module tree (self.config): read at run time
             return self.create_proxy("get_attr", path, (), {}).node
+        return self._constant(a, static=True)
+
+    def _constant(self, a: Any, *, static: bool) -> fx.Node:
+        """One ``fxpass_constant`` node per object met while tracing (see _make_constant)."""
         node = self._constants.get(id(a))
         if node is None:
             node = self.create_node("call_function", _make_constant(a), (), {})
-            meta.info(node).update(value=a, static=True)
+            meta.info(node).update(value=a, static=static)
             self._constants[id(a)] = node
         return node
 
