@@ -42,8 +42,8 @@ def weight_uses(ctx: RewriteContext) -> list[WeightUse]:
     """Every get_attr of a linear's (or vLLM linear's) weight/bias in every graph."""
     uses = []
     for mg in ctx.graphs():
-        for node in mg.graph.nodes:
-            if node.op != "get_attr" or "." not in node.target:
+        for node in mg.nodes_of("get_attr"):
+            if "." not in node.target:
                 continue
             owner, _, attr = node.target.rpartition(".")
             if attr not in ("weight", "bias"):
@@ -61,18 +61,23 @@ def weight_uses(ctx: RewriteContext) -> list[WeightUse]:
     return uses
 
 
-def tied_linears(model: nn.Module) -> dict[str, str]:
-    """Linears sharing a weight/bias tensor with another parameter: name -> the other name."""
+def tied_linears(modules: dict[str, nn.Module]) -> dict[str, str]:
+    """Linears sharing a weight/bias tensor with another parameter: name -> the other name.
+
+    ``modules``: every module by qualified name (``named_modules(remove_duplicate=False)``).
+    """
     owners: dict[int, list[str]] = defaultdict(list)
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners[id(p)].append(name)
+    for mod_name, mod in modules.items():
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                owners[id(p)].append(f"{mod_name}.{attr}" if mod_name else attr)
     out = {}
     for names in owners.values():
         if len(names) < 2:
             continue
         for n in names:
             mod_name, _, attr = n.rpartition(".")
-            if attr in ("weight", "bias") and isinstance(model.get_submodule(mod_name), nn.Linear):
+            if attr in ("weight", "bias") and isinstance(modules[mod_name], nn.Linear):
                 others = [o for o in names if o != n]
                 out[mod_name] = others[0]
     return out

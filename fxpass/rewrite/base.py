@@ -65,12 +65,22 @@ class RewriteContext:
     edited: set[str] = dataclasses.field(default_factory=set)  # graphs changed
     removed: list[str] = dataclasses.field(default_factory=list)  # modules deleted at commit
     fused: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # fused -> members
+    # every module of the model by qualified name (each path of a shared one); read once,
+    # as the model does not change until the commit
+    modules: dict[str, nn.Module] = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.modules:
+            self.modules = dict(self.model.named_modules(remove_duplicate=False))
 
     def full_name(self, qualname: str) -> str:
         return f"{self.prefix}.{qualname}" if self.prefix else qualname
 
     def module(self, qualname: str) -> nn.Module:
-        return self.model.get_submodule(qualname)
+        mod = self.modules.get(qualname)
+        if mod is None:
+            return self.model.get_submodule(qualname)  # raises AttributeError naming the path
+        return mod
 
     def layer_after(self, qualname: str) -> nn.Module:
         """The module that will sit at ``qualname`` once the plan is committed."""

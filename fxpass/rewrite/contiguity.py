@@ -43,8 +43,8 @@ class Contiguity:
     def match(self, ctx: RewriteContext) -> list[ContiguityMatch]:
         out = []
         for mg in ctx.graphs():
-            for node in mg.graph.nodes:
-                if node.op != "call_module" or not node.args:
+            for node in mg.nodes_of("call_module"):
+                if not node.args:
                     continue
                 site = Site(mg, node)
                 if not is_vllm_linear(ctx.layer_after(site.full_target())):

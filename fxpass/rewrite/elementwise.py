@@ -63,8 +63,8 @@ class InplaceElementwise:
             return []
         out = []
         for mg in ctx.graphs():
-            for node in mg.graph.nodes:
-                method = INPLACE.get(node.target) if node.op == "call_function" else None
+            for node in mg.nodes_of("call_function"):
+                method = INPLACE.get(node.target)
                 if method is None or len(node.args) != 2 or node.kwargs:
                     continue
                 left = node.args[0]

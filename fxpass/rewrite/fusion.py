@@ -80,18 +80,17 @@ class SiblingFusion:
             return []
         call_counts: dict[str, int] = {}
         for mg in ctx.graphs():
-            for node in mg.graph.nodes:
-                if node.op == "call_module":
-                    q = f"{mg.qualname}.{node.target}" if mg.qualname else str(node.target)
-                    call_counts[q] = call_counts.get(q, 0) + 1
+            for node in mg.nodes_of("call_module"):
+                q = f"{mg.qualname}.{node.target}" if mg.qualname else str(node.target)
+                call_counts[q] = call_counts.get(q, 0) + 1
         from fxpass.rewrite.analysis import weight_uses
 
         read = {u.linear for u in weight_uses(ctx)}
         groups = []
         for mg in ctx.graphs():
             by_input: dict[fx.Node, list[Member]] = {}
-            for node in mg.graph.nodes:
-                if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            for node in mg.nodes_of("call_module"):
+                if len(node.args) != 1 or node.kwargs:
                     continue
                 if not isinstance(node.args[0], fx.Node):
                     continue

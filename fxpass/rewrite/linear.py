@@ -12,7 +12,6 @@ import dataclasses
 
 from torch import nn
 
-from fxpass import meta
 from fxpass.rewrite.base import RewriteContext, Site
 
 
@@ -29,12 +28,11 @@ class LinearToVllm:
     def match(self, ctx: RewriteContext) -> list[LinearMatch]:
         sites: dict[str, list[Site]] = {}
         for mg in ctx.graphs():
-            for node in mg.graph.nodes:
-                if node.op == "call_module":
-                    site = Site(mg, node)
-                    sites.setdefault(site.full_target(), []).append(site)
+            for node in mg.nodes_of("call_module"):
+                site = Site(mg, node)
+                sites.setdefault(site.full_target(), []).append(site)
         paths: dict[int, list[str]] = {}
-        for name, mod in ctx.model.named_modules(remove_duplicate=False):
+        for name, mod in ctx.modules.items():
             if isinstance(mod, nn.Linear):
                 paths.setdefault(id(mod), []).append(name)
         matches = []
@@ -76,14 +74,16 @@ class LinearToVllm:
         method = quant_method_name(ctx.quant_config, layer)
         ctx.report.quant_methods[full] = method
         for site in m.sites:
-            node = site.own()
-            if node.kwargs:  # nn.Linear(input=x) -> ReplicatedLinear(x)
+            if site.node.kwargs:  # nn.Linear(input=x) -> ReplicatedLinear(x)
+                node = site.own()
                 node.args, node.kwargs = (node.kwargs["input"],), {}
                 ctx.edited.add(site.graph.qualname)
-            meta.info(node)["rewrite"] = {
-                "rule": self.name, "layer": type(layer).__name__, "prefix": full,
+            # the same for every identical layer (the prefix follows from the node's path),
+            # so identical graphs share one annotated copy
+            site.graph.annotate(site.name, "rewrite", {
+                "rule": self.name, "layer": type(layer).__name__,
                 "quant_method": method, "was": type(m.linear).__name__,
-            }
+            })
         if m.qualname in ctx.trace.linear_sites and m.sites:
             ctx.report.graph_rewrites.append(full)
         else:

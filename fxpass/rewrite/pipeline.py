@@ -25,8 +25,6 @@ from fxpass.rewrite.registry import rules
 from fxpass.trace import GraphForward, Trace, installed_graph, trace
 
 
-def _fxpass_applied(model: nn.Module) -> bool:
-    return any(installed_graph(m) is not None for m in model.modules())
 
 
 def _mark_unsafe(ctx: RewriteContext) -> None:
@@ -37,7 +35,7 @@ def _mark_unsafe(ctx: RewriteContext) -> None:
                 use.linear,
                 f"graph {use.site.graph.qualname or '<root>'} reads its {use.attr} values "
                 f"outside its call ({users}); a vLLM layer does not keep them in HF's layout")
-    for name, other in tied_linears(ctx.model).items():
+    for name, other in tied_linears(ctx.modules).items():
         ctx.unsafe.setdefault(name, f"its weight is shared with {other} (tied weights)")
     for name, why in getattr(ctx.trace, "python_linear_uses", {}).items():
         ctx.unsafe.setdefault(name, f"{why}; a vLLM layer does not serve that as nn.Linear does")
@@ -60,7 +58,8 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
         raise UsageError(f"prefix must be a str, got {type(prefix).__name__}")
     report = Report(prefix=prefix)
     t0 = time.perf_counter()
-    if _fxpass_applied(model):
+    modules = dict(model.named_modules(remove_duplicate=False))
+    if any(installed_graph(m) is not None for m in modules.values()):
         report.already_applied = True
         for name, mod in model.named_modules():
             if isinstance(mod, nn.Linear):
@@ -69,7 +68,7 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
         report.timings_s["total"] = time.perf_counter() - t0
         return report
 
-    has_linears = any(isinstance(m, nn.Linear) for m in model.modules())
+    has_linears = any(isinstance(m, nn.Linear) for m in modules.values())
     if load_weights and has_linears:
         _check_loadable(model)
     if trace_result is None:
@@ -87,7 +86,8 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
     report.untraced = dict(trace_result.untraced)
     report.timings_s["trace"] = time.perf_counter() - t0
 
-    ctx = RewriteContext(model, trace_result, quant_config, prefix, report, fuse=fuse)
+    ctx = RewriteContext(model, trace_result, quant_config, prefix, report, fuse=fuse,
+                         modules=modules)
     t1 = time.perf_counter()
     try:
         _mark_unsafe(ctx)
@@ -102,6 +102,7 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
                     report.refusals.append({"rule": rule.name, "target": rule.describe(ctx, m),
                                             "reason": reason})
         for mg in ctx.graphs():
+            mg.settle()
             if mg.qualname in ctx.edited:
                 mg.graph.lint()
     except FxpassError:

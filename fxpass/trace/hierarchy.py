@@ -53,6 +53,8 @@ class ModuleGraph:
     compiled: "GraphForward | None" = None  # forward compiled from an identical graph, if any
     shared: bool = False  # graph is the trace cache's: copy before editing (see own())
     _by_name: dict[str, fx.Node] | None = dataclasses.field(default=None, repr=False)
+    # node name -> fxpass annotations waiting to be written (the graph is still shared)
+    _pending: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict, repr=False)
 
     def own(self) -> fx.Graph:
         """The graph, copied first if it is still shared with the cache (copy on write)."""
@@ -60,16 +62,92 @@ class ModuleGraph:
             self.graph = _copy_graph(self.graph)
             self.shared = False
             self._by_name = None
+            self._write_pending()
         return self.graph
+
+    def annotate(self, node: str, key: str, value: Any) -> None:
+        """Set ``node.meta["fxpass"][key]`` without copying a shared graph for it.
+
+        Annotations on a shared graph wait until :meth:`own` copies it or :meth:`settle`
+        writes them into a copy shared by every graph with the same source and annotations
+        (the 16 identical layers of a tower: one annotated copy, not 16).
+        """
+        if self.shared:
+            self._pending.setdefault(node, {})[key] = value
+        else:
+            meta.info(self.node(node))[key] = value
+
+    def annotation(self, node: str, key: str) -> Any:
+        """An annotation, pending or written."""
+        pending = self._pending.get(node, {})
+        return pending[key] if key in pending else meta.get(self.node(node), key)
+
+    def settle(self) -> None:
+        """Write pending annotations (see :meth:`annotate`); the graph stays shared."""
+        if not self._pending:
+            return
+        variants = _ANNOTATED.setdefault(self.graph, {})
+        key = _freeze(self._pending)
+        graph = variants.get(key)
+        if graph is None:
+            graph = _copy_graph(self.graph)
+            by_name = {n.name: n for n in graph.nodes}
+            for name, values in self._pending.items():
+                meta.info(by_name[name]).update(values)
+            variants[key] = graph
+        self.graph = graph
+        self._by_name = None
+        self._pending = {}
+
+    def _write_pending(self) -> None:
+        for name, values in self._pending.items():
+            meta.info(self.node(name)).update(values)
+        self._pending = {}
 
     def node(self, name: str) -> fx.Node:
         if self._by_name is None or name not in self._by_name:
             self._by_name = {n.name: n for n in self.graph.nodes}
         return self._by_name[name]
 
+    def nodes_of(self, op: str) -> list[fx.Node]:
+        """The nodes with this opcode, in graph order.
+
+        Indexed once per shared graph (shared graphs are never edited in place, and the
+        identical layers of a tower share one), scanned afresh on an owned one.
+        """
+        if not self.shared:
+            return [n for n in self.graph.nodes if n.op == op]
+        index = _NODE_INDEX.get(self.graph)
+        if index is None:
+            index = {}
+            for n in self.graph.nodes:
+                index.setdefault(n.op, []).append(n)
+            _NODE_INDEX[self.graph] = index
+        return index.get(op, [])
+
     @property
     def guards(self) -> list[fx.Node]:
         return [n for n in self.graph.nodes if meta.get(n, "guard")]
+
+
+# source graph -> its annotated copies by annotations (see ModuleGraph.settle). Copies are
+# never edited in place (they are shared: own() copies), so applies may share them too.
+_ANNOTATED: "weakref.WeakKeyDictionary[fx.Graph, dict[Any, fx.Graph]]" = (
+    weakref.WeakKeyDictionary())
+
+
+# shared graph -> its nodes by opcode (see ModuleGraph.nodes_of)
+_NODE_INDEX: "weakref.WeakKeyDictionary[fx.Graph, dict[str, list[fx.Node]]]" = (
+    weakref.WeakKeyDictionary())
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable form of nested dicts/lists of plain values."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
 
 
 class GraphForward:
@@ -315,6 +393,75 @@ class _Entry:
     # Set when the graph holds tensors made while tracing (fxpass_constant nodes): they may
     # derive from this module's state, so the trace serves this module only.
     owner: "weakref.ref[nn.Module] | None" = None
+    # Every visit below this module, once all of them are cached (see _Walker._replay)
+    subtree: "_Subtree | None" = None
+    _linear_children: frozenset[str] | None = None
+    _weight_reads: tuple[str, ...] | None = None
+
+    def linear_children(self, module: nn.Module) -> frozenset[str]:
+        """The captured calls that are nn.Linear calls (sites, not modules to visit)."""
+        if self._linear_children is None:
+            self._linear_children = frozenset(
+                rel for rel in self.captures if isinstance(module.get_submodule(rel), nn.Linear))
+        return self._linear_children
+
+    def weight_reads(self, module: nn.Module) -> tuple[str, ...]:
+        """Linears whose weight or bias the graph reads with get_attr (relative paths)."""
+        if self._weight_reads is None:
+            owners = []
+            for node in self.graph.nodes if self.graph is not None else ():
+                if node.op == "get_attr" and "." in node.target:
+                    owner, _, attr = node.target.rpartition(".")
+                    if (attr in ("weight", "bias")
+                            and isinstance(module.get_submodule(owner), nn.Linear)):
+                        owners.append(owner)
+            self._weight_reads = tuple(owners)
+        return self._weight_reads
+
+
+@dataclasses.dataclass
+class _Subtree:
+    """A module's visit and every visit below it, relative to it, with their reads."""
+
+    visits: list[tuple[str, _Entry]]  # (relative qualname, entry), "" (itself) last
+    reads: dict[str, list[tuple[str, Any]]]  # relative module path -> (attribute, value)
+
+    @classmethod
+    def build(cls, entry: _Entry, children: list[tuple[str, "_Subtree"]]) -> "_Subtree":
+        visits: list[tuple[str, _Entry]] = []
+        reads: dict[str, list[tuple[str, Any]]] = {}
+        for (path, name), value in entry.reads.items():
+            reads.setdefault(path, []).append((name, value))
+        for rel, sub in children:
+            visits.extend((_join(rel, r), e) for r, e in sub.visits)
+            for path, pairs in sub.reads.items():
+                reads.setdefault(_join(rel, path), []).extend(pairs)
+        visits.append(("", entry))  # after its children, as a first walk records them
+        return cls(visits, reads)
+
+
+@dataclasses.dataclass
+class _Frame:
+    """A module being visited: the subtrees of the children visited from it so far."""
+
+    qualname: str
+    children: list[tuple[str, _Subtree]] = dataclasses.field(default_factory=list)
+    complete: bool = True
+    visited: set[str] = dataclasses.field(default_factory=set)  # children's qualnames
+
+    def add(self, child_q: str, entry: _Entry) -> None:
+        self.visited.add(child_q)
+        if entry.subtree is None:
+            self.complete = False
+            return
+        rel = child_q[len(self.qualname) + 1:] if self.qualname else child_q
+        self.children.append((rel, entry.subtree))
+
+
+def _join(parent: str, rel: str) -> str:
+    if not parent:
+        return rel
+    return f"{parent}.{rel}" if rel else parent
 
 
 class TraceCache:
@@ -512,6 +659,116 @@ def _eager_captures(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     return captures, error, uses
 
 
+class _MetaMemo:
+    """Outputs of graphs run on meta values while walking, keyed by the inputs' metadata.
+
+    On meta tensors a graph computes metadata only, and that is a function of its inputs'
+    metadata (parameters' shapes are part of the cache key that shares the graph): identical
+    layers called with same-shaped inputs give same-shaped outputs. Walking a tower runs
+    each layer's graph several times (for the caller's trace, the grand-caller's, the Python
+    run of an untraced root); on meta the Python meta kernels make that the cold trace's
+    largest cost, so the walk runs each (graph, input metadata) once and hands out fresh
+    tensors of the recorded metadata after that. Anything it cannot describe exactly (real
+    data, tensor subclasses, outputs that are the module's own tensors, inputs changed in
+    place, unusual objects) runs the graph as before.
+    """
+
+    def __init__(self) -> None:
+        self.outputs: dict[Any, Any] = {}
+        self.keep: list[Any] = []  # objects keyed by id stay alive for the walk
+        self.hits = 0
+
+    def forward(self, inner: GraphForward) -> "_MemoForward":
+        return _MemoForward(self, inner)
+
+    def call(self, inner: GraphForward, module: nn.Module, args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> Any:
+        leaves, treespec = pytree.tree_flatten((args, kwargs))
+        key = self._key(inner, leaves, treespec)
+        if key is None:
+            return inner(module, *args, **kwargs)
+        plan = self.outputs.get(key)
+        if plan is not None:
+            self.hits += 1
+            out_leaves, out_spec = plan
+            return pytree.tree_unflatten([_rebuild(x, leaves) for x in out_leaves], out_spec)
+        before = [_meta_of(x) for x in leaves]
+        out = inner(module, *args, **kwargs)
+        if before == [_meta_of(x) for x in leaves]:  # nothing changed in place
+            plan = _plan_outputs(out, leaves, module)
+            if plan is not None:
+                self.outputs[key] = plan
+        return out
+
+    def _key(self, inner: GraphForward, leaves: list[Any], treespec: Any) -> Any:
+        parts: list[Any] = [id(inner), treespec]
+        for x in leaves:
+            if isinstance(x, torch.Tensor):
+                if type(x) is not torch.Tensor or x.device.type != "meta":
+                    return None
+                parts.append(_meta_of(x))
+            elif isinstance(x, _PLAIN):
+                parts.append((type(x), x))
+            else:
+                parts.append(("id", id(x)))
+                self.keep.append(x)
+        self.keep.append(inner)
+        return tuple(parts)
+
+
+class _MemoForward:
+    """The forward the walk installs: ``inner`` through the walk's meta memo."""
+
+    __slots__ = ("memo", "inner")
+
+    def __init__(self, memo: _MetaMemo, inner: GraphForward) -> None:
+        self.memo = memo
+        self.inner = inner
+
+    def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.memo.call(self.inner, module, args, kwargs)
+
+
+def _meta_of(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape), x.stride(), x.storage_offset(), x.dtype)
+    return None
+
+
+def _plan_outputs(out: Any, inputs: list[Any], module: nn.Module) -> Any:
+    """How to rebuild ``out`` on a memo hit, or None when it cannot be rebuilt exactly."""
+    leaves, spec = pytree.tree_flatten(out)
+    own = {id(t) for t in itertools.chain(module.parameters(), module.buffers())}
+    plan: list[Any] = []
+    for x in leaves:
+        same = next((i for i, y in enumerate(inputs) if y is x), None)
+        if same is not None:
+            plan.append(("input", same))
+        elif isinstance(x, torch.Tensor):
+            if type(x) is not torch.Tensor or x.device.type != "meta" or id(x) in own:
+                return None
+            plan.append(("tensor", *_meta_of(x)))
+        elif isinstance(x, _PLAIN):
+            plan.append(("value", x))
+        else:
+            return None
+    return plan, spec
+
+
+def _rebuild(item: tuple[Any, ...], inputs: list[Any]) -> Any:
+    kind = item[0]
+    if kind == "input":
+        return inputs[item[1]]
+    if kind == "value":
+        return item[1]
+    _, shape, stride, offset, dtype = item
+    extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride) if n > 0)
+    if 0 in shape:
+        extent = 0
+    base = torch.empty(offset + extent, dtype=dtype, device="meta")
+    return base.as_strided(shape, stride, offset)
+
+
 class _Walker:
     def __init__(self, result: Trace, cache: TraceCache | None) -> None:
         self.result = result
@@ -519,6 +776,8 @@ class _Walker:
         self.visited: set[str] = set()
         self.installed: list[nn.Module] = []  # graphs installed while walking, removed after
         self.keys: dict[int, Any] = {}  # structure keys by module id, for this walk
+        self.memo = _MetaMemo()
+        self.frames: list[_Frame] = []  # modules being visited, innermost last
 
     def visit(self, module: nn.Module, qualname: str, args: tuple[Any, ...],
               kwargs: dict[str, Any], symbolic: set[int]) -> None:
@@ -528,52 +787,109 @@ class _Walker:
         if self.cache is not None and not _foreign_forward(module):
             key = (_structure_key(module, self.keys), _inputs_key(args, kwargs, symbolic))
             entry = self.cache.lookup(key, module)
-        if entry is not None:
-            self.result.cache_hits += 1
-            reused: str | None = entry.qualname
-        else:
-            entry = self._trace(module, qualname, args, kwargs, symbolic)
-            if key is not None:
-                self.cache.store(key, entry)
-            reused = None
+            if entry is not None and entry.subtree is not None and self._replay(
+                    module, qualname, entry):
+                return
+        frame = _Frame(qualname)
+        self.frames.append(frame)
+        try:
+            if entry is not None:
+                self.result.cache_hits += 1
+                reused: str | None = entry.qualname
+            else:
+                entry = self._trace(module, qualname, args, kwargs, symbolic)
+                if key is not None:
+                    self.cache.store(key, entry)
+                reused = None
+            self._record(module, qualname, entry, reused, install=True)
+            for rel, cap in entry.captures.items():
+                if rel not in entry.linear_children(module):
+                    self._visit_child(module, qualname, rel, cap)
+        finally:
+            self.frames.pop()
+        if entry.subtree is None and frame.complete and entry.owner is None:
+            entry.subtree = _Subtree.build(entry, frame.children)
+        if self.frames:
+            self.frames[-1].add(qualname, entry)
 
+    def _record(self, module: nn.Module, qualname: str, entry: _Entry, reused: str | None,
+                install: bool) -> None:
+        """Put what ``entry`` says of ``module`` into the result (and run its graph from now)."""
         if entry.graph is not None:
             assert entry.spec is not None
-            graph = entry.graph  # shared with the cache until someone edits it (own())
-            self._install(module, entry)
+            if install:
+                self._install(module, entry)
+            elif entry.compiled is None:
+                entry.compiled = GraphForward(ModuleGraph(
+                    entry.qualname, type(module).__name__, entry.graph, entry.spec))
+            # the graph stays shared with the cache until someone edits it (own())
             self.result.graphs[qualname] = ModuleGraph(
-                qualname, type(module).__name__, graph, entry.spec, reused, entry.compiled,
-                shared=True)
+                qualname, type(module).__name__, entry.graph, entry.spec, reused,
+                entry.compiled, shared=True)
             # Linears whose weights the graph reads without calling them (F.linear(x, l.weight),
             # nn.MultiheadAttention's out_proj) are sites too: apply decides what to do.
-            for node in graph.nodes:
-                if node.op == "get_attr" and "." in node.target:
-                    owner, _, attr = node.target.rpartition(".")
-                    sub = module.get_submodule(owner)
-                    if isinstance(sub, nn.Linear) and attr in ("weight", "bias"):
-                        self.result.linear_sites.setdefault(
-                            f"{qualname}.{owner}" if qualname else owner, qualname)
+            for owner in entry.weight_reads(module):
+                self.result.linear_sites.setdefault(_join(qualname, owner), qualname)
+            for rel in entry.linear_children(module):
+                self.result.linear_sites[_join(qualname, rel)] = qualname
         else:
             self.result.untraced[qualname] = entry.reason or "not traced"
             if entry.eager_error:
                 self.result.eager_errors[qualname] = entry.eager_error
             for rel, what in entry.linear_uses.items():
                 self.result.python_linear_uses.setdefault(
-                    f"{qualname}.{rel}" if qualname else rel,
-                    f"module {qualname or '<root>'} stays Python and its code {what}")
+                    _join(qualname, rel), f"module {qualname or '<root>'} stays Python and its code {what}")
 
-        for rel, cap in entry.captures.items():
-            child_q = f"{qualname}.{rel}" if qualname else rel
-            if isinstance(module.get_submodule(rel), nn.Linear):
-                if entry.graph is not None:
-                    self.result.linear_sites[child_q] = qualname
-                continue
-            self._visit_child(module, qualname, rel, cap)
+    def _replay(self, module: nn.Module, qualname: str, entry: _Entry) -> bool:
+        """Record a whole subtree from the cache: every module below was traced before.
+
+        Valid when the attributes read anywhere below are what they were (the structure key
+        already matched), no module below carries a foreign forward, and none of them was
+        visited yet in this walk. Otherwise the caller visits module by module.
+        """
+        subtree = entry.subtree
+        assert subtree is not None
+        mods = dict(module.named_modules(remove_duplicate=False))
+        compared: dict[tuple[int, int], bool] = {}  # identical layers share one config object
+        for rel, names in subtree.reads.items():
+            owner = mods.get(rel)
+            for name, value in names:
+                got = _read(module, rel, name) if owner is None else getattr(
+                    owner, name, _MISSING)
+                if got is value:
+                    continue
+                pair = (id(got), id(value))
+                same = compared.get(pair)
+                if same is None:
+                    same = compared[pair] = _same(got, value)
+                if not same:
+                    return False
+        for rel, _ in subtree.visits[:-1]:
+            if _join(qualname, rel) in self.visited:
+                return False
+            fwd = mods[rel].__dict__.get("forward")
+            if fwd is not None and not _is_graph_forward(fwd) and not (
+                    isinstance(fwd, types.MethodType) and isinstance(fwd.__func__, _MemoForward)):
+                return False
+        install = bool(self.frames)  # at the top nothing runs the graphs any more
+        for rel, sub_entry in subtree.visits:
+            q = _join(qualname, rel)
+            self.visited.add(q)
+            self.result.cache_hits += 1
+            self._record(mods[rel], q, sub_entry, sub_entry.qualname, install)
+        if self.frames:
+            self.frames[-1].add(qualname, entry)
+        return True
 
     def _visit_child(self, parent: nn.Module, parent_q: str, rel: str, cap: Capture) -> None:
         child = parent.get_submodule(rel)
         child_q = f"{parent_q}.{rel}" if parent_q else rel
-        if isinstance(child, nn.Linear) or child_q in self.visited:
+        if isinstance(child, nn.Linear):
+            return
+        if child_q in self.visited:
+            frame = self.frames[-1] if self.frames else None
+            if frame is not None and child_q not in frame.visited:
+                frame.complete = False  # reached from elsewhere first: not self-contained
             return
         self.visit(child, child_q, cap.args, cap.kwargs, cap.symbolic_ints)
 
@@ -582,7 +898,7 @@ class _Walker:
             entry.compiled = GraphForward(ModuleGraph(
                 entry.qualname, type(module).__name__, entry.graph, entry.spec))
         if "forward" not in module.__dict__:
-            module.forward = types.MethodType(entry.compiled, module)
+            module.forward = types.MethodType(self.memo.forward(entry.compiled), module)
             self.installed.append(module)
 
     def uninstall(self) -> None:

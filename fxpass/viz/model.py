@@ -180,7 +180,8 @@ def _module_type(root: Any, path: str) -> str:
         return ""
 
 
-def _graph_to_nx(qualname: str, graph: fx.Graph, *, annotations: bool) -> nx.DiGraph:
+def _graph_to_nx(qualname: str, graph: fx.Graph, *, annotations: bool,
+                 prefix: str = "") -> nx.DiGraph:
     """An fx graph as an nx.DiGraph (nodes in fx order, which is topological)."""
     g = nx.DiGraph(qualname=qualname)
     for i, node in enumerate(graph.nodes):
@@ -200,7 +201,9 @@ def _graph_to_nx(qualname: str, graph: fx.Graph, *, annotations: bool) -> nx.DiG
             attrs["guard"] = _jsonable(info["guard"])
         if annotations:
             if info.get("rewrite"):
-                attrs["rewrite"] = _jsonable(info["rewrite"])
+                attrs["rewrite"] = rw = _jsonable(info["rewrite"])
+                # annotations are shared by identical layers: the layer's own name is its path
+                rw.setdefault("prefix", _full(prefix, _full(qualname, str(node.target))))
             if info.get("fixes"):
                 attrs["fixes"] = _jsonable(info["fixes"])
             if info.get("inserted_by"):
@@ -381,7 +384,7 @@ def build_model(trace_result: Any, report: Any = None, verify: Any = None,
 
     # -- per-module graphs ------------------------------------------------------------
     before_graphs = _as_graph_dict(before)
-    graphs = {q: _graph_to_nx(q, mg.graph, annotations=True)
+    graphs = {q: _graph_to_nx(q, mg.graph, annotations=True, prefix=prefix)
               for q, mg in trace_result.graphs.items()}
     befores = {q: _graph_to_nx(q, g, annotations=False) for q, g in before_graphs.items()}
 
