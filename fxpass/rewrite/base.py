@@ -9,7 +9,7 @@ failure anywhere leaves the model as it was.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch.fx as fx
 from torch import nn
@@ -89,11 +89,32 @@ class RewriteContext:
     def graphs(self) -> Iterator[ModuleGraph]:
         return iter(self.trace.graphs.values())
 
-    def fix(self, rule: str, site: Site, detail: str) -> None:
-        site.own()
-        self.report.fixes.append(Fix(rule, site.graph.qualname, site.node.format_node(), detail))
-        meta.info(site.node).setdefault("fixes", []).append({"rule": rule, "detail": detail})
-        self.edited.add(site.graph.qualname)
+    def fix(self, rule: str, site: Site, note: str,
+            edit: Callable[[fx.Graph, fx.Node], None] | None = None, *,
+            detail: str | None = None) -> None:
+        """Make a graph fix at ``site`` with ``edit(graph, node)`` and report it.
+
+        ``note`` (kept on the node) says what the fix does in the graph's own terms, node
+        targets relative to the graph's module; with ``edit`` it must name the edit
+        completely, so that identical layers share one edited graph (``ModuleGraph.edit``).
+        ``detail`` is the report's text (default: the note under the graph's path). Without
+        ``edit`` the caller has already edited a graph it owns.
+        """
+        mg = site.graph
+        name = site.name
+        before = site.node.format_node()
+
+        def run(graph: fx.Graph) -> None:
+            node = next(n for n in graph.nodes if n.name == name)
+            meta.info(node).setdefault("fixes", []).append({"rule": rule, "detail": note})
+            if edit is not None:
+                edit(graph, node)
+
+        mg.edit((rule, name, note), run)
+        if detail is None:
+            detail = f"{mg.qualname}.{note}" if mg.qualname else note
+        self.report.fixes.append(Fix(rule, mg.qualname, before, detail))
+        self.edited.add(mg.qualname)
 
 
 class Rule(Protocol):

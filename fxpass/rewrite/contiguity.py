@@ -62,13 +62,16 @@ class Contiguity:
         return None
 
     def apply(self, ctx: RewriteContext, m: ContiguityMatch) -> None:
-        node = m.site.own()
-        graph = m.site.graph.graph
-        inp = m.site.graph.node(m.input.name)
-        with graph.inserting_before(node):
-            c = graph.call_method("contiguous", (inp,))
-        meta.info(c)["inserted_by"] = self.name
-        if tensor := meta.get(inp, "tensor"):
-            meta.info(c)["tensor"] = {**tensor, "contiguous": True}
-        node.replace_input_with(inp, c)
-        ctx.fix(self.name, m.site, f"{m.site.full_target()}: {m.why}; inserted .contiguous()")
+        input_name = m.input.name
+
+        def insert(graph: fx.Graph, node: fx.Node) -> None:
+            inp = next(a for a in node.all_input_nodes if a.name == input_name)
+            with graph.inserting_before(node):
+                c = graph.call_method("contiguous", (inp,))
+            meta.info(c)["inserted_by"] = self.name
+            if tensor := meta.get(inp, "tensor"):
+                meta.info(c)["tensor"] = {**tensor, "contiguous": True}
+            node.replace_input_with(inp, c)
+
+        ctx.fix(self.name, m.site,
+                f"{m.site.node.target}: {m.why} ({input_name}); inserted .contiguous()", insert)

@@ -83,12 +83,15 @@ class InplaceElementwise:
         return None
 
     def apply(self, ctx: RewriteContext, m: InplaceMatch) -> None:
-        node = m.site.own()
-        graph = m.site.graph.graph
-        with graph.inserting_before(node):
-            new = graph.call_method(m.method, node.args)
-        new.meta[meta.KEY] = dict(node.meta.get(meta.KEY, {}))
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        ctx.fix(self.name, Site(m.site.graph, new), f"{node.name}: {node.target.__name__} -> "
-                                                      f"in-place .{m.method}() on a dead input")
+        method = m.method
+
+        def inplace(graph: fx.Graph, node: fx.Node) -> None:
+            with graph.inserting_before(node):
+                new = graph.call_method(method, node.args)
+            new.meta[meta.KEY] = dict(node.meta.get(meta.KEY, {}))
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+
+        node = m.site.node
+        ctx.fix(self.name, m.site, f"{node.name}: {node.target.__name__} -> in-place "
+                                   f".{method}() on a dead input", inplace)

@@ -172,6 +172,6 @@ class SiblingFusion:
         ctx.fused[fused_q] = list(g.names())
         ctx.report.fused[ctx.full_name(fused_q)] = [ctx.full_name(n) for n in g.names()]
         ctx.report.quant_methods[ctx.full_name(fused_q)] = method
-        ctx.fix(self.name, Site(mg, fused),
-                f"{', '.join(g.names())} read one input: one {type(layer).__name__} "
+        text = (f"{', '.join(g.names())} read one input: one {type(layer).__name__} "
                 f"({'+'.join(map(str, sizes))} outputs) and a split")
+        ctx.fix(self.name, Site(mg, fused), text, detail=text)

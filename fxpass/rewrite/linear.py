@@ -9,7 +9,9 @@ no graph covered it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import torch.fx as fx
 from torch import nn
 
 from fxpass.rewrite.base import RewriteContext, Site
@@ -75,8 +77,8 @@ class LinearToVllm:
         ctx.report.quant_methods[full] = method
         for site in m.sites:
             if site.node.kwargs:  # nn.Linear(input=x) -> ReplicatedLinear(x)
-                node = site.own()
-                node.args, node.kwargs = (node.kwargs["input"],), {}
+                site.graph.edit((self.name, "positional input", site.name), functools.partial(
+                    _positional_input, site.name))
                 ctx.edited.add(site.graph.qualname)
             # the same for every identical layer (the prefix follows from the node's path),
             # so identical graphs share one annotated copy
@@ -88,6 +90,11 @@ class LinearToVllm:
             ctx.report.graph_rewrites.append(full)
         else:
             ctx.report.plain_swaps[full] = _why_no_graph(ctx, m.qualname)
+
+
+def _positional_input(name: str, graph: fx.Graph) -> None:
+    node = next(n for n in graph.nodes if n.name == name)
+    node.args, node.kwargs = (node.kwargs["input"],), {}
 
 
 def _why_no_graph(ctx: RewriteContext, qualname: str) -> str:

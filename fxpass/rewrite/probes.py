@@ -39,21 +39,24 @@ class WeightProbes:
         dtype, shape, _ = logical_weight_info(ctx.layer_after(use.linear))
         if use.attr == "bias":
             shape = torch.Size(shape[:1])
-        getattr_node = use.site.own()
         mg = use.site.graph
-        graph = mg.graph
+        getattr_name = use.site.name
         for probe in [mg.node(p.name) for p in use.probes]:
             what = probe.args[1] if probe.target is builtins.getattr else probe.target
             if what in _KEEP:
                 continue
             value = _logical(probe, what, dtype, shape)
-            detail = f"{use.linear}.{use.attr}.{what} -> {value!r}"
-            ctx.fix(self.name, Site(mg, probe), detail)
-            for user in list(probe.users):
-                user.replace_input_with(probe, value)
-            graph.erase_node(probe)
-        if not getattr_node.users:
-            graph.erase_node(getattr_node)
+
+            def fold(graph: fx.Graph, node: fx.Node, value: Any = value) -> None:
+                source = node.all_input_nodes[0]
+                for user in list(node.users):
+                    user.replace_input_with(node, value)
+                graph.erase_node(node)
+                if source.name == getattr_name and not source.users:
+                    graph.erase_node(source)
+
+            # the note (graph-relative: the same in every identical layer) names the edit
+            ctx.fix(self.name, Site(mg, probe), f"{use.site.node.target}.{what} -> {value!r}", fold)
 
 
 def _logical(probe: fx.Node, what: str, dtype: torch.dtype, shape: torch.Size) -> Any:

@@ -84,17 +84,36 @@ class ModuleGraph:
 
     def settle(self) -> None:
         """Write pending annotations (see :meth:`annotate`); the graph stays shared."""
-        if not self._pending:
+        if self._pending:
+            self.edit(None, None)
+
+    def edit(self, key: Any, fn: Callable[[fx.Graph], None] | None) -> None:
+        """Apply ``fn``, an in-place edit, to this graph (pending annotations first).
+
+        ``key`` must name the edit completely (its rule and every argument, none of them
+        specific to this module): on a shared graph the edited copy is kept per (source
+        graph, pending annotations, key), so identical layers share one edited graph and
+        its compiled code, and applying to an identical tower again edits nothing. The
+        result stays shared: a later edit starts from it the same way.
+        """
+        if not self.shared:
+            self._write_pending()
+            if fn is not None:
+                fn(self.graph)
+            self._by_name = None
             return
-        variants = _ANNOTATED.setdefault(self.graph, {})
-        key = _freeze(self._pending)
-        graph = variants.get(key)
+        variants = _VARIANTS.setdefault(self.graph, {})
+        vkey = (_freeze(self._pending), key)
+        graph = variants.get(vkey)
         if graph is None:
             graph = _copy_graph(self.graph)
             by_name = {n.name: n for n in graph.nodes}
             for name, values in self._pending.items():
                 meta.info(by_name[name]).update(values)
-            variants[key] = graph
+            if fn is not None:
+                fn(graph)
+                graph.lint()
+            variants[vkey] = graph
         self.graph = graph
         self._by_name = None
         self._pending = {}
@@ -130,9 +149,13 @@ class ModuleGraph:
         return [n for n in self.graph.nodes if meta.get(n, "guard")]
 
 
-# source graph -> its annotated copies by annotations (see ModuleGraph.settle). Copies are
-# never edited in place (they are shared: own() copies), so applies may share them too.
-_ANNOTATED: "weakref.WeakKeyDictionary[fx.Graph, dict[Any, fx.Graph]]" = (
+# shared graph -> its edited and annotated copies (see ModuleGraph.edit). Shared graphs are
+# never changed in place (own() copies first), so applies may share the copies too.
+_VARIANTS: "weakref.WeakKeyDictionary[fx.Graph, dict[Any, fx.Graph]]" = (
+    weakref.WeakKeyDictionary())
+
+# shared graph -> its generated forward and source (see GraphForward)
+_CODE: "weakref.WeakKeyDictionary[fx.Graph, tuple[Callable[..., Any], str]]" = (
     weakref.WeakKeyDictionary())
 
 
@@ -163,13 +186,13 @@ class GraphForward:
     def __init__(self, mg: ModuleGraph) -> None:
         self.qualname = mg.qualname
         self.spec = mg.spec
-        code = mg.graph.python_code(root_module="self")
-        filename = f"<fxpass graph {mg.qualname or '<root>'} #{next(self._counter)}>"
-        linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
-        namespace = dict(code.globals)
-        exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - fx-generated code
-        self.fn: Callable[..., Any] = namespace["forward"]
-        self.src = code.src
+        compiled = _CODE.get(mg.graph) if mg.shared else None
+        if compiled is None:
+            compiled = _compile(mg)
+            if mg.shared:  # never edited in place: every module running it shares the code
+                _CODE[mg.graph] = compiled
+        self.fn: Callable[..., Any] = compiled[0]
+        self.src = compiled[1]
         self.graph = mg.graph  # what runs: verify and viz read node names off it
         self._plans: dict[tuple[int, tuple[str, ...]], list[int | str]] = {}
 
@@ -207,6 +230,15 @@ class GraphForward:
                 map(pytree.tree_is_leaf, leaves)):
             self._plans[form] = sources  # every argument is one leaf: the form maps 1:1
         return self.fn(module, *inputs)
+
+
+def _compile(mg: ModuleGraph) -> tuple[Callable[..., Any], str]:
+    code = mg.graph.python_code(root_module="self")
+    filename = f"<fxpass graph {mg.qualname or '<root>'} #{next(GraphForward._counter)}>"
+    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
+    namespace = dict(code.globals)
+    exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - fx-generated code
+    return namespace["forward"], code.src
 
 
 def _call_sources(sig: Any, args: tuple[Any, ...],
