@@ -74,6 +74,9 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
+_active = threading.local()  # .config: the config of this thread's innermost block
+
+
 @contextmanager
 def vllm_runtime() -> Iterator[None]:
     """Make vLLM layers buildable and runnable here; re-entrant, nestable.
@@ -81,16 +84,25 @@ def vllm_runtime() -> Iterator[None]:
     If model-parallel state is missing it is created once for the process and
     kept (see :func:`_ensure_model_parallel`). A default ``VllmConfig()`` is made
     current for the duration of the block only when no config is current, so an
-    engine's own config (or an outer block's) is never replaced.
+    engine's own config (or an outer block's) is never replaced. Inside an outer
+    block nothing is checked again (``apply`` builds hundreds of layers in one).
     """
     from vllm.config import get_current_vllm_config_or_none, set_current_vllm_config
 
     current = get_current_vllm_config_or_none()
+    if current is not None and getattr(_active, "config", None) is current:
+        yield  # an outer block set this up and its config is still the current one
+        return
     config = current if current is not None else _default_vllm_config()
     _ensure_model_parallel(config)
     scope = set_current_vllm_config(config) if current is None else nullcontext()
+    outer = getattr(_active, "config", None)
     with scope:
-        yield
+        _active.config = config
+        try:
+            yield
+        finally:
+            _active.config = outer
 
 
 def runtime_active() -> bool:

@@ -9,6 +9,7 @@ failure anywhere leaves the model as it was.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterator, Protocol
 
 import torch.fx as fx
@@ -21,8 +22,13 @@ from fxpass.trace import ModuleGraph, Trace
 
 def is_vllm_linear(module: nn.Module) -> bool:
     """A vLLM LinearBase layer, without importing vLLM."""
+    return _is_vllm_linear_type(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _is_vllm_linear_type(cls: type) -> bool:
     return any(c.__name__ == "LinearBase" and c.__module__.startswith("vllm.")
-               for c in type(module).__mro__)
+               for c in cls.__mro__)
 
 
 class Site:

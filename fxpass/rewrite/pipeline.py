@@ -8,6 +8,7 @@ raised with its cause, so a tower is never left half-rewritten.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 import types
@@ -22,7 +23,8 @@ from fxpass.report import Report
 from fxpass.rewrite.analysis import tied_linears, weight_uses
 from fxpass.rewrite.base import RewriteContext, is_vllm_linear
 from fxpass.rewrite.registry import rules
-from fxpass.trace import GraphForward, Trace, installed_graph, trace
+from fxpass.runtime import vllm_runtime
+from fxpass.trace import GraphForward, Trace, TreeIndex, installed_graph, trace
 
 
 
@@ -58,7 +60,8 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
         raise UsageError(f"prefix must be a str, got {type(prefix).__name__}")
     report = Report(prefix=prefix)
     t0 = time.perf_counter()
-    modules = dict(model.named_modules(remove_duplicate=False))
+    index = TreeIndex.of(model)
+    modules = index.paths
     if any(installed_graph(m) is not None for m in modules.values()):
         report.already_applied = True
         for name, mod in model.named_modules():
@@ -74,7 +77,7 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
     if trace_result is None:
         if has_linears:
             try:
-                trace_result = trace(model, example_inputs)
+                trace_result = trace(model, example_inputs, index=index)
             except FxpassError:
                 raise
             except Exception as e:  # trace keeps per-module failures; this is anything else
@@ -91,16 +94,8 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
     t1 = time.perf_counter()
     try:
         _mark_unsafe(ctx)
-        for rule in rules():
-            for m in rule.match(ctx):
-                reason = rule.check(ctx, m)
-                if reason is None:
-                    rule.apply(ctx, m)
-                elif rule.name == "linear":
-                    report.skipped[ctx.full_name(m.qualname)] = reason
-                elif getattr(rule, "report_refusals", False):
-                    report.refusals.append({"rule": rule.name, "target": rule.describe(ctx, m),
-                                            "reason": reason})
+        with vllm_runtime() if has_linears else contextlib.nullcontext():
+            _run_rules(ctx)
         for mg in ctx.graphs():
             mg.settle()
             if mg.qualname in ctx.edited:
@@ -132,6 +127,20 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
     report.replaced += [ctx.full_name(m) for members in ctx.fused.values() for m in members]
     report.timings_s["commit"] = time.perf_counter() - t3
     return report
+
+
+def _run_rules(ctx: RewriteContext) -> None:
+    """Each rule in order: match, then check each match, then apply or record why not."""
+    for rule in rules():
+        for m in rule.match(ctx):
+            reason = rule.check(ctx, m)
+            if reason is None:
+                rule.apply(ctx, m)
+            elif rule.name == "linear":
+                ctx.report.skipped[ctx.full_name(m.qualname)] = reason
+            elif getattr(rule, "report_refusals", False):
+                ctx.report.refusals.append({"rule": rule.name, "target": rule.describe(ctx, m),
+                                            "reason": reason})
 
 
 def _check_examples_ran(model: nn.Module, tr: Trace) -> None:

@@ -6,10 +6,11 @@ from fxpass.trace.hierarchy import (
     ModuleGraph,
     Trace,
     TraceCache,
+    TreeIndex,
     installed_graph,
     trace,
     uninstall,
 )
 
-__all__ = ["DEFAULT_CACHE", "GraphForward", "ModuleGraph", "Trace", "TraceCache",
+__all__ = ["DEFAULT_CACHE", "GraphForward", "ModuleGraph", "Trace", "TraceCache", "TreeIndex",
            "installed_graph", "trace", "uninstall"]

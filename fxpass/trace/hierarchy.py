@@ -535,19 +535,48 @@ def _read(module: nn.Module, path: str, name: str) -> Any:
 DEFAULT_CACHE = TraceCache()
 
 
+def _own_tensors_key(module: nn.Module) -> Any:
+    return tuple((n, tuple(t.shape), t.dtype, t.device.type)
+                 for n, t in itertools.chain(module._parameters.items(), module._buffers.items())
+                 if t is not None)
+
+
 def _structure_key(module: nn.Module, memo: dict[int, Any] | None = None) -> Any:
     """Class, own tensors' shapes/dtypes and children's keys, recursively (memoised: O(tree))."""
     if memo is not None and id(module) in memo:
         return memo[id(module)]
-    own = tuple((n, tuple(t.shape), t.dtype, t.device.type)
-                for n, t in itertools.chain(module._parameters.items(), module._buffers.items())
-                if t is not None)
     children = tuple((n, _structure_key(c, memo)) for n, c in module._modules.items()
                      if c is not None)
-    key = (type(module), module.training, own, children)
+    key = (type(module), module.training, _own_tensors_key(module), children)
     if memo is not None:
         memo[id(module)] = key
     return key
+
+
+@dataclasses.dataclass
+class TreeIndex:
+    """One walk of a module tree: every module by path and every module's structure key."""
+
+    paths: dict[str, nn.Module]  # as named_modules(remove_duplicate=False), parents first
+    keys: dict[int, Any]  # id(module) -> _structure_key
+
+    @classmethod
+    def of(cls, root: nn.Module) -> "TreeIndex":
+        paths: dict[str, nn.Module] = {}
+        keys: dict[int, Any] = {}
+
+        def walk(module: nn.Module, path: str) -> Any:
+            paths[path] = module
+            children = tuple((n, walk(c, f"{path}.{n}" if path else n))
+                             for n, c in module._modules.items() if c is not None)
+            key = keys.get(id(module))
+            if key is None:
+                key = keys[id(module)] = (type(module), module.training,
+                                          _own_tensors_key(module), children)
+            return key
+
+        walk(root, "")
+        return cls(paths, keys)
 
 
 def _inputs_key(args: tuple[Any, ...], kwargs: dict[str, Any], symbolic: set[int]) -> Any:
@@ -802,12 +831,13 @@ def _rebuild(item: tuple[Any, ...], inputs: list[Any]) -> Any:
 
 
 class _Walker:
-    def __init__(self, result: Trace, cache: TraceCache | None) -> None:
+    def __init__(self, result: Trace, cache: TraceCache | None, index: TreeIndex) -> None:
         self.result = result
         self.cache = cache
+        self.index = index
         self.visited: set[str] = set()
         self.installed: list[nn.Module] = []  # graphs installed while walking, removed after
-        self.keys: dict[int, Any] = {}  # structure keys by module id, for this walk
+        self.keys = index.keys  # structure keys by module id, for this walk
         self.memo = _MetaMemo()
         self.frames: list[_Frame] = []  # modules being visited, innermost last
 
@@ -881,7 +911,8 @@ class _Walker:
         """
         subtree = entry.subtree
         assert subtree is not None
-        mods = dict(module.named_modules(remove_duplicate=False))
+        mods = (self.index.paths if module is self.result.root
+                else dict(module.named_modules(remove_duplicate=False)))
         compared: dict[tuple[int, int], bool] = {}  # identical layers share one config object
         for rel, names in subtree.reads.items():
             owner = mods.get(rel)
@@ -997,11 +1028,12 @@ def _normalise_inputs(module: nn.Module, example_inputs: Any) -> Inputs:
 
 
 def trace(module: nn.Module, example_inputs: Any = None, *,
-          cache: TraceCache | None = DEFAULT_CACHE) -> Trace:
+          cache: TraceCache | None = DEFAULT_CACHE, index: TreeIndex | None = None) -> Trace:
     """Trace ``module`` into one fx graph per traceable submodule (see module docstring).
 
     ``example_inputs``: kwargs dict, args tuple, or ``(args, kwargs)``; None builds them for
-    known HF tower types. Pass ``cache=None`` to trace everything afresh.
+    known HF tower types. Pass ``cache=None`` to trace everything afresh. ``index``: a
+    ``TreeIndex.of(module)`` taken just before, by a caller that walked the tree already.
     """
     if not isinstance(module, nn.Module):
         raise UsageError(f"fxpass.trace expects an nn.Module, got {type(module).__name__}")
@@ -1013,13 +1045,13 @@ def trace(module: nn.Module, example_inputs: Any = None, *,
         raise UsageError(f"example inputs do not fit {type(module).__name__}.forward: {e}; pass "
                          "the arguments a real call would") from e
     result = Trace(root=module, example_inputs=(args, kwargs))
-    installed = [m for m in module.modules() if _is_graph_forward(m.__dict__.get("forward"))]
-    if installed:
-        # Trace the class forward, not a previously installed graph.
-        saved = {m: m.__dict__.pop("forward") for m in installed}
-    else:
-        saved = {}
-    walker = _Walker(result, cache)
+    if index is None:
+        index = TreeIndex.of(module)
+    # Trace the class forward, not a previously installed graph.
+    distinct = {id(m): m for m in index.paths.values()}.values()
+    saved = {m: m.__dict__.pop("forward") for m in distinct
+             if _is_graph_forward(m.__dict__.get("forward"))}
+    walker = _Walker(result, cache, index)
     try:
         walker.visit(module, "", args, kwargs, set())
     finally:

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from fxpass.errors import UsageError
+from fxpass.rewrite.base import is_vllm_linear
 from fxpass.verify.budgets import QUANT_ORDER, Budget, dtype_name, resolve_budget
 from fxpass.verify.metrics import Metrics, compare_tensors
 from fxpass.verify.report import FAKE_QUANT, REFERENCE, NodeResult, VerifyReport
@@ -60,11 +61,6 @@ _BUFFER_CALLS = 32  # reference calls kept while the candidate looks for a call 
 # ------------------------------------------------------------------------------ helpers
 
 
-def _is_vllm_linear(module: nn.Module) -> bool:
-    return any(c.__name__ == "LinearBase" and c.__module__.startswith("vllm.")
-               for c in type(module).__mro__)
-
-
 def rewritten_layers(reference: nn.Module, candidate: nn.Module) -> dict[str, str]:
     """Paths (relative to the tower) of vLLM linear layers in ``candidate`` that stand where
     ``reference`` has an ``nn.Linear``, with each one's quant method ("none", "nf4", ...)."""
@@ -73,7 +69,7 @@ def rewritten_layers(reference: nn.Module, candidate: nn.Module) -> dict[str, st
     ref_modules = dict(reference.named_modules())
     out: dict[str, str] = {}
     for path, mod in candidate.named_modules():
-        if _is_vllm_linear(mod) and isinstance(ref_modules.get(path), nn.Linear):
+        if is_vllm_linear(mod) and isinstance(ref_modules.get(path), nn.Linear):
             out[path] = quant_method_name(getattr(mod, "quant_config", None), mod)
     return out
 
