@@ -58,19 +58,28 @@ _DATA_METHODS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__"}
 _FXPASS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
-_orig_finfo = torch.finfo
-_orig_iinfo = torch.iinfo
 
 
-def _dtype_info(kind: Callable[..., Any]) -> Callable[..., Any]:
-    """``torch.finfo``/``iinfo`` that records a node when handed a proxy dtype."""
+# torch functions whose arguments are sizes or dtypes, not tensors: torch's argument parser
+# rejects a proxy there (``torch.ones(n, n)`` with ``n = x.shape[1]``: "ones() takes 1
+# positional argument but 2 were given") before __torch_function__ could record it, so while
+# tracing they are replaced by wrappers that record a node when handed a proxy.
+_PROXY_ARG_FUNCTIONS = ("finfo", "iinfo", "ones", "zeros", "empty", "full", "rand", "randn",
+                        "randint", "randperm", "eye", "linspace", "logspace", "tril_indices",
+                        "triu_indices")
+_ORIGINALS = {name: getattr(torch, name) for name in _PROXY_ARG_FUNCTIONS}
 
-    @functools.wraps(kind)
+
+def _records_proxies(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` that records a node when a proxy is among its arguments (nested included)."""
+
+    @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        proxy = next((a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)), None)
+        proxy = next((a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, fx.Proxy)),
+                     None)
         if proxy is None:
-            return kind(*args, **kwargs)
-        return proxy.tracer.create_proxy("call_function", kind, args, kwargs)
+            return fn(*args, **kwargs)
+        return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
 
     return wrapper
 
@@ -402,8 +411,7 @@ class ValueTracer(fx.Tracer):
     def trace_call(self, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                    spec: CallSpec) -> fx.Graph:
         self._call = (args, kwargs, spec)
-        patches = [(torch, "finfo", _dtype_info(_orig_finfo)),
-                   (torch, "iinfo", _dtype_info(_orig_iinfo)),
+        patches = [*((torch, name, _records_proxies(fn)) for name, fn in _ORIGINALS.items()),
                    (torch, "vmap", _traced_vmap(torch.vmap)),
                    (torch.func, "vmap", _traced_vmap(torch.func.vmap))]
         with contextlib.ExitStack() as stack:

@@ -42,7 +42,8 @@ class Block(nn.Module):
 
 class FaultToy(nn.Module):
     """Gives every registered rule something to do: q/k/v siblings (fusion), a weight dtype
-    probe (weight-probes), a transposed input (contiguity), plain linears, nested graphs."""
+    probe (weight-probes), a transposed input (contiguity), an SDPA mask built in forward
+    (sdpa-mask), plain linears, nested graphs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -56,7 +57,10 @@ class FaultToy(nn.Module):
     def forward(self, hidden_states):
         x = hidden_states.to(self.proj.weight.dtype)
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        h = self.proj(q * torch.sigmoid(k) + v)
+        n = x.shape[1]
+        mask = torch.ones(n, n, dtype=torch.bool, device=x.device)
+        att = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=mask)
+        h = self.proj(q * torch.sigmoid(k) + v + att[:, 0])
         b, n, d = h.shape
         cols = h.reshape(b * n, d).t().contiguous()  # channels-first detour (lconv1d style)
         h = self.lconv(cols.t()).view(b, n, d)

@@ -93,6 +93,30 @@ def test_hf_patterns_trace_and_stay_exact_across_sizes():
         assert torch.equal(b(**x), m(**x))
 
 
+class SizedFactories(nn.Module):
+    """Factories sized by the input's shape (``torch.ones(n, n)``), which torch's argument
+    parser rejects for plain fx proxies, plus ``torch.full`` with a size tuple."""
+
+    def forward(self, x):
+        b, n, d = x.shape
+        mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        bias = torch.zeros(b, n, d, dtype=x.dtype) + torch.full((n, d), 0.5)
+        eye = torch.eye(n, dtype=x.dtype)
+        return (x + bias).masked_fill(~mask[None, :, :1], 0.0) + eye[None, :, :1]
+
+
+def test_factories_sized_by_shapes_trace_and_follow_the_size():
+    m = SizedFactories()
+    t = fxpass.trace(m, (torch.randn(2, 5, 3),), cache=None)
+    assert t.untraced == {}, t.untraced
+    targets = {n.target for n in t.graphs[""].graph.nodes if n.op == "call_function"}
+    assert {torch.ones, torch.zeros, torch.full, torch.eye} <= targets
+    b = t.build()
+    for n in (5, 7):
+        x = torch.randn(2, n, 3)
+        assert torch.equal(b(x), m(x))
+
+
 class ShapeBranch(nn.Module):
     def __init__(self) -> None:
         super().__init__()
