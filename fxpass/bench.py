@@ -21,10 +21,10 @@ import argparse
 import copy
 import gc
 import json
+import os
 import platform
 import statistics
 import time
-import os
 from typing import Any, Callable
 
 import torch
@@ -51,6 +51,23 @@ def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, f
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _interleaved_on_copies(base: nn.Module, fns: dict[str, Callable[[nn.Module], Any]],
+                           repeats: int) -> dict[str, float]:
+    """Like :func:`_interleaved` for passes that change the model: each run gets a fresh deep
+    copy of ``base``, made (and the garbage collected) before the clock starts."""
+    for fn in fns.values():
+        fn(copy.deepcopy(base))
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            model = copy.deepcopy(base)
+            gc.collect()
+            t0 = time.perf_counter()
+            fn(model)
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -123,16 +140,11 @@ def pass_time(quick: bool, repeats: int) -> dict[str, Any]:
         fxpass.apply(m, None, prefix=prefix)
         cold = time.perf_counter() - t0
 
-        def walk() -> None:
-            recursive_replace_linear(copy.deepcopy(base), None, prefix=prefix)
-
-        def warm() -> None:
-            fxpass.apply(copy.deepcopy(base), None, prefix=prefix)
-
-        copy_cost = _median_time(lambda: copy.deepcopy(base), repeats)
-        t = _interleaved({"walk": walk, "fxpass_warm": warm}, repeats)
-        walk_s = max(t["walk"] - copy_cost, 1e-9)
-        warm_s = max(t["fxpass_warm"] - copy_cost, 1e-9)
+        t = _interleaved_on_copies(base, {
+            "walk": lambda m: recursive_replace_linear(m, None, prefix=prefix),
+            "fxpass_warm": lambda m: fxpass.apply(m, None, prefix=prefix),
+        }, max(repeats, 15))
+        walk_s, warm_s = t["walk"], t["fxpass_warm"]
         n_linear = sum(isinstance(x, nn.Linear) for x in base.modules())
         out[name] = {
             "linears": n_linear,

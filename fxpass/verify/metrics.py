@@ -168,8 +168,11 @@ def compare_tensors(candidate: torch.Tensor, reference: torch.Tensor, *,
         m.max_abs = float(diff.max())
         m.ref_max_abs = float(r_abs.max())
         # |d| / |r|: inf where r == 0 != c (as defined above), nan where both are 0 -> 0
+        # (max propagates nan: the nan pass runs only when there is one)
         ratio = torch.div(diff, r_abs)
-        m.max_rel = float(ratio.nan_to_num_(nan=0.0, posinf=math.inf).max())
+        m.max_rel = float(ratio.max())
+        if math.isnan(m.max_rel):
+            m.max_rel = float(ratio.nan_to_num_(nan=0.0, posinf=math.inf).max())
         c_norm, r_norm = math.sqrt(c_sq), math.sqrt(signal)
         if c_norm == 0.0 and r_norm == 0.0:
             m.cosine = 1.0
@@ -185,9 +188,13 @@ def compare_tensors(candidate: torch.Tensor, reference: torch.Tensor, *,
             m.sqnr_db = 10.0 * math.log10(signal / noise)
         if atol is not None and rtol is not None:
             scale = max(1.0, math.sqrt(signal / max(m.numel, 1)))
-            if atol * scale > 0 or (rtol > 0 and bool((r_abs > 0).all())):
-                bound = r_abs.mul_(rtol).add_(atol * scale)  # r_abs is not needed after this
-                m.tol_ratio = float(torch.div(diff, bound, out=ratio).max())
+            a = atol * scale
+            if rtol == 0 and a > 0:  # the bound is one number
+                m.tol_ratio = m.max_abs / a
+            elif rtol > 0 and (a > 0 or bool((r_abs > 0).all())):
+                # |d| / (a + rtol|r|) = (|d| / (a / rtol + |r|)) / rtol: one pass for the bound
+                bound = r_abs.add_(a / rtol)  # r_abs is not needed after this
+                m.tol_ratio = float(torch.div(diff, bound, out=ratio).max()) / rtol
             else:  # atol = rtol = 0: exact comparison
                 m.tol_ratio = 0.0 if m.max_abs == 0.0 else math.inf
     return m
