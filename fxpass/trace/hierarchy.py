@@ -194,17 +194,32 @@ class GraphForward:
         self.fn: Callable[..., Any] = compiled[0]
         self.src = compiled[1]
         self.graph = mg.graph  # what runs: verify and viz read node names off it
-        self._plans: dict[tuple[int, tuple[str, ...]], list[int | str]] = {}
+        # call form (positional count, keywords) -> where each canonical argument comes from
+        # and its shape: None for one leaf, (tuple or list, n) for a flat container of n leaves
+        self._plans: dict[tuple[int, tuple[str, ...]],
+                          list[tuple[int | str, tuple[type, int] | None]]] = {}
 
     def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         # Fast path: a call of a form seen before (same positional count, same keywords) maps
-        # straight onto the graph's inputs, without binding and flattening it again.
+        # straight onto the graph's inputs, without binding and flattening it again; any
+        # argument not shaped as the plan says takes the checked path.
         plan = self._plans.get((len(args), tuple(kwargs)))
         if plan is not None:
-            values = [args[key] if isinstance(key, int) else kwargs[key] for key in plan]
-            if all(map(pytree.tree_is_leaf, values)) and all(
-                    _same(values[i], c) for i, c in self.spec.constants.items()):
-                return self.fn(module, *[values[i] for i in self.spec.placeholders])
+            leaves: list[Any] = []
+            for key, shape in plan:
+                value = args[key] if type(key) is int else kwargs[key]
+                if shape is None:
+                    if not _is_leaf(value):
+                        break
+                    leaves.append(value)
+                elif (type(value) is shape[0] and len(value) == shape[1]
+                      and all(map(_is_leaf, value))):
+                    leaves.extend(value)
+                else:
+                    break
+            else:
+                if all(_same(leaves[i], c) for i, c in self.spec.constants.items()):
+                    return self.fn(module, *[leaves[i] for i in self.spec.placeholders])
         return self._call_slow(module, args, kwargs)
 
     def _call_slow(self, module: nn.Module, args: tuple[Any, ...],
@@ -226,10 +241,34 @@ class GraphForward:
                     f"{where}: argument leaf {i} is {got!r}, but the graph was traced with "
                     f"{expected!r} baked in; trace it with example inputs using this value.")
         inputs = [leaves[i] for i in spec.placeholders]
-        if sources is not None and len(sources) == len(leaves) and all(
-                map(pytree.tree_is_leaf, leaves)):
-            self._plans[form] = sources  # every argument is one leaf: the form maps 1:1
+        plan = _plan_of(sources, (*args, *kwargs.values()))
+        if plan is not None and sum(1 if n is None else n[1] for _, n in plan) == len(leaves):
+            self._plans[form] = plan
         return self.fn(module, *inputs)
+
+
+_LEAF_TYPES = frozenset({torch.Tensor, nn.Parameter, int, float, bool, str, type(None),
+                         torch.dtype, torch.device})
+
+
+def _is_leaf(value: Any) -> bool:
+    return type(value) in _LEAF_TYPES or pytree.tree_is_leaf(value)
+
+
+def _plan_of(sources: list[int | str] | None, values: tuple[Any, ...]
+             ) -> list[tuple[int | str, tuple[type, int] | None]] | None:
+    """The fast-path plan for a call whose canonical arguments are ``values`` (see __init__)."""
+    if sources is None or len(sources) != len(values):
+        return None
+    plan: list[tuple[int | str, tuple[type, int] | None]] = []
+    for key, value in zip(sources, values):
+        if _is_leaf(value):
+            plan.append((key, None))
+        elif type(value) in (tuple, list) and all(map(_is_leaf, value)):
+            plan.append((key, (type(value), len(value))))
+        else:
+            return None
+    return plan
 
 
 def _compile(mg: ModuleGraph) -> tuple[Callable[..., Any], str]:

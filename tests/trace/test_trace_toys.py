@@ -147,6 +147,33 @@ def test_call_structure_guard():
         b(hidden=torch.randn(1, 4, 8), mask=torch.ones(1, 4, dtype=torch.bool))
 
 
+class RotaryUser(nn.Module):
+    """Takes (cos, sin) as one tuple argument, as HF attention layers do."""
+
+    def forward(self, x, position_embeddings, scale=1.0):
+        cos, sin = position_embeddings
+        return (x * cos + x * sin) * scale
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda c, s: (c, s, c), "traced for"),  # another length
+    (lambda c, s: [c, s], "traced for"),  # a list, not a tuple
+    (lambda c, s: ((c,), s), "traced for"),  # nested one level deeper
+], ids=["longer", "list", "nested"])
+def test_fast_path_with_tuple_arguments_still_checks_their_structure(bad, match):
+    m = RotaryUser()
+    x, c, s = (torch.randn(2, 4) for _ in range(3))
+    b = fxpass.trace(m, ((x, (c, s)), {"scale": 1.0}), cache=None).build()
+    for _ in range(2):  # the second call of this form takes the fast path
+        assert torch.equal(b(x, (c, s), scale=1.0), m(x, (c, s)))
+        assert torch.equal(b(x, position_embeddings=(c, s), scale=1.0), m(x, (c, s)))
+    with pytest.raises(GuardError, match=match):
+        b(x, bad(c, s), scale=1.0)
+    with pytest.raises(GuardError, match="baked in"):
+        b(x, (c, s), scale=2.0)  # a constant of the trace, given another value
+    assert torch.equal(b(x, (c, s), scale=1.0), m(x, (c, s)))
+
+
 def test_trace_does_not_modify_module_and_rejects_non_modules():
     m = HFStyle(Cfg())
     before = {k: v.clone() for k, v in m.state_dict().items()}
