@@ -897,15 +897,16 @@ class _Walker:
             if entry is not None:
                 self.result.cache_hits += 1
                 reused: str | None = entry.qualname
-            else:
+            else:  # children are visited while tracing, as their calls are met
                 entry = self._trace(module, qualname, args, kwargs, symbolic)
                 if key is not None:
                     self.cache.store(key, entry)
                 reused = None
-            self._record(module, qualname, entry, reused, install=True)
             for rel, cap in entry.captures.items():
                 if rel not in entry.linear_children(module):
                     self._visit_child(module, qualname, rel, cap)
+            # after its children, whichever way they were reached: one order for the result
+            self._record(module, qualname, entry, reused, install=True)
         finally:
             self.frames.pop()
         if entry.subtree is None and frame.complete and entry.owner is None:

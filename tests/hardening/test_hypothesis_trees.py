@@ -149,6 +149,19 @@ def check_tree(spec, d: int, seed: int, fuse: bool = False) -> dict[str, int]:
     if not report.fused:
         assert set(model.state_dict()) == set(state)
 
+    # -- a second, identical tree comes from the caches (subtree replay, shared edited
+    # graphs, compiled code): the same report and the same numbers as the first ---------------
+    twin = trees.build(spec, d, seed)
+    twin_report = fxpass.apply(twin, None, load_weights=True, fuse=fuse,
+                               example_inputs=trees.example_inputs(x0, kw_root))
+    first, second = report.to_dict(), twin_report.to_dict()
+    first.pop("timings_s"), second.pop("timings_s")
+    assert second == first
+    with torch.no_grad():
+        for a, b in zip(trees.tensors(_run(model, x0, kw_root)[0]),
+                        trees.tensors(_run(twin, x0, kw_root)[0])):
+            assert torch.equal(a, b)
+
     # -- outputs -----------------------------------------------------------------------------
     guarded = knife_edge = 0
     for i, shape in enumerate((TRACE_SHAPE, TRACE_SHAPE, OTHER_SHAPE)):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -95,3 +97,68 @@ def test_default_size_vision_on_meta_traces_layers():
     assert set(t.untraced) <= {""}
     if t.untraced:
         assert "nonzero" in t.untraced[""] or "data" in t.untraced[""]
+
+
+@pytest.mark.parametrize("name", zoo.KNOWN_TOWERS)
+def test_warm_trace_replays_the_cold_one_exactly(name):
+    """A second identical tower comes whole from the cache (subtree replay): same result."""
+    cache = TraceCache()
+    size = 1 if name in ("siglip_vision", "clip_vision") else 0
+    tower = zoo.build_tower(name)
+    x = zoo.example_inputs(tower, size_index=size)
+    cold = fxpass.trace(tower, x, cache=cache)
+    warm = fxpass.trace(copy.deepcopy(tower), x, cache=cache)
+    assert list(warm.graphs) == list(cold.graphs)
+    assert (warm.untraced, warm.linear_sites, warm.python_linear_uses) == (
+        cold.untraced, cold.linear_sites, cold.python_linear_uses)
+    assert warm.cache_hits == len(warm.graphs) + len(warm.untraced)  # every module replayed
+    assert all(warm.graphs[q].graph is cold.graphs[q].graph for q in cold.graphs)
+    x2 = zoo.example_inputs(tower, size_index=2)
+    a, b = cold.build(), warm.build()
+    with torch.no_grad():
+        assert torch.equal(_first(a(**x2)), _first(b(**x2)))
+
+
+@pytest.mark.parametrize("name", ["gemma4_vision", "gemma4_audio"])
+def test_meta_memo_changes_nothing_but_the_time(name, monkeypatch):
+    """On meta values identical layers run once while walking; the result is the same as
+    running every call (the memo turned off)."""
+    from fxpass.trace import hierarchy
+
+    tower = zoo.build_tower(name, size="default", device="meta")
+    hits = []
+    real_rebuild = hierarchy._rebuild
+    monkeypatch.setattr(hierarchy, "_rebuild", lambda *a: hits.append(1) or real_rebuild(*a))
+    memo = fxpass.trace(tower, cache=None)
+    assert hits, "the memo never served a call"
+    monkeypatch.setattr(hierarchy._MetaMemo, "_key", lambda self, *a: None)
+    plain = fxpass.trace(tower, cache=None)
+    assert (memo.untraced, memo.linear_sites, memo.python_linear_uses) == (
+        plain.untraced, plain.linear_sites, plain.python_linear_uses)
+    code = {q: mg.graph.python_code("self").src for q, mg in memo.graphs.items()}
+    assert code == {q: mg.graph.python_code("self").src for q, mg in plain.graphs.items()}
+
+
+def test_meta_memo_keeps_identity_and_refuses_what_it_cannot_rebuild():
+    from fxpass.trace.hierarchy import _MetaMemo
+
+    memo, mod = _MetaMemo(), nn.Linear(2, 2, device="meta")
+    x = torch.empty(3, 2, device="meta")
+    same = lambda m, t: t  # noqa: E731 - returns its input: a hit must return the new input
+    assert memo.call(same, mod, (x,), {}) is x
+    y = torch.empty(3, 2, device="meta")
+    assert memo.call(same, mod, (y,), {}) is y and memo.hits == 1
+    view = lambda m, t: t[1:].t()  # noqa: E731 - a strided view with an offset
+    a = memo.call(view, mod, (x,), {})
+    b = memo.call(view, mod, (y,), {})
+    assert (b.shape, b.stride(), b.storage_offset()) == (a.shape, a.stride(), a.storage_offset())
+    assert memo.hits == 2
+    own = lambda m, t: m.weight  # noqa: E731 - the module's own tensor: never memoised
+    assert memo.call(own, mod, (x,), {}) is mod.weight
+    assert memo.call(own, mod, (y,), {}) is mod.weight and memo.hits == 2
+    grow = lambda m, t: t.unsqueeze_(0)  # noqa: E731 - changes its input in place
+    memo.call(grow, mod, (torch.empty(3, 2, device="meta"),), {})
+    z = torch.empty(3, 2, device="meta")
+    assert memo.call(grow, mod, (z,), {}).shape == (1, 3, 2) and z.shape == (1, 3, 2)
+    real = torch.zeros(3, 2)
+    assert memo.call(same, mod, (real,), {}) is real and memo.hits == 2  # real data: no memo
