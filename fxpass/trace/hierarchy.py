@@ -4,7 +4,11 @@ The root is traced first with the example inputs; each submodule it calls is tra
 with the inputs captured during that trace, and so on down. A module that cannot be traced
 is recorded with its reason and kept as Python; its children are still reached, through a
 plain run of it with capture hooks. Identical modules (same class, structure, attributes
-read while tracing and input signature) are traced once: the cache hands out copies.
+read while tracing and input signature) are traced once: the cache shares their graph, and a
+module whose whole subtree was traced before is recorded from the cache in one step (its
+attribute reads checked), so a second identical tower costs one tree walk. On meta values a
+graph's outputs depend on its inputs' metadata only, so while walking each (graph, input
+metadata) runs once (``_MetaMemo``).
 """
 
 from __future__ import annotations
