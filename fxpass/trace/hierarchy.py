@@ -81,11 +81,6 @@ class ModuleGraph:
         else:
             meta.info(self.node(node))[key] = value
 
-    def annotation(self, node: str, key: str) -> Any:
-        """An annotation, pending or written."""
-        pending = self._pending.get(node, {})
-        return pending[key] if key in pending else meta.get(self.node(node), key)
-
     def settle(self) -> None:
         """Write pending annotations (see :meth:`annotate`); the graph stays shared."""
         if self._pending:
@@ -578,10 +573,12 @@ def _read(module: nn.Module, path: str, name: str) -> Any:
 DEFAULT_CACHE = TraceCache()
 
 
-def _own_tensors_key(module: nn.Module) -> Any:
-    return tuple((n, tuple(t.shape), t.dtype, t.device.type)
-                 for n, t in itertools.chain(module._parameters.items(), module._buffers.items())
-                 if t is not None)
+def _key_of(module: nn.Module, children: tuple[tuple[str, Any], ...]) -> Any:
+    """A module's structure key from its children's: class, mode, own tensors' metadata."""
+    own = tuple((n, tuple(t.shape), t.dtype, t.device.type)
+                for n, t in itertools.chain(module._parameters.items(), module._buffers.items())
+                if t is not None)
+    return (type(module), module.training, own, children)
 
 
 def _structure_key(module: nn.Module, memo: dict[int, Any] | None = None) -> Any:
@@ -590,7 +587,7 @@ def _structure_key(module: nn.Module, memo: dict[int, Any] | None = None) -> Any
         return memo[id(module)]
     children = tuple((n, _structure_key(c, memo)) for n, c in module._modules.items()
                      if c is not None)
-    key = (type(module), module.training, _own_tensors_key(module), children)
+    key = _key_of(module, children)
     if memo is not None:
         memo[id(module)] = key
     return key
@@ -614,8 +611,7 @@ class TreeIndex:
                              for n, c in module._modules.items() if c is not None)
             key = keys.get(id(module))
             if key is None:
-                key = keys[id(module)] = (type(module), module.training,
-                                          _own_tensors_key(module), children)
+                key = keys[id(module)] = _key_of(module, children)
             return key
 
         walk(root, "")
@@ -802,6 +798,9 @@ class _MetaMemo:
             plan = _plan_outputs(out, leaves, module)
             if plan is not None:
                 self.outputs[key] = plan
+                # the key holds ids: keep those objects alive as long as the key
+                self.keep.extend([inner, *(x for x in leaves if not isinstance(
+                    x, (torch.Tensor, *_PLAIN)))])
         return out
 
     def _key(self, inner: GraphForward, leaves: list[Any], treespec: Any) -> Any:
@@ -815,8 +814,6 @@ class _MetaMemo:
                 parts.append((type(x), x))
             else:
                 parts.append(("id", id(x)))
-                self.keep.append(x)
-        self.keep.append(inner)
         return tuple(parts)
 
 
@@ -944,7 +941,8 @@ class _Walker:
                 self.result.eager_errors[qualname] = entry.eager_error
             for rel, what in entry.linear_uses.items():
                 self.result.python_linear_uses.setdefault(
-                    _join(qualname, rel), f"module {qualname or '<root>'} stays Python and its code {what}")
+                    _join(qualname, rel),
+                    f"module {qualname or '<root>'} stays Python and its code {what}")
 
     def _replay(self, module: nn.Module, qualname: str, entry: _Entry) -> bool:
         """Record a whole subtree from the cache: every module below was traced before.
