@@ -27,8 +27,6 @@ from fxpass.runtime import vllm_runtime
 from fxpass.trace import GraphForward, Trace, TreeIndex, installed_graph, trace
 
 
-
-
 def _mark_unsafe(ctx: RewriteContext) -> None:
     for use in weight_uses(ctx):
         if use.value_users and isinstance(ctx.module(use.linear), nn.Linear):
