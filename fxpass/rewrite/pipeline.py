@@ -207,9 +207,9 @@ def _commit(ctx: RewriteContext) -> None:
         for qualname, mg in ctx.trace.graphs.items():
             sub = ctx.module(qualname)
             installed.append((sub, sub.__dict__.get("forward")))
-            # Unedited graphs reuse the forward compiled while tracing (same code).
-            fwd = mg.compiled if mg.qualname not in ctx.edited and mg.compiled else GraphForward(mg)
-            sub.forward = types.MethodType(fwd, sub)
+            # Each module gets its own forward (its errors name it); the generated code of a
+            # shared graph is compiled once for all the modules running it.
+            sub.forward = types.MethodType(GraphForward(mg), sub)
     except Exception as e:
         for sub, previous in reversed(installed):
             if previous is None:

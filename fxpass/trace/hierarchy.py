@@ -54,7 +54,6 @@ class ModuleGraph:
     graph: fx.Graph
     spec: CallSpec
     reused_from: str | None = None  # qualname whose trace this graph copies
-    compiled: "GraphForward | None" = None  # forward compiled from an identical graph, if any
     shared: bool = False  # graph is the trace cache's: copy before editing (see own())
     _by_name: dict[str, fx.Node] | None = dataclasses.field(default=None, repr=False)
     # node name -> fxpass annotations waiting to be written (the graph is still shared)
@@ -272,7 +271,9 @@ def _plan_of(sources: list[int | str] | None, values: tuple[Any, ...]
 
 def _compile(mg: ModuleGraph) -> tuple[Callable[..., Any], str]:
     code = mg.graph.python_code(root_module="self")
-    filename = f"<fxpass graph {mg.qualname or '<root>'} #{next(GraphForward._counter)}>"
+    # shared code runs for every module with this graph: name it by class, not by one of them
+    name = mg.module_type if mg.shared else (mg.qualname or "<root>")
+    filename = f"<fxpass graph {name} #{next(GraphForward._counter)}>"
     linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
     namespace = dict(code.globals)
     exec(compile(code.src, filename, "exec"), namespace)  # noqa: S102 - fx-generated code
@@ -922,13 +923,9 @@ class _Walker:
             assert entry.spec is not None
             if install:
                 self._install(module, entry)
-            elif entry.compiled is None:
-                entry.compiled = GraphForward(ModuleGraph(
-                    entry.qualname, type(module).__name__, entry.graph, entry.spec))
             # the graph stays shared with the cache until someone edits it (own())
             self.result.graphs[qualname] = ModuleGraph(
-                qualname, type(module).__name__, entry.graph, entry.spec, reused,
-                entry.compiled, shared=True)
+                qualname, type(module).__name__, entry.graph, entry.spec, reused, shared=True)
             # Linears whose weights the graph reads without calling them (F.linear(x, l.weight),
             # nn.MultiheadAttention's out_proj) are sites too: apply decides what to do.
             for owner in entry.weight_reads(module):
@@ -999,9 +996,9 @@ class _Walker:
         self.visit(child, child_q, cap.args, cap.kwargs, cap.symbolic_ints)
 
     def _install(self, module: nn.Module, entry: _Entry) -> None:
-        if entry.compiled is None:
+        if entry.compiled is None:  # the code is shared with every module the entry serves
             entry.compiled = GraphForward(ModuleGraph(
-                entry.qualname, type(module).__name__, entry.graph, entry.spec))
+                entry.qualname, type(module).__name__, entry.graph, entry.spec, shared=True))
         if "forward" not in module.__dict__:
             module.forward = types.MethodType(self.memo.forward(entry.compiled), module)
             self.installed.append(module)

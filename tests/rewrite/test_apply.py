@@ -11,8 +11,9 @@ from torch import nn
 
 import fxpass
 from fxpass import zoo
-from fxpass.errors import QuantConfigError
+from fxpass.errors import GuardError, QuantConfigError
 from fxpass.rewrite import vllm_linear_names
+from fxpass.trace import installed_graph
 from fxpass.weights import bnb_config, load_linear_weights
 
 pytestmark = pytest.mark.usefixtures("vllm_rt")
@@ -269,3 +270,16 @@ def test_report_is_json_and_readable():
     assert d["counts"]["contiguity"] >= 1
     text = str(report)
     assert "tower.output_proj" in text and "contiguity" in text
+
+
+def test_identical_layers_share_code_but_errors_name_the_module_called():
+    tower = zoo.build_tower("gemma4_vision")
+    fxpass.apply(tower, None, load_weights=True)
+    layers = list(tower.encoder.layers)
+    assert len(layers) >= 2
+    fwds = [installed_graph(layer) for layer in layers]
+    assert fwds[0] is not fwds[1] and fwds[0].fn is fwds[1].fn  # one compile, own forwards
+    x = torch.randn(1, 4, tower.config.hidden_size)
+    for i, layer in enumerate(layers):
+        with pytest.raises(GuardError, match=rf"module 'encoder\.layers\.{i}' "):
+            layer(x, attention_mask=None, position_embeddings=(x,))
