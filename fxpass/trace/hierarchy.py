@@ -193,15 +193,16 @@ class GraphForward:
         self.src = compiled[1]
         self.graph = mg.graph  # what runs: verify and viz read node names off it
         # call form (positional count, keywords) -> where each canonical argument comes from
-        # and its shape: None for one leaf, (tuple or list, n) for a flat container of n leaves
+        # and its shape: None for one leaf, (tuple or list, n) for a flat container of n leaves;
+        # made at the first call (a tower installs hundreds of forwards)
         self._plans: dict[tuple[int, tuple[str, ...]],
-                          list[tuple[int | str, tuple[type, int] | None]]] = {}
+                          list[tuple[int | str, tuple[type, int] | None]]] | None = None
 
     def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         # Fast path: a call of a form seen before (same positional count, same keywords) maps
         # straight onto the graph's inputs, without binding and flattening it again; any
         # argument not shaped as the plan says takes the checked path.
-        plan = self._plans.get((len(args), tuple(kwargs)))
+        plan = self._plans.get((len(args), tuple(kwargs))) if self._plans else None
         if plan is not None:
             leaves: list[Any] = []
             for key, shape in plan:
@@ -241,6 +242,8 @@ class GraphForward:
         inputs = [leaves[i] for i in spec.placeholders]
         plan = _plan_of(sources, (*args, *kwargs.values()))
         if plan is not None and sum(1 if n is None else n[1] for _, n in plan) == len(leaves):
+            if self._plans is None:
+                self._plans = {}
             self._plans[form] = plan
         return self.fn(module, *inputs)
 
