@@ -24,6 +24,7 @@ import fxpass.weights as weights
 from fxpass.errors import FxpassError, QuantConfigError, RewriteError, WeightLoadError
 from fxpass.rewrite import pipeline, registry
 from fxpass.rewrite.base import is_vllm_linear
+from unchanged import Unchanged
 
 pytestmark = pytest.mark.usefixtures("vllm_rt")
 
@@ -78,24 +79,18 @@ def _toy() -> FaultToy:
         return FaultToy().eval()
 
 
-class Snapshot:
+class Snapshot(Unchanged):
+    """Unchanged, plus the toy's output on X, bit for bit."""
+
     def __init__(self, model: nn.Module) -> None:
-        self.modules = [(n, m, type(m)) for n, m in model.named_modules(remove_duplicate=False)]
-        self.state = {k: v.clone() for k, v in model.state_dict().items()}
-        self.forwards = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+        super().__init__(model)
         with torch.no_grad():
             self.out = model(X)
 
-    def assert_same(self, model: nn.Module) -> None:
-        now = [(n, m, type(m)) for n, m in model.named_modules(remove_duplicate=False)]
-        assert [(n, t) for n, _, t in now] == [(n, t) for n, _, t in self.modules]
-        assert all(a is b for (_, a, _), (_, b, _) in zip(now, self.modules))
-        state = model.state_dict()
-        assert list(state) == list(self.state)
-        assert all(torch.equal(state[k], v) for k, v in self.state.items())
-        assert {n: m.__dict__.get("forward") for n, m in model.named_modules()} == self.forwards
+    def check(self) -> None:
+        super().check()
         with torch.no_grad():
-            assert torch.equal(model(X), self.out)
+            assert torch.equal(self.model(X), self.out)
 
 
 def _apply(model: nn.Module):
@@ -171,7 +166,7 @@ def test_rule_step_failure_leaves_model_untouched(monkeypatch, rule_cls, step, e
         if exc is Injected:
             assert "the model was not changed" in str(info.value)
             assert isinstance(info.value.__cause__, Injected)
-        snap.assert_same(model)
+        snap.check()
         monkeypatch.setattr(rule_cls, step, real)
         _assert_clean_apply_still_works(model, snap)
 
@@ -213,7 +208,7 @@ def test_layer_build_or_weight_load_failure_leaves_model_untouched(monkeypatch, 
             _apply(model)
         if exc is Injected:
             assert isinstance(info.value.__cause__, Injected)
-        snap.assert_same(model)
+        snap.check()
         monkeypatch.setattr(weights, name, real)
         _assert_clean_apply_still_works(model, snap)
 
@@ -272,7 +267,7 @@ def test_every_commit_step_failure_restores_the_model(monkeypatch):
             _apply(model)
         monkeypatch.undo()
         assert "the model was restored" in str(info.value), k
-        snap.assert_same(model)
+        snap.check()
     _assert_clean_apply_still_works(model, snap)
 
 

@@ -22,6 +22,7 @@ from fxpass.cli import main
 from fxpass.errors import QuantConfigError, UsageError, WeightLoadError
 from fxpass.rewrite.base import is_vllm_linear
 from fxpass.weights import bnb_config, load_linear_weights
+from unchanged import Unchanged
 
 pytestmark = pytest.mark.usefixtures("vllm_rt")
 
@@ -56,25 +57,6 @@ def _tower() -> Tower:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return Tower().eval()
-
-
-class Unchanged:
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.modules = [(n, m, type(m)) for n, m in model.named_modules()]
-        self.state = {k: v.clone() for k, v in model.state_dict().items()}
-        self.forwards = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
-
-    def check(self) -> None:
-        now = [(n, m, type(m)) for n, m in self.model.named_modules()]
-        assert len(now) == len(self.modules)
-        assert all(a == b and x is y and s is t
-                   for (a, x, s), (b, y, t) in zip(now, self.modules))
-        state = self.model.state_dict()
-        assert list(state) == list(self.state)
-        assert all(torch.equal(state[k], v) for k, v in self.state.items() if not v.is_meta)
-        assert {n: m.__dict__.get("forward") for n, m in self.model.named_modules()} == \
-            self.forwards
 
 
 def _bnb_subclass(behaviour: str):
