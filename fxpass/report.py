@@ -38,6 +38,15 @@ class Report:
     fused: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # fused -> members
     refusals: list[dict[str, str]] = dataclasses.field(default_factory=list)  # rule, target, why
     untraced: dict[str, str] = dataclasses.field(default_factory=dict)
+    # tensor parallelism (apply(..., tp=N)): the TP size, each rewritten linear's parallel
+    # style (ColumnParallelLinear, RowParallelLinear, QKVParallelLinear,
+    # MergedColumnParallelLinear), why the others stayed replicated, the pairs sharded, and
+    # the share of the tower's parameter bytes in sharded layers
+    tp: int = 1
+    tp_styles: dict[str, str] = dataclasses.field(default_factory=dict)
+    tp_replicated: dict[str, str] = dataclasses.field(default_factory=dict)
+    tp_pairs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    tp_sharded_fraction: float = 0.0
     already_applied: bool = False
     weights_loaded: bool = False
     timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -60,7 +69,18 @@ class Report:
             "contiguity": len(self.contiguity),
             "fused_groups": len(self.fused),
             "untraced_modules": len(self.untraced),
+            "tp_column": sum(1 for v in self.tp_styles.values() if v != "RowParallelLinear"),
+            "tp_row": sum(1 for v in self.tp_styles.values() if v == "RowParallelLinear"),
+            "tp_replicated": len(self.tp_replicated),
         }
+
+    def tp_dict(self) -> dict[str, Any]:
+        """Each rewritten linear's parallel style, or "replicated" with the reason."""
+        layers = {n: {"style": s} for n, s in self.tp_styles.items()}
+        layers.update({n: {"style": "replicated", "reason": r}
+                       for n, r in self.tp_replicated.items()})
+        return {"size": self.tp, "layers": layers, "pairs": [dict(p) for p in self.tp_pairs],
+                "sharded_fraction": round(self.tp_sharded_fraction, 6)}
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -75,6 +95,7 @@ class Report:
             "fused": {k: list(v) for k, v in self.fused.items()},
             "refusals": [dict(r) for r in self.refusals],
             "untraced": dict(self.untraced),
+            "tp": self.tp_dict(),
             "already_applied": self.already_applied,
             "weights_loaded": self.weights_loaded,
             "timings_s": {k: round(v, 6) for k, v in self.timings_s.items()},
@@ -89,7 +110,11 @@ class Report:
             f"{c['replaced']} linears -> vLLM ({c['graph_rewrites']} in graphs, "
             f"{c['plain_swaps']} plain swaps), {c['skipped']} skipped, "
             f"{c['probes']} weight probes folded, {c['contiguity']} contiguity fixes"
-            + (f", {c['fused_groups']} fused groups" if self.fused else ""))
+            + (f", {c['fused_groups']} fused groups" if self.fused else "")
+            + (f", tp={self.tp}: {c['tp_column'] + c['tp_row']} linears sharded "
+               f"({c['tp_column']} column, {c['tp_row']} row), {c['tp_replicated']} "
+               f"replicated ({self.tp_sharded_fraction:.0%} of the tower's parameter bytes "
+               "sharded)" if self.tp > 1 else ""))
         return f"fxpass[{self.prefix or '<root>'}]: {head}, {total * 1000:.1f} ms"
 
     def __str__(self) -> str:
@@ -101,6 +126,10 @@ class Report:
                 how = ("graph" if name in self.graph_rewrites else
                        "fused" if any(name in m for m in self.fused.values()) else "swap")
                 lines.append(f"  {name:<{width}}  {how:<5}  {self.quant_methods.get(name, '')}")
+        for name, style in self.tp_styles.items():
+            lines.append(f"  tp: {name}: {style}")
+        for name, why in self.tp_replicated.items():
+            lines.append(f"  tp: {name}: replicated: {why}")
         for name, members in self.fused.items():
             lines.append(f"  fused: {name} <- {', '.join(members)}")
         for r in self.refusals:

@@ -35,11 +35,14 @@ BNB_METHODS = ("nf4", "fp4", "int8")
 __all__ = [
     "BNB_METHODS",
     "bnb_config",
+    "build_fused_parallel_linear",
+    "build_parallel_linear",
     "build_vllm_linear",
     "fake_quantize",
     "load_linear_weights",
     "logical_weight_info",
     "quant_method_name",
+    "tp_style",
 ]
 
 
@@ -126,18 +129,21 @@ def build_vllm_linear(
 
 
 def _build_layer(cls: type, quant_config: Any, prefix: str, device: torch.device,
-                 **sizes: Any) -> nn.Module:
-    """Build a vLLM linear ``cls`` (replicated, no TP, tensor out) with the method the config
-    gives ``prefix``; quant-config failures become QuantConfigError naming the layer."""
+                 *, tp: bool = False, **sizes: Any) -> nn.Module:
+    """Build a vLLM linear ``cls`` (tensor out) with the method the config gives ``prefix``;
+    quant-config failures become QuantConfigError naming the layer. ``tp``: sharded over
+    this process's tensor-parallel group (else replicated: ``disable_tp=True``)."""
     from .runtime import vllm_runtime
 
-    kwargs: dict[str, Any] = dict(sizes, prefix=prefix, return_bias=False, disable_tp=True)
+    kwargs: dict[str, Any] = dict(sizes, prefix=prefix, return_bias=False)
+    if not tp:
+        kwargs["disable_tp"] = True
     with vllm_runtime():
         method_cls = None
         if quant_config is not None:
-            probe = {k: v for k, v in kwargs.items() if k != "output_sizes"}
-            if "output_sizes" in kwargs:
-                probe["output_size"] = sum(kwargs["output_sizes"])
+            probe = {"input_size": _probe_input(sizes), "output_size": _probe_output(sizes),
+                     "bias": sizes.get("bias", True), "params_dtype": sizes.get("params_dtype"),
+                     "prefix": prefix, "return_bias": False, "disable_tp": True}
             method_cls = _resolve_quant_method(quant_config, prefix, probe)
         try:
             with torch.device(device):
@@ -155,6 +161,19 @@ def _build_layer(cls: type, quant_config: Any, prefix: str, device: torch.device
             ) from e
     _fix_bnb_4bit_storage(layer)
     return layer
+
+
+def _probe_input(sizes: dict[str, Any]) -> int:
+    return sizes["input_size"] if "input_size" in sizes else sizes["hidden_size"]
+
+
+def _probe_output(sizes: dict[str, Any]) -> int:
+    if "output_sizes" in sizes:
+        return sum(sizes["output_sizes"])
+    if "output_size" in sizes:
+        return sizes["output_size"]
+    head = sizes["head_size"]
+    return head * (sizes["total_num_heads"] + 2 * sizes["total_num_kv_heads"])
 
 
 def _resolve_quant_method(quant_config: Any, prefix: str, kwargs: dict[str, Any]) -> str:
@@ -203,18 +222,70 @@ def _fix_bnb_4bit_storage(layer: nn.Module) -> None:
     pack factor (used for shard offsets) are set to that. The plugin's
     alignment check in create_weights uses the same ratio, so float32 layers
     still need ``in*out % 4 == 0`` (bf16/fp16: even); others fail at build with
-    QuantConfigError.
+    QuantConfigError. Sizes are this rank's (a sharded layer holds a block of the weight).
     """
     method = _bnb_linear_method(layer)
     if method is None or method.quant_config.load_in_8bit:
         return
     weight = layer.weight
-    n_packed = (layer.input_size * layer.output_size + 1) // 2
+    n_packed = (_input_per_rank(layer) * _output_per_rank(layer) + 1) // 2
     if weight.shape[0] == n_packed:
         return
     weight.data = torch.empty(n_packed, 1, dtype=torch.uint8, device=weight.device)
     weight._packed_factor = 2
     weight.pack_factor = 2
+
+
+def _input_per_rank(layer: nn.Module) -> int:
+    return getattr(layer, "input_size_per_partition", None) or layer.input_size
+
+
+def _output_per_rank(layer: nn.Module) -> int:
+    return getattr(layer, "output_size_per_partition", None) or layer.output_size
+
+
+def tp_style(layer: nn.Module) -> str | None:
+    """"column" / "row" for a vLLM linear sharded over more than one rank, else None."""
+    if getattr(layer, "tp_size", 1) <= 1:
+        return None
+    names = {c.__name__ for c in type(layer).__mro__}
+    if "RowParallelLinear" in names:
+        return "row"
+    if "ColumnParallelLinear" in names:
+        return "column"
+    return None
+
+
+def _rank_block(weight: torch.Tensor, layer: nn.Module, style: str | None) -> torch.Tensor:
+    """This rank's block of a full [out, in] weight (what its weight_loader would keep)."""
+    if style == "column":
+        n = _output_per_rank(layer)
+        return weight[layer.tp_rank * n:(layer.tp_rank + 1) * n]
+    if style == "row":
+        n = _input_per_rank(layer)
+        return weight[:, layer.tp_rank * n:(layer.tp_rank + 1) * n]
+    return weight
+
+
+def build_parallel_linear(linear: nn.Linear, quant_config: Any, prefix: str, style: str,
+                          *, device: torch.device | str | None = None) -> nn.Module:
+    """A vLLM ``ColumnParallelLinear`` (``style="column"``, output kept split:
+    ``gather_output=False``) or ``RowParallelLinear`` (``"row"``, input already split:
+    ``input_is_parallel=True``, output all-reduced) shaped like ``linear``, sharded over
+    this process's tensor-parallel group; weights not loaded yet (the full weight through
+    its loader keeps this rank's block)."""
+    from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+
+    target = torch.device(device) if device is not None else linear.weight.device
+    common = dict(input_size=linear.in_features, output_size=linear.out_features,
+                  bias=linear.bias is not None, params_dtype=linear.weight.dtype)
+    if style == "column":
+        return _build_layer(ColumnParallelLinear, quant_config, prefix, target, tp=True,
+                            gather_output=False, **common)
+    if style == "row":
+        return _build_layer(RowParallelLinear, quant_config, prefix, target, tp=True,
+                            input_is_parallel=True, reduce_results=True, **common)
+    raise UsageError(f"{prefix}: unknown tensor-parallel style {style!r}")
 
 
 # --------------------------------------------------------------------------- quantization
@@ -320,20 +391,22 @@ def load_linear_weights(
     _check_source(layer, prefix, weight, bias)
 
     bnb = _bnb_linear_method(layer)
+    style = tp_style(layer)
     with torch.no_grad():
         src = weight.detach().to(device=layer.weight.device, dtype=layer.params_dtype)
         states: dict[int, Any] | None = None
         if bnb is None:
-            loaded = src
+            loaded = src  # a sharded layer's loader keeps its block of the full weight
         elif bnb.quant_config.load_in_8bit:
-            loaded, scb = _quantize_int8(src)
+            loaded, scb = _quantize_int8(_rank_block(src, layer, style))
             states = {0: scb}
-        else:
-            loaded, qstate = _quantize_4bit(src, bnb.quant_config.bnb_4bit_quant_type)
+        else:  # quantized per shard, as vLLM's bnb loader does under tensor parallelism
+            loaded, qstate = _quantize_4bit(_rank_block(src, layer, style),
+                                            bnb.quant_config.bnb_4bit_quant_type)
             states = {0: qstate}
-        _load_param(layer, "weight", loaded, prefix)
+        _load_param(layer, "weight", loaded, prefix, sharded=style is not None and bnb is None)
         if bias is not None:
-            _load_param(layer, "bias", bias.detach(), prefix)
+            _load_param(layer, "bias", bias.detach(), prefix, sharded=style == "column")
         if states is not None:
             _bind_quant_states(layer.weight, states, int8=bnb.quant_config.load_in_8bit)
         try:
@@ -379,9 +452,18 @@ def _check_source(
         )
 
 
-def _load_param(layer: nn.Module, name: str, tensor: torch.Tensor, prefix: str) -> None:
+def _load_param(layer: nn.Module, name: str, tensor: torch.Tensor, prefix: str,
+                sharded: bool = False) -> None:
+    """Load ``tensor`` through the parameter's loader; ``sharded``: the tensor is the full
+    one and the loader keeps this rank's block of it."""
     param = getattr(layer, name)
-    if param.shape != tensor.shape:
+    if sharded:
+        if param.numel() == 0 or param.dim() != tensor.dim():
+            raise WeightLoadError(
+                f"{prefix}.{name}: the layer's parameter has shape {tuple(param.shape)} but "
+                f"the full {tuple(tensor.shape)} is to be sharded into it; a layer is loaded "
+                "once (process_weights_after_loading repacks it): build a fresh one")
+    elif param.shape != tensor.shape:
         # The source was checked: the parameter itself changed, e.g. CPU
         # process_weights_after_loading emptied it on an earlier load.
         raise WeightLoadError(
@@ -457,6 +539,29 @@ def build_fused_linear(linears: list[nn.Linear], quant_config: Any, prefix: str)
                         bias=first.bias is not None, params_dtype=first.weight.dtype)
 
 
+def build_fused_parallel_linear(linears: list[nn.Linear], quant_config: Any, prefix: str,
+                                head_size: int | None = None) -> nn.Module:
+    """The column-parallel fused layer over ``linears`` (same input), sharded over this
+    process's tensor-parallel group: ``QKVParallelLinear`` for three members that split into
+    heads of ``head_size`` (q, then k and v of equal size), else
+    ``MergedColumnParallelLinear`` (``gather_output=False``). Each member's block for this
+    rank sits back to back in the output."""
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
+
+    first = linears[0]
+    sizes = [lin.out_features for lin in linears]
+    common = dict(bias=first.bias is not None, params_dtype=first.weight.dtype)
+    if (head_size and len(linears) == 3 and sizes[1] == sizes[2]
+            and all(n % head_size == 0 for n in sizes)):
+        return _build_layer(QKVParallelLinear, quant_config, prefix, first.weight.device,
+                            tp=True, hidden_size=first.in_features, head_size=head_size,
+                            total_num_heads=sizes[0] // head_size,
+                            total_num_kv_heads=sizes[1] // head_size, **common)
+    return _build_layer(MergedColumnParallelLinear, quant_config, prefix, first.weight.device,
+                        tp=True, input_size=first.in_features, output_sizes=sizes,
+                        gather_output=False, **common)
+
+
 def load_fused_weights(layer: nn.Module, shards: list[tuple[torch.Tensor, torch.Tensor | None]],
                        quant_config: Any) -> None:
     """Load each member's (weight, bias) as one shard of a fused layer, then finish loading.
@@ -478,14 +583,22 @@ def load_fused_weights(layer: nn.Module, shards: list[tuple[torch.Tensor, torch.
             raise WeightLoadError(f"{prefix}: shard {i} has shape {tuple(w.shape)}, expected "
                                   f"{(sizes[i], layer.input_size)}")
     bnb = _bnb_linear_method(layer)
+    ids: list[Any] = list(range(len(sizes)))
+    if type(layer).__name__ == "QKVParallelLinear" or any(
+            c.__name__ == "QKVParallelLinear" for c in type(layer).__mro__):
+        ids = ["q", "k", "v"]
+    tp_size, tp_rank = getattr(layer, "tp_size", 1), getattr(layer, "tp_rank", 0)
     with torch.no_grad():
-        if bnb is None:
+        if bnb is None:  # the loader keeps this rank's block of each shard
             for i, (w, _) in enumerate(shards):
-                layer.weight.weight_loader(layer.weight, w.detach().to(layer.params_dtype), i)
+                layer.weight.weight_loader(layer.weight, w.detach().to(layer.params_dtype),
+                                           ids[i])
         else:
             parts, states = [], {}
             for i, (w, _) in enumerate(shards):
-                src = w.detach().to(device=layer.weight.device, dtype=layer.params_dtype)
+                n = sizes[i] // tp_size  # this rank's block of the member, quantized alone
+                src = w.detach()[tp_rank * n:(tp_rank + 1) * n].to(
+                    device=layer.weight.device, dtype=layer.params_dtype)
                 if bnb.quant_config.load_in_8bit:
                     packed, states[i] = _quantize_int8(src)
                 else:
@@ -499,7 +612,7 @@ def load_fused_weights(layer: nn.Module, shards: list[tuple[torch.Tensor, torch.
             _bind_quant_states(layer.weight, states, int8=bnb.quant_config.load_in_8bit)
         if layer.bias is not None:
             for i, (_, b) in enumerate(shards):
-                layer.bias.weight_loader(layer.bias, b.detach().to(layer.bias.dtype), i)
+                layer.bias.weight_loader(layer.bias, b.detach().to(layer.bias.dtype), ids[i])
         layer.quant_method.process_weights_after_loading(layer)
 
 

@@ -64,6 +64,12 @@ class RewriteContext:
     prefix: str
     report: Report
     fuse: bool = False
+    tp: int = 1  # tensor-parallel size the tower is sharded for (1: replicated)
+    # linear qualified name -> its tensor-parallel style, for the linears sharded by the
+    # tensor-parallel rule (the other rules leave them to it)
+    tp_roles: dict[str, str] = dataclasses.field(default_factory=dict)
+    # linear qualified name -> why the tensor-parallel rule left it replicated
+    tp_refused: dict[str, str] = dataclasses.field(default_factory=dict)
     # qualified name -> vLLM layer planned to replace the module there (not yet installed)
     new_layers: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
     # qualified name -> why this linear must stay nn.Linear

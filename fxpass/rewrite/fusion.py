@@ -104,6 +104,8 @@ class SiblingFusion:
                     if linear is None:
                         continue
                     member = Member(site, linear, target, refusal)
+                if member.linear in ctx.tp_roles:
+                    continue  # sharded (and fused, with fuse=True) by the tensor-parallel rule
                 if call_counts.get(target, 0) > 1:
                     member.refusal = f"{target} is called more than once"
                 elif member.linear in read:
@@ -131,47 +133,58 @@ class SiblingFusion:
         return None
 
     def apply(self, ctx: RewriteContext, g: FusionGroup) -> None:
-        from fxpass.weights import build_fused_linear, quant_method_name
+        from fxpass.weights import build_fused_linear
 
-        mg = g.graph
-        graph = mg.own()
-        nodes = [mg.node(m.site.name) for m in g.members]
-        rels = [str(n.target).split(".")[0] for n in nodes]
-        attr = "fused__" + "__".join(rels)
-        fused_q = f"{mg.qualname}.{attr}" if mg.qualname else attr
         linears = [ctx.module(n) for n in g.names()]
         layer = build_fused_linear(linears, ctx.quant_config, ctx.full_name(g.names()[0]))
-        sizes = [lin.out_features for lin in linears]
+        install_fused(ctx, g, layer, self.name, [lin.out_features for lin in linears])
 
-        x = nodes[0].args[0]
-        with graph.inserting_before(nodes[0]):
-            fused = graph.call_module(attr, (x,))
-            parts = graph.call_function(torch.split, (fused, sizes), {"dim": -1})
-            outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(sizes))]
-        method = quant_method_name(ctx.quant_config, layer)
-        meta.info(fused)["rewrite"] = {
-            "rule": self.name, "layer": type(layer).__name__, "prefix": ctx.full_name(fused_q),
-            "quant_method": method, "members": [ctx.full_name(n) for n in g.names()],
-        }
-        for node, out in zip(nodes, outs):
-            if tensor := meta.get(node, "tensor"):
-                meta.info(out)["tensor"] = {**tensor, "contiguous": False}
-            meta.info(out)["inserted_by"] = self.name
-            node.replace_all_uses_with(out)
-            graph.erase_node(node)
 
-        for m in g.members:
-            ctx.new_layers.pop(m.linear)
-            ctx.removed.append(m.wrapper or m.linear)
-            if m.wrapper:
-                ctx.trace.graphs.pop(m.wrapper, None)
-            full = ctx.full_name(m.linear)
-            if full in ctx.report.graph_rewrites:
-                ctx.report.graph_rewrites.remove(full)
-        ctx.new_layers[fused_q] = layer
-        ctx.fused[fused_q] = list(g.names())
-        ctx.report.fused[ctx.full_name(fused_q)] = [ctx.full_name(n) for n in g.names()]
-        ctx.report.quant_methods[ctx.full_name(fused_q)] = method
-        text = (f"{', '.join(g.names())} read one input: one {type(layer).__name__} "
-                f"({'+'.join(map(str, sizes))} outputs) and a split")
-        ctx.fix(self.name, Site(mg, fused), text, detail=text)
+def install_fused(ctx: RewriteContext, g: FusionGroup, layer: nn.Module, rule: str,
+                  split_sizes: list[int]) -> str:
+    """Put ``layer`` in place of the group: one call on the shared input, then a split into
+    ``split_sizes`` (the members' outputs as this rank holds them); plan the swaps and
+    report. Returns the fused layer's qualified name."""
+    from fxpass.weights import quant_method_name
+
+    mg = g.graph
+    graph = mg.own()
+    nodes = [mg.node(m.site.name) for m in g.members]
+    rels = [str(n.target).split(".")[0] for n in nodes]
+    attr = "fused__" + "__".join(rels)
+    fused_q = f"{mg.qualname}.{attr}" if mg.qualname else attr
+    sizes = list(split_sizes)
+
+    x = nodes[0].args[0]
+    with graph.inserting_before(nodes[0]):
+        fused = graph.call_module(attr, (x,))
+        parts = graph.call_function(torch.split, (fused, sizes), {"dim": -1})
+        outs = [graph.call_function(operator.getitem, (parts, i)) for i in range(len(sizes))]
+    method = quant_method_name(ctx.quant_config, layer)
+    meta.info(fused)["rewrite"] = {
+        "rule": rule, "layer": type(layer).__name__, "prefix": ctx.full_name(fused_q),
+        "quant_method": method, "members": [ctx.full_name(n) for n in g.names()],
+    }
+    for node, out in zip(nodes, outs):
+        if tensor := meta.get(node, "tensor"):
+            meta.info(out)["tensor"] = {**tensor, "contiguous": False}
+        meta.info(out)["inserted_by"] = rule
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+
+    for m in g.members:
+        ctx.new_layers.pop(m.linear)
+        ctx.removed.append(m.wrapper or m.linear)
+        if m.wrapper:
+            ctx.trace.graphs.pop(m.wrapper, None)
+        full = ctx.full_name(m.linear)
+        if full in ctx.report.graph_rewrites:
+            ctx.report.graph_rewrites.remove(full)
+    ctx.new_layers[fused_q] = layer
+    ctx.fused[fused_q] = list(g.names())
+    ctx.report.fused[ctx.full_name(fused_q)] = [ctx.full_name(n) for n in g.names()]
+    ctx.report.quant_methods[ctx.full_name(fused_q)] = method
+    text = (f"{', '.join(g.names())} read one input: one {type(layer).__name__} "
+            f"({'+'.join(map(str, sizes))} outputs) and a split")
+    ctx.fix(rule, Site(mg, fused), text, detail=text)
+    return fused_q

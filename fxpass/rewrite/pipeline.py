@@ -43,20 +43,26 @@ def _mark_unsafe(ctx: RewriteContext) -> None:
 
 def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
           load_weights: bool = False, fuse: bool = False, example_inputs: Any = None,
-          trace_result: Trace | None = None) -> Report:
+          trace_result: Trace | None = None, tp: int | None = None) -> Report:
     """Rewrite every nn.Linear of ``model`` to a vLLM ReplicatedLinear, in place.
 
     ``prefix`` is the model's checkpoint prefix (``vision_tower``): layers are built with
     ``"<prefix>.<qualified name>"`` so quant skip lists and loaders match. ``load_weights``
     moves the model's current tensors into the new layers (quantizing in flight); leave it
     False in vLLM's model init, where the loader fills them. ``example_inputs`` are the
-    tracing inputs (default: built for known HF towers).
+    tracing inputs (default: built for known HF towers). ``tp=N`` (N > 1) shards the
+    column -> row linear pairs the graphs show over this process's vLLM tensor-parallel
+    group of N ranks (inside vLLM: the engine's; outside: ``fxpass.vllm_runtime(tp=N, ...)``
+    in each rank's process), every rank applying to the same tower; the rest stays
+    replicated. None or 1: everything replicated.
     """
     if not isinstance(model, nn.Module):
         raise UsageError(f"fxpass.apply expects an nn.Module, got {type(model).__name__}")
     if not isinstance(prefix, str):
         raise UsageError(f"prefix must be a str, got {type(prefix).__name__}")
-    report = Report(prefix=prefix)
+    if tp is not None and (not isinstance(tp, int) or isinstance(tp, bool) or tp < 1):
+        raise UsageError(f"tp must be a positive int or None, got {tp!r}")
+    report = Report(prefix=prefix, tp=tp or 1)
     t0 = time.perf_counter()
     index = TreeIndex.of(model)
     modules = index.paths
@@ -88,12 +94,16 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
     report.timings_s["trace"] = time.perf_counter() - t0
 
     ctx = RewriteContext(model, trace_result, quant_config, prefix, report, fuse=fuse,
-                         modules=modules)
+                         modules=modules, tp=tp or 1)
     t1 = time.perf_counter()
     try:
         _mark_unsafe(ctx)
         with vllm_runtime() if has_linears else contextlib.nullcontext():
+            if ctx.tp > 1:
+                _check_tp_group(ctx.tp)
             _run_rules(ctx)
+        if ctx.tp > 1:
+            _tp_report(ctx)
         for mg in ctx.graphs():
             mg.settle()
             if mg.qualname in ctx.edited:
@@ -125,6 +135,32 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
     report.replaced += [ctx.full_name(m) for members in ctx.fused.values() for m in members]
     report.timings_s["commit"] = time.perf_counter() - t3
     return report
+
+
+def _check_tp_group(tp: int) -> None:
+    from fxpass.runtime import tp_world_size
+
+    have = tp_world_size()
+    if have != tp:
+        raise UsageError(
+            f"fxpass.apply(tp={tp}): this process's vLLM tensor-parallel group has {have} "
+            f"rank(s); shard inside a vLLM engine with tensor_parallel_size={tp}, or start "
+            f"{tp} processes that each enter fxpass.vllm_runtime(tp={tp}, rank=r, "
+            "init_method='file://<shared path>') before apply")
+
+
+def _tp_report(ctx: RewriteContext) -> None:
+    """Each linear's parallel style or why it stayed replicated; the share of the tower's
+    parameter bytes that is sharded."""
+    from fxpass.rewrite.tensor_parallel import replicated_reasons
+
+    report = ctx.report
+    report.tp_styles = {ctx.full_name(q): s for q, s in ctx.tp_roles.items()}
+    report.tp_replicated = replicated_reasons(ctx)
+    total = sum(p.numel() * p.element_size() for p in ctx.model.parameters())
+    sharded = sum(p.numel() * p.element_size() for q in ctx.tp_roles
+                  for p in ctx.module(q).parameters())
+    report.tp_sharded_fraction = sharded / total if total else 0.0
 
 
 def _run_rules(ctx: RewriteContext) -> None:

@@ -9,10 +9,13 @@ from fxpass.rewrite.elementwise import InplaceElementwise
 from fxpass.rewrite.fusion import SiblingFusion
 from fxpass.rewrite.linear import LinearToVllm
 from fxpass.rewrite.probes import WeightProbes
+from fxpass.rewrite.tensor_parallel import TensorParallel
 
 
 def rules() -> list[Rule]:
-    """Linear swap first (it plans the layers the others look at), then the opt-in speed rules
-    (they match nothing unless the context says fuse), then the graph fixes."""
-    return [LinearToVllm(), SiblingFusion(), InplaceElementwise(), WeightProbes(), Contiguity(),
-            SdpaFullMask()]
+    """Linear swap first (it plans the layers the others look at), then tensor-parallel
+    sharding (matches nothing unless the context says tp > 1; it fuses its own column groups),
+    then the opt-in speed rules (they match nothing unless the context says fuse), then the
+    graph fixes."""
+    return [LinearToVllm(), TensorParallel(), SiblingFusion(), InplaceElementwise(),
+            WeightProbes(), Contiguity(), SdpaFullMask()]

@@ -1,0 +1,426 @@
+"""Rule (``tp > 1``): shard column -> row linear pairs over the tensor-parallel ranks.
+
+vLLM's hand-written towers split each layer's weights across the TP ranks
+(``mm_encoder_tp_mode="weights"``, the default): q/k/v (and an MLP's up projections) are
+column-parallel, each rank computing its block of heads / channels, and the output
+projection is row-parallel, summing the ranks' partial products in one all-reduce. An HF
+tower rewritten linear by linear is replicated whole on every rank; only the graph shows
+which linears form such a pair and whether everything between them keeps heads / channels
+apart. In each traced graph:
+
+* **match** — for each linear site (an ``nn.Linear`` call, or a thin wrapper module around
+  one such as ``Gemma4ClippableLinear``), the linears its input comes from (stopping at the
+  first linear on every path) are the column group; everything downstream of the group is
+  followed by :mod:`fxpass.rewrite.sharding`, and any other linear the sharded values reach
+  joins as row-parallel;
+* **check** — refuses the pair, naming the op, where an op between them mixes heads or
+  channels (or is not on the whitelist), where a sharded dim (a head count) does not divide
+  by the TP size (vLLM falls back to data parallel there: replicated), where a weight is read
+  outside its call or a member stays ``nn.Linear`` (tied weights), where a sharded value
+  leaves the module other than into an unused output;
+* **apply** — the group becomes ``ColumnParallelLinear`` (``gather_output=False``; with
+  ``fuse=True`` members reading one input become one ``QKVParallelLinear`` /
+  ``MergedColumnParallelLinear``), the consumer ``RowParallelLinear``
+  (``input_is_parallel=True``), and graph constants that bake the full head count or width
+  between them (``view(b, s, 8, 64)``) are rewritten to the per-rank value.
+
+Everything not sharded stays replicated, as with ``tp=1``. Each layer's parallel style (or
+why it stayed replicated) is in ``report.tp``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from fxpass.rewrite.analysis import is_probe, weight_uses
+from fxpass.rewrite.base import RewriteContext, Site, is_vllm_linear
+from fxpass.rewrite.sharding import Analysis, NeedsRow, Propagator, Refuse, has_sharded, is_rep
+from fxpass.trace import ModuleGraph
+
+# weight metadata a sharded layer still reports as HF's (dtype / device); shapes differ
+_SAFE_PROBES = frozenset({"dtype", "device", "is_cuda", "is_meta", "is_floating_point",
+                          "is_complex", "get_device"})
+
+
+@dataclasses.dataclass
+class LinearSite:
+    """A call of one linear in a graph: directly, or through a one-linear wrapper module."""
+
+    node: str  # call_module node name in the graph
+    linear: str  # qualified name of the nn.Linear
+    wrapper: str | None  # qualified name of the wrapper module called instead, if any
+    refusal: str | None = None  # why this linear cannot be sharded
+
+
+@dataclasses.dataclass
+class TPPair:
+    graph: ModuleGraph
+    columns: list[LinearSite]
+    rows: list[LinearSite]
+    analysis: Analysis | None = None
+    refusal: str | None = None
+
+    def names(self) -> list[str]:
+        return [s.linear for s in (*self.columns, *self.rows)]
+
+
+class TensorParallel:
+    name = "tensor-parallel"
+    report_refusals = True
+
+    def describe(self, ctx: RewriteContext, p: TPPair) -> str:
+        cols = " + ".join(ctx.full_name(s.linear) for s in p.columns)
+        rows = " + ".join(ctx.full_name(s.linear) for s in p.rows)
+        return f"{cols} -> {rows}"
+
+    # -- match -------------------------------------------------------------------------------
+
+    def match(self, ctx: RewriteContext) -> list[TPPair]:
+        if ctx.tp <= 1:
+            return []
+        planner = _Planner(ctx)
+        pairs = []
+        for mg in ctx.graphs():
+            pairs += planner.plan(mg)
+        for p in pairs:
+            if p.refusal is not None:
+                for s in (*p.columns, *p.rows):
+                    planner.replicated.setdefault(s.linear, f"pair refused: {p.refusal}")
+        ctx.tp_refused.update(planner.replicated)
+        return pairs
+
+    def check(self, ctx: RewriteContext, p: TPPair) -> str | None:
+        return p.refusal
+
+    # -- apply -------------------------------------------------------------------------------
+
+    def apply(self, ctx: RewriteContext, p: TPPair) -> None:
+        from fxpass.weights import build_parallel_linear, quant_method_name
+
+        assert p.analysis is not None
+        fused = _fuse_groups(ctx, p) if ctx.fuse else []
+        in_group = {s.node for g in fused for s in g}
+        for s in p.columns:
+            if s.node not in in_group:
+                self._swap(ctx, p, s, "column", build_parallel_linear, quant_method_name)
+        for s in p.rows:
+            self._swap(ctx, p, s, "row", build_parallel_linear, quant_method_name)
+        for group in fused:
+            self._fuse(ctx, p, group)
+        for edit in p.analysis.edits:
+            path, new = edit.path, edit.new
+
+            def rewrite(graph: fx.Graph, node: fx.Node, path: Any = path, new: int = new
+                        ) -> None:
+                node.args, node.kwargs = _replace_at((node.args, node.kwargs), path, new)
+
+            ctx.fix(self.name, Site(p.graph, p.graph.node(edit.node)), edit.why, rewrite)
+        ctx.report.tp_pairs.append({
+            "graph": p.graph.qualname,
+            "columns": [ctx.full_name(s.linear) for s in p.columns],
+            "rows": [ctx.full_name(s.linear) for s in p.rows],
+            "constants": [e.why for e in p.analysis.edits],
+        })
+
+    def _swap(self, ctx: RewriteContext, p: TPPair, s: LinearSite, style: str,
+              build: Any, method_name: Any) -> None:
+        full = ctx.full_name(s.linear)
+        linear = ctx.module(s.linear)
+        layer = build(linear, ctx.quant_config, full, style)
+        ctx.new_layers[s.linear] = layer
+        ctx.tp_roles[s.linear] = type(layer).__name__
+        method = method_name(ctx.quant_config, layer)
+        ctx.report.quant_methods[full] = method
+        info = {"style": type(layer).__name__, "tp": ctx.tp,
+                "pair": " + ".join(c.linear for c in p.columns) + " -> "
+                        + " + ".join(r.linear for r in p.rows)}
+        # the linear rule's annotation on the call, naming the layer actually built
+        rewrite = {"rule": "linear", "layer": type(layer).__name__, "quant_method": method,
+                   "was": type(linear).__name__}
+        p.graph.annotate(s.node, "tp", info)
+        if s.wrapper is None:
+            p.graph.annotate(s.node, "rewrite", rewrite)
+            return
+        inner = ctx.trace.graphs.get(s.wrapper)  # the layer sits in the wrapper's graph
+        rel = s.linear[len(s.wrapper) + 1:]
+        node = next((n for n in inner.nodes_of("call_module") if n.target == rel), None
+                    ) if inner is not None else None
+        if node is not None:
+            inner.annotate(node.name, "tp", info)
+            inner.annotate(node.name, "rewrite", rewrite)
+
+    def _fuse(self, ctx: RewriteContext, p: TPPair, group: list[LinearSite]) -> None:
+        from fxpass.rewrite.fusion import FusionGroup, Member, install_fused
+        from fxpass.weights import build_fused_parallel_linear
+
+        linears = [ctx.module(s.linear) for s in group]
+        units = {p.analysis.head_units.get(s.node) for s in group}  # type: ignore[union-attr]
+        head = units.pop() if len(units) == 1 else None
+        layer = build_fused_parallel_linear(linears, ctx.quant_config,
+                                            ctx.full_name(group[0].linear), head_size=head)
+        members = [Member(Site(p.graph, p.graph.node(s.node)), s.linear, s.wrapper)
+                   for s in group]
+        fused_q = install_fused(ctx, FusionGroup(members), layer, self.name,
+                                [lin.out_features // ctx.tp for lin in linears])
+        style = type(layer).__name__
+        for s in group:
+            ctx.tp_roles[s.linear] = style
+        node = next(n for n in p.graph.nodes_of("call_module")
+                    if n.target == fused_q.rpartition(".")[2])
+        p.graph.annotate(node.name, "tp", {
+            "style": style, "tp": ctx.tp, "members": [s.linear for s in group]})
+
+
+def _replace_at(obj: Any, path: tuple[Any, ...], value: Any) -> Any:
+    """``obj`` (nested tuples / lists / dicts, fx's immutable ones too) with the item at
+    ``path`` replaced."""
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    if isinstance(obj, dict):
+        out = dict(obj)
+        out[head] = _replace_at(obj[head], rest, value)
+        return out
+    items = list(obj)
+    items[head] = _replace_at(items[head], rest, value)
+    return tuple(items) if isinstance(obj, tuple) else items
+
+
+def _fuse_groups(ctx: RewriteContext, p: TPPair) -> list[list[LinearSite]]:
+    """Column members reading one input, fusable exactly (same dtype / bias / quant method,
+    thin wrappers without per-layer ops): one fused column-parallel layer each."""
+    from fxpass.rewrite.fusion import _thin_wrapper_linear
+
+    by_input: dict[Any, list[LinearSite]] = {}
+    for s in p.columns:
+        node = p.graph.node(s.node)
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            continue
+        if s.wrapper is not None and _thin_wrapper_linear(ctx, s.wrapper)[1] is not None:
+            continue
+        by_input.setdefault(node.args[0].name, []).append(s)
+    groups = []
+    for members in by_input.values():
+        if len(members) < 2:
+            continue
+        linears = [ctx.module(s.linear) for s in members]
+        first = linears[0]
+        if any(lin.in_features != first.in_features or lin.weight.dtype != first.weight.dtype
+               or (lin.bias is None) != (first.bias is None) for lin in linears):
+            continue
+        methods = {ctx.report.quant_methods.get(ctx.full_name(s.linear)) for s in members}
+        if len(methods) != 1:
+            continue
+        groups.append(members)
+    return groups
+
+
+class _Planner:
+    """Finds the pairs of each graph (see the module docstring); keeps what it learnt."""
+
+    def __init__(self, ctx: RewriteContext) -> None:
+        self.ctx = ctx
+        self.calls: dict[str, int] = {}
+        self.callers: dict[str, list[tuple[ModuleGraph, fx.Node]]] = {}
+        for mg in ctx.graphs():
+            for node in mg.nodes_of("call_module"):
+                q = f"{mg.qualname}.{node.target}" if mg.qualname else str(node.target)
+                self.calls[q] = self.calls.get(q, 0) + 1
+                self.callers.setdefault(q, []).append((mg, node))
+        self.weight_reads: dict[str, str] = {}
+        for use in weight_uses(ctx):
+            bad = [u for u in (*use.probes, *use.value_users) if not _safe_probe(u)]
+            if bad:
+                self.weight_reads.setdefault(
+                    use.linear, f"graph {use.site.graph.qualname or '<root>'} reads its "
+                                f"{use.attr} outside its call ({bad[0].format_node()}); a "
+                                "sharded layer holds only its rank's block")
+        self.replicated: dict[str, str] = {}
+
+    # what a call_module node calls
+    def resolve(self, node: fx.Node, mg: Any) -> tuple[str, Any]:
+        q = f"{mg.qualname}.{node.target}" if mg.qualname else str(node.target)
+        try:
+            module = self.ctx.module(q)
+        except AttributeError:
+            return "opaque", q
+        if isinstance(module, nn.Linear) or is_vllm_linear(module):
+            return "linear", q
+        sub = self.ctx.trace.graphs.get(q)
+        if sub is not None:
+            return "graph", (sub, module)
+        return "opaque", f"{q} ({type(module).__name__})"
+
+    def site(self, mg: ModuleGraph, node: fx.Node) -> LinearSite | None:
+        kind, payload = self.resolve(node, mg)
+        if kind == "linear":
+            return LinearSite(node.name, payload, None, self._refusal(payload, payload))
+        if kind != "graph":
+            return None
+        sub, _ = payload
+        calls = sub.nodes_of("call_module")
+        linears = [n for n in calls if self.resolve(n, sub)[0] == "linear"]
+        if len(calls) != 1 or len(linears) != 1:
+            return None
+        inner = self.resolve(linears[0], sub)[1]
+        return LinearSite(node.name, inner, sub.qualname, self._refusal(inner, sub.qualname))
+
+    def _refusal(self, linear: str, called: str) -> str | None:
+        ctx = self.ctx
+        layer = ctx.new_layers.get(linear)
+        if layer is None or type(layer).__name__ != "ReplicatedLinear":
+            why = ctx.unsafe.get(linear) or ctx.report.skipped.get(ctx.full_name(linear))
+            return f"it stays nn.Linear ({why or 'not rewritten'})"
+        if self.calls.get(called, 0) > 1 or (called != linear and self.calls.get(linear, 0) > 1):
+            return "it is called more than once (one layer cannot be column and row)"
+        if linear in self.weight_reads:
+            return self.weight_reads[linear]
+        return None
+
+    def plan(self, mg: ModuleGraph) -> list[TPPair]:
+        sites: dict[str, LinearSite] = {}
+        for node in mg.nodes_of("call_module"):
+            s = self.site(mg, node)
+            if s is not None:
+                sites[node.name] = s
+        if len(sites) < 2:
+            return []
+        taken: set[str] = set()
+        pairs = []
+        for name in [n.name for n in mg.graph.nodes if n.name in sites]:
+            if name in taken:
+                continue
+            cols = _cone(mg.node(name), sites)
+            if not cols or all(c in taken for c in cols):
+                continue
+            pair = self._pair(mg, sites, cols, name, taken)
+            if pair.refusal is None:
+                taken.update(s.node for s in (*pair.columns, *pair.rows))
+            pairs.append(pair)
+        return pairs
+
+    def _pair(self, mg: ModuleGraph, sites: dict[str, LinearSite], cols: list[str], row: str,
+              taken: set[str]) -> TPPair:
+        roles = {c: "column" for c in cols}
+        roles[row] = "row"
+
+        def result(refusal: str | None, analysis: Analysis | None = None) -> TPPair:
+            return TPPair(mg, [sites[n] for n in roles if roles[n] == "column"],
+                          [sites[n] for n in roles if roles[n] == "row"], analysis, refusal)
+
+        for _ in range(len(sites) + 1):
+            for n in roles:
+                if n in taken:
+                    return result(f"{sites[n].linear} is already sharded in another pair")
+                if sites[n].refusal:
+                    return result(f"{sites[n].linear}: {sites[n].refusal}")
+            try:
+                analysis = Propagator(mg, self.ctx.tp, roles, self.resolve).run()
+            except NeedsRow as e:
+                if e.node in sites and e.node not in roles:
+                    roles[e.node] = "row"
+                    continue
+                return result(f"a sharded value reaches the linear call {e.node}, which cannot "
+                              "take it")
+            except Refuse as e:
+                return result(str(e))
+            return result(self._escapes(mg, analysis), analysis)
+        return result("the pair does not settle")
+
+    def _escapes(self, mg: ModuleGraph, analysis: Analysis) -> str | None:
+        """A sharded value may leave the module only into an output its callers drop."""
+        out = analysis.output
+        if not has_sharded(out):
+            return None
+        where = mg.qualname or "<root>"
+        if out.kind != "T":
+            return f"{where} returns the sharded value itself"
+        callers = self.callers.get(mg.qualname, [])
+        if not callers:
+            return f"{where} returns a sharded value and no traced graph calls it"
+        for parent, call in callers:
+            for user in call.users:
+                index = user.args[1] if (user.op == "call_function" and user.args
+                                         and getattr(user.target, "__name__", "") == "getitem"
+                                         ) else None
+                if not isinstance(index, int):
+                    return (f"{where} returns a sharded value and its caller "
+                            f"{parent.qualname or '<root>'} uses the output as a whole "
+                            f"({user.format_node()})")
+                item = out.items[index] if -len(out.items) <= index < len(out.items) else None
+                if item is not None and not is_rep(item) and user.users:
+                    return (f"{where} returns a sharded value (output {index}, per-head "
+                            f"data such as attention weights) that its caller "
+                            f"{parent.qualname or '<root>'} uses")
+        return None
+
+
+def _safe_probe(user: fx.Node) -> bool:
+    if not is_probe(user):
+        return False
+    what = user.args[1] if user.op == "call_function" else user.target
+    return what in _SAFE_PROBES
+
+
+def _cone(node: fx.Node, sites: dict[str, LinearSite]) -> list[str]:
+    """The linear sites the input of ``node`` comes from (the first linear on each path)."""
+    found: list[str] = []
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.name in sites:
+            found.append(n.name)
+            continue
+        if n.op in ("placeholder", "get_attr"):
+            continue
+        stack.extend(n.all_input_nodes)
+    order = {n.name: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(found, key=order.__getitem__)
+
+
+def replicated_reasons(ctx: RewriteContext) -> dict[str, str]:
+    """Why each rewritten linear that is not sharded stayed replicated (full names)."""
+    refused = getattr(ctx, "tp_refused", {})
+    out = {}
+    for q, layer in ctx.new_layers.items():
+        members = ctx.fused.get(q, [q])
+        for m in members:
+            if m in ctx.tp_roles:
+                continue
+            out[ctx.full_name(m)] = refused.get(m, "not in a column -> row pair (no linear "
+                                                   "feeds it through per-head / per-channel "
+                                                   "ops in its graph)")
+    return out
+
+
+def plan(model: nn.Module, tp: int, *, example_inputs: Any = None, prefix: str = ""
+         ) -> list[dict[str, Any]]:
+    """The pairs ``apply(model, tp=tp)`` would shard or refuse, without a TP group or
+    changing the model: ``[{"columns", "rows", "constants", "refusal"}]`` (full names; the
+    refusal None for a pair that would be sharded). For checks and tests on one process."""
+    from fxpass.report import Report
+    from fxpass.rewrite.linear import LinearToVllm
+    from fxpass.rewrite.pipeline import _mark_unsafe
+    from fxpass.runtime import vllm_runtime
+    from fxpass.trace import trace
+
+    tr = trace(model, example_inputs)
+    ctx = RewriteContext(model, tr, None, prefix, Report(prefix=prefix, tp=tp), tp=tp)
+    _mark_unsafe(ctx)
+    rule = LinearToVllm()
+    with vllm_runtime():
+        for m in rule.match(ctx):
+            if rule.check(ctx, m) is None:
+                rule.apply(ctx, m)
+    return [{"columns": [ctx.full_name(s.linear) for s in p.columns],
+             "rows": [ctx.full_name(s.linear) for s in p.rows],
+             "constants": [e.why for e in p.analysis.edits] if p.analysis else [],
+             "refusal": p.refusal} for p in TensorParallel().match(ctx)]
