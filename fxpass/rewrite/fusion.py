@@ -96,7 +96,7 @@ class SiblingFusion:
                     continue
                 site = Site(mg, node)
                 target = site.full_target()
-                mod = ctx.module(target)
+                mod = ctx.layer_after(target)  # a layer planned by an earlier rule too
                 if isinstance(mod, nn.Linear):
                     member = Member(site, target, None)
                 else:
