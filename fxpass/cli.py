@@ -90,6 +90,10 @@ def _add_diff(sub: Any) -> None:
                    help="list every compared module in the table, not only layers and failures")
     p.add_argument("--no-fake-quant", dest="fake_quant", action="store_false",
                    help="skip the fake-quant reference (quantized runs)")
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="shard the rewritten tower over N tensor-parallel ranks (N CPU "
+                        "processes) and verify each rank against the unsharded original "
+                        "(default: 1, replicated)")
     p.add_argument("--plant-fault", metavar="KIND:LAYER", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_diff)
 
@@ -188,6 +192,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"MODEL_DIR {d} has no config.json (not a save_pretrained directory)")
     if not args.demo and not args.tower:
         raise UsageError("--tower ATTR is required, e.g. --tower model.vision_tower")
+    if args.tp < 1:
+        raise UsageError(f"--tp must be a positive number of ranks, got {args.tp}")
     for opt in ("inputs", "baseline"):
         path = getattr(args, opt)
         if path is not None and not path.is_file():
@@ -313,7 +319,8 @@ def _find_baseline_run(base: dict[str, Any], run: dict[str, Any], path: Path) ->
 
 
 def _diff_tower(model_dir: Path, attr: str, tower: Any, args: argparse.Namespace, quant: str,
-                fault: str | None, inputs: list[dict[str, Any]] | None) -> dict[str, Any]:
+                fault: str | None, inputs: list[dict[str, Any]] | None,
+                tp: int = 1) -> dict[str, Any]:
     import torch
 
     import fxpass
@@ -324,7 +331,7 @@ def _diff_tower(model_dir: Path, attr: str, tower: Any, args: argparse.Namespace
     prefix = args.prefix or attr
     candidate = copy.deepcopy(tower)
     report = fxpass.apply(candidate, _quant_config(quant), prefix=prefix, load_weights=True,
-                          example_inputs=examples[0])
+                          example_inputs=examples[0], tp=tp if tp > 1 else None)
     planted = None
     if fault is not None:
         planted = {"spec": fault, "layer": plant_fault(candidate, fault, tower, prefix=prefix)}
@@ -339,6 +346,51 @@ def _diff_tower(model_dir: Path, attr: str, tower: Any, args: argparse.Namespace
         "baseline": None, "apply": report.to_dict(), "verify": vd,
         "_text": (str(report), vr.format(all_nodes=args.all_nodes)),
     }
+
+
+def _diff_rank(rank: int, model_dir: Path, towers: tuple[str, ...], args: argparse.Namespace,
+               quant: str, fault: str | None, inputs: list[dict[str, Any]] | None
+               ) -> list[dict[str, Any]]:
+    """One tensor-parallel rank of ``fxpass diff --tp N`` (run by run_on_ranks)."""
+    import torch
+
+    from fxpass import zoo
+
+    with _quiet():
+        runs = []
+        for attr in towers:
+            tower = zoo.load_tower(model_dir, attr, dtype=getattr(torch, args.dtype))
+            tower_fault = fault
+            if fault and len(towers) > 1 and not _fault_targets(fault, attr, args):
+                tower_fault = None
+            runs.append(_diff_tower(model_dir, attr, tower, args, quant, tower_fault, inputs,
+                                    tp=args.tp))
+        return runs
+
+
+def _merge_ranks(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One run per tower: rank 0's apply report, every rank's verify result; passed when
+    every rank passed."""
+    runs = []
+    for i, run in enumerate(per_rank[0]):
+        ranks = [r[i] for r in per_rank]
+        run = dict(run)
+        run["tp"] = len(ranks)
+        run["ranks"] = [{"rank": k, "passed": r["passed"], "output_sqnr_db": r["output_sqnr_db"],
+                         "first_divergence": r["first_divergence"], "verify": r["verify"]}
+                        for k, r in enumerate(ranks)]
+        run["passed"] = all(r["passed"] for r in ranks)
+        bad = next((r for r in ranks if not r["passed"]), None)
+        if bad is not None:  # the summary shows the first failing rank
+            run["verify"], run["first_divergence"] = bad["verify"], bad["first_divergence"]
+        apply_text = run["_text"][0]
+        verify_text = "\n".join(f"-- rank {k} --\n{r['_text'][1]}"
+                                for k, r in enumerate(ranks))
+        run["_text"] = (apply_text, verify_text)
+        for r in ranks[1:]:
+            r.pop("_text", None)
+        runs.append(run)
+    return runs
 
 
 def baseline_view(doc: dict[str, Any]) -> dict[str, Any]:
@@ -397,13 +449,21 @@ def cmd_diff(args: argparse.Namespace) -> int:
         loaded = [(attr, zoo.load_tower(model_dir, attr, dtype=getattr(torch, args.dtype)))
                   for attr in towers]
         runs = []
-        with fxpass.vllm_runtime():
-            for attr, tower in loaded:
-                tower_fault = fault
-                if fault and len(towers) > 1 and not _fault_targets(fault, attr, args):
-                    tower_fault = None
-                runs.append(_diff_tower(model_dir, attr, tower, args, quant, tower_fault,
-                                        inputs))
+        if args.tp > 1:
+            from fxpass.verify.ranks import run_on_ranks
+
+            print(f"fxpass diff --tp {args.tp}: sharding over {args.tp} rank processes",
+                  flush=True)
+            runs = _merge_ranks(run_on_ranks(_diff_rank, args.tp, model_dir, towers, args,
+                                             quant, fault, inputs))
+        else:
+            with fxpass.vllm_runtime():
+                for attr, tower in loaded:
+                    tower_fault = fault
+                    if fault and len(towers) > 1 and not _fault_targets(fault, attr, args):
+                        tower_fault = None
+                    runs.append(_diff_tower(model_dir, attr, tower, args, quant, tower_fault,
+                                            inputs))
         if fault and not any(r["planted_fault"] for r in runs):
             raise UsageError(f"planted fault {fault!r}: no tower has that layer")
 
@@ -421,7 +481,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     for run in runs:
         apply_text, verify_text = run.pop("_text")
         print(f"\n== {run['tower']} ({run['tower_class']}): quant {run['quant']}, "
-              f"{run['dtype']}, {run['mode']} ==")
+              f"{run['dtype']}, {run['mode']}" + (f", tp={run['tp']}" if run.get("tp") else "")
+              + " ==")
         if run["planted_fault"]:
             print(f"planted fault: {run['planted_fault']['spec']} "
                   f"(layer {run['planted_fault']['layer']})")

@@ -151,6 +151,14 @@ def tp_world_size() -> int:
     return parallel_state.get_tensor_model_parallel_world_size()
 
 
+def tp_rank() -> int:
+    """This process's rank in its vLLM tensor-parallel group (0 when none is set up)."""
+    parallel_state = sys.modules.get("vllm.distributed.parallel_state")
+    if parallel_state is None or not parallel_state.model_parallel_is_initialized():
+        return 0
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
 def runtime_active() -> bool:
     """True when vLLM layers can be built right now (MP groups and a config exist).
 

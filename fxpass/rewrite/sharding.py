@@ -115,6 +115,19 @@ class Analysis:
     output: AV
     edits: list[ConstantEdit]
     head_units: dict[str, int]  # column site -> channels per index where its dim was split
+    # (graph qualname, call_module node, value) for every module call whose output is
+    # sharded, in this graph and the submodule graphs entered (verify slices the reference)
+    module_outputs: list[tuple[str, str, AV]] = dataclasses.field(default_factory=list)
+
+
+def spec(av: AV) -> Any:
+    """A JSON-able description of how a value is split: None (replicated), {"dim": d} for a
+    tensor sharded along d, {"items": [...]} for a tuple."""
+    if av.kind == "S":
+        return {"dim": av.dim}
+    if av.kind == "T" and has_sharded(av):
+        return {"items": [spec(i) for i in av.items]}
+    return None
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -223,6 +236,7 @@ class Propagator:
         self.env: dict[fx.Node, AV] = {}
         self.edits: list[ConstantEdit] = []
         self.head_units: dict[str, int] = {}
+        self.module_outputs: list[tuple[str, str, AV]] = []
 
     # -- driver ------------------------------------------------------------------------------
 
@@ -243,8 +257,10 @@ class Propagator:
                     raise Refuse(f"{self._at(node)}: cannot follow the sharded value "
                                  f"({type(e).__name__}: {e})") from e
             self.env[node] = av
+            if node.op == "call_module" and has_sharded(av):
+                self.module_outputs.append((self.mg.qualname, node.name, av))
         return Analysis({n.name: v for n, v in self.env.items()}, out, self.edits,
-                        self.head_units)
+                        self.head_units, self.module_outputs)
 
     def _at(self, node: fx.Node) -> str:
         return f"{self.where}: {_fmt(node)}"
@@ -452,6 +468,7 @@ class Propagator:
         except NeedsRow as e:
             raise Refuse(f"{self._at(node)}: inside {mg.qualname}, a sharded value reaches "
                          f"the linear {e.node}, which is not part of this pair") from e
+        self.module_outputs += sub.module_outputs
         if sub.edits:
             raise Refuse(f"{self._at(node)}: {mg.qualname} bakes the full size of a sharded "
                          f"dim into its graph ({sub.edits[0].why}), and its graph is shared")

@@ -38,7 +38,15 @@ from torch import nn
 
 from fxpass.rewrite.analysis import is_probe, weight_uses
 from fxpass.rewrite.base import RewriteContext, Site, is_vllm_linear
-from fxpass.rewrite.sharding import Analysis, NeedsRow, Propagator, Refuse, has_sharded, is_rep
+from fxpass.rewrite.sharding import (
+    Analysis,
+    NeedsRow,
+    Propagator,
+    Refuse,
+    has_sharded,
+    is_rep,
+    spec,
+)
 from fxpass.trace import ModuleGraph
 
 # weight metadata a sharded layer still reports as HF's (dtype / device); shapes differ
@@ -63,6 +71,8 @@ class TPPair:
     rows: list[LinearSite]
     analysis: Analysis | None = None
     refusal: str | None = None
+    # (caller graph, call node) of the module, where it returns a sharded (unused) value
+    callers: list[tuple[ModuleGraph, str]] = dataclasses.field(default_factory=list)
 
     def names(self) -> list[str]:
         return [s.linear for s in (*self.columns, *self.rows)]
@@ -109,6 +119,12 @@ class TensorParallel:
                 self._swap(ctx, p, s, "column", build_parallel_linear, quant_method_name)
         for s in p.rows:
             self._swap(ctx, p, s, "row", build_parallel_linear, quant_method_name)
+        for q, node, av in p.analysis.module_outputs:  # verify slices the reference there
+            mg = ctx.trace.graphs.get(q)
+            if mg is not None:
+                mg.annotate(node, "tp_out", spec(av))
+        for parent, call in p.callers:  # the module's own output, as its callers see it
+            parent.annotate(call, "tp_out", spec(p.analysis.output))
         for group in fused:
             self._fuse(ctx, p, group)
         for edit in p.analysis.edits:
@@ -328,7 +344,11 @@ class _Planner:
                               "take it")
             except Refuse as e:
                 return result(str(e))
-            return result(self._escapes(mg, analysis), analysis)
+            pair = result(self._escapes(mg, analysis), analysis)
+            if has_sharded(analysis.output):
+                pair.callers = [(parent, call.name)
+                                for parent, call in self.callers.get(mg.qualname, [])]
+            return pair
         return result("the pair does not settle")
 
     def _escapes(self, mg: ModuleGraph, analysis: Analysis) -> str | None:

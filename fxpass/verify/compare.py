@@ -49,7 +49,7 @@ from fxpass.verify.budgets import QUANT_ORDER, Budget, dtype_name, resolve_budge
 from fxpass.verify.metrics import Metrics, compare_tensors
 from fxpass.verify.report import FAKE_QUANT, REFERENCE, NodeResult, VerifyReport
 
-__all__ = ["verify", "fake_quant_reference", "rewritten_layers"]
+__all__ = ["verify", "fake_quant_reference", "rewritten_layers", "tp_layout"]
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 Key = tuple[str, int]  # (module path, call number)
@@ -74,9 +74,14 @@ def rewritten_layers(reference: nn.Module, candidate: nn.Module) -> dict[str, st
     return out
 
 
-def fake_quant_reference(reference: nn.Module, methods: dict[str, str]) -> nn.Module:
+def fake_quant_reference(reference: nn.Module, methods: dict[str, str],
+                         shards: dict[str, tuple[str, int]] | None = None) -> nn.Module:
     """A deep copy of ``reference`` whose linears at ``methods``' paths carry
-    ``fake_quantize(weight, method)`` (paths with method "none" keep their weights)."""
+    ``fake_quantize(weight, method)`` (paths with method "none" keep their weights).
+
+    ``shards``: path -> (tensor-parallel style "column" / "row", TP size) for layers a
+    sharded candidate quantizes block by block (each rank its block): each block is
+    fake-quantized on its own, as the ranks together compute."""
     from fxpass.weights import BNB_METHODS, fake_quantize
 
     fq = copy.deepcopy(reference)
@@ -88,8 +93,65 @@ def fake_quant_reference(reference: nn.Module, methods: dict[str, str]) -> nn.Mo
                 raise UsageError(f"{path}: no fake-quant reference for quant method {method!r} "
                                  f"(known: {', '.join(BNB_METHODS)})")
             lin = fq.get_submodule(path)
-            lin.weight.data = fake_quantize(lin.weight, method)
+            style, tp = (shards or {}).get(path, (None, 1))
+            if style is None or tp <= 1:
+                lin.weight.data = fake_quantize(lin.weight, method)
+                continue
+            dim = 0 if style == "column" else 1
+            blocks = lin.weight.chunk(tp, dim=dim)
+            lin.weight.data = torch.cat([fake_quantize(b.contiguous(), method) for b in blocks],
+                                        dim=dim)
     return fq
+
+
+def tp_layout(candidate: nn.Module) -> tuple[dict[str, Any], dict[str, tuple[str, int]]]:
+    """How a tensor-parallel candidate splits what it computes, from the annotations the
+    tensor-parallel rule left in its graphs: module path -> the split of that call's output
+    (``fxpass.rewrite.sharding.spec``), and path -> (style, TP size) of its sharded layers.
+    Both empty for a replicated candidate."""
+    from fxpass import meta
+    from fxpass.trace import installed_graph
+    from fxpass.weights import tp_style
+
+    outputs: dict[str, Any] = {}
+    layers: dict[str, tuple[str, int]] = {}
+    for path, mod in candidate.named_modules():
+        style = tp_style(mod) if is_vllm_linear(mod) else None
+        if style is not None:
+            layers[path] = (style, mod.tp_size)
+        fwd = installed_graph(mod)
+        if fwd is None:
+            continue
+        for node in fwd.graph.nodes:
+            split = meta.get(node, "tp_out") if node.op == "call_module" else None
+            if split is not None:
+                outputs[f"{path}.{node.target}" if path else str(node.target)] = split
+    return outputs, layers
+
+
+def _leaf_split(split: Any, leaf: str) -> Any:
+    """The split of one output leaf (``0``, ``0.1``, ``""``) of a call split as ``split``."""
+    for part in [p for p in leaf.split(".") if p] if leaf else []:
+        if split is None or "items" not in split or not part.isdigit():
+            return split if split is not None and "dim" in split else None
+        items = split["items"]
+        split = items[int(part)] if int(part) < len(items) else None
+    return split if split is not None and "dim" in split else None
+
+
+def _rank_block(ref: torch.Tensor, cand: torch.Tensor, split: Any) -> torch.Tensor:
+    """This rank's block of the reference's ``ref`` where the candidate holds only a block."""
+    if split is None or not isinstance(ref, torch.Tensor):
+        return ref
+    from fxpass.runtime import tp_rank
+
+    d = split["dim"]
+    if ref.dim() != cand.dim() or not 0 <= d < ref.dim():
+        return ref
+    n = cand.shape[d]
+    if ref.shape[d] == n or ref.shape[d] % n:
+        return ref
+    return ref.narrow(d, tp_rank() * n, n)
 
 
 def _normalise_inputs(inputs: Any) -> list[Inputs]:
@@ -324,6 +386,17 @@ class _Checker:
         self.exact_ref = exact_ref
         self.tol = (budget.atol, budget.rtol) if (
             budget.atol is not None and budget.rtol is not None) else (None, None)
+        # tensor parallel: path -> split of the call's output, path -> (style, TP size)
+        self.splits: dict[str, Any] = {}
+        self.shards: dict[str, tuple[str, int]] = {}
+
+    def block(self, path: str, leaf: str, cand: torch.Tensor, ref: torch.Tensor
+              ) -> torch.Tensor:
+        """The reference's tensor as this rank holds it (a block where the call is split)."""
+        split = self.splits.get(path)
+        if split is None:
+            return ref
+        return _rank_block(ref, cand, _leaf_split(split, leaf))
 
     def compare(self, cand: torch.Tensor, ref: torch.Tensor) -> Metrics:
         return compare_tensors(cand, ref, atol=self.tol[0], rtol=self.tol[1])
@@ -417,13 +490,15 @@ def verify(reference: nn.Module, candidate: nn.Module, inputs: Any, *,
     dtype = _float_dtype(reference)
     budget = resolve_budget(budget, dtype, method)
 
+    splits, shards = tp_layout(candidate)
     references: list[tuple[str, nn.Module]] = [(REFERENCE, reference)]
     if quant and fake_quant:
-        references.insert(0, (FAKE_QUANT, fake_quant_reference(reference, methods)))
+        references.insert(0, (FAKE_QUANT, fake_quant_reference(reference, methods, shards)))
     # The near-exact limits hold against the fake-quant reference for quantized candidates
     # (skipped with fake_quant=False) and against the original module otherwise.
     exact_ref = FAKE_QUANT if quant else REFERENCE
     checker = _Checker(budget, methods, _node_names(reference, runs[0]), exact_ref)
+    checker.splits, checker.shards = splits, shards
     report = VerifyReport(mode=mode, dtype=dtype_name(dtype), quant_method=method,
                           budget=budget, references=[name for name, _ in references],
                           inputs=[_describe(r) for r in runs], layer_methods=dict(methods))
@@ -486,7 +561,8 @@ def _propagated(report: VerifyReport, checker: _Checker, candidate: nn.Module,
             state["order"] += 1
             for name, leaves in ref_leaves.items():
                 if leaf in leaves:
-                    nr.metrics[name] = checker.compare(tensor, leaves[leaf])
+                    nr.metrics[name] = checker.compare(
+                        tensor, checker.block(path, leaf, tensor, leaves[leaf]))
             report.nodes.append(nr)
         if bar is not None:
             bar.update(1)
@@ -561,6 +637,13 @@ def _isolated(report: VerifyReport, checker: _Checker, candidate: nn.Module,
             layer = candidate.get_submodule(path)
             fed = [a.contiguous() if isinstance(a, torch.Tensor) else a
                    for a in (*args, *kwargs.values())]
+            style, _ = checker.shards.get(path, (None, 1))
+            if style == "row":  # the layer takes this rank's block of its input channels
+                from fxpass.runtime import tp_rank
+
+                n = layer.input_size_per_partition
+                fed = [a.narrow(-1, tp_rank() * n, n).contiguous()
+                       if isinstance(a, torch.Tensor) else a for a in fed]
             key = (path, k)
             if key not in results:
                 results[key] = []
@@ -578,7 +661,10 @@ def _isolated(report: VerifyReport, checker: _Checker, candidate: nn.Module,
             ref_leaves = dict(_leaves(output))
             for nr, (leaf, tensor) in zip(results[key], _leaves(got)):
                 if leaf in ref_leaves:
-                    nr.metrics[name] = checker.compare(tensor, ref_leaves[leaf])
+                    ref = ref_leaves[leaf]
+                    if style == "column":  # the layer gives this rank's output channels
+                        ref = _rank_block(ref, tensor, {"dim": ref.dim() - 1})
+                    nr.metrics[name] = checker.compare(tensor, ref)
             if bar is not None:
                 bar.update(1)
 
