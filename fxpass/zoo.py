@@ -98,11 +98,25 @@ def _check_name(name: str) -> None:
         raise UsageError(f"unknown tower {name!r}; pick one of {', '.join(KNOWN_TOWERS)}")
 
 
+# "small": the tiny towers' structure, one layer, at widths where each linear's rows hold at
+# least 64 inputs per tensor-parallel rank (TP=2): bitsandbytes' CPU 4-bit quantizer is
+# inaccurate on rows shorter than its 64-value block (nf4 on a random 32-wide weight: ~8-13
+# dB instead of ~20.7 dB), which would swamp any comparison of quantized towers.
+_SMALL = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 1,
+          "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 32}
+
+
 def tower_config(name: str, size: str = "tiny") -> PretrainedConfig:
     """The config `build_tower(name, size=size)` builds from (a fresh object each call)."""
     _check_name(name)
-    if size not in ("tiny", "default"):
-        raise UsageError(f"size must be 'tiny' or 'default', got {size!r}")
+    if size not in ("tiny", "small", "default"):
+        raise UsageError(f"size must be 'tiny', 'small' or 'default', got {size!r}")
+    if size == "small":
+        config = tower_config(name, "tiny")
+        for key, value in _SMALL.items():
+            if hasattr(config, key):
+                setattr(config, key, value)
+        return config
     import transformers as tf
 
     tiny = size == "tiny"
@@ -212,7 +226,9 @@ def build_tower(
 
     Weights are drawn in float32 on the CPU from `seed` and then cast/moved, so one seed gives the
     same weights (rounded) in every dtype and on every device; the caller's RNG state is left
-    untouched. `device="meta"` builds directly on the meta device (no memory, no init cost) — the
+    untouched. `size="small"` is the tiny structure (one layer) at widths bitsandbytes' CPU
+    4-bit quantizer handles well, also per rank at TP=2. `device="meta"` builds directly on
+    the meta device (no memory, no init cost) — the
     way to get `size="default"` towers quickly for speed checks of the pass itself.
     """
     config = tower_config(name, size)
@@ -227,7 +243,7 @@ def build_tower(
         else:
             with torch.device("cpu"):  # an ambient torch.device("meta") context must not win
                 tower = _from_config(config, name)
-            if size == "tiny":
+            if size in ("tiny", "small"):
                 _set_tiny_clip_bounds(tower)
                 _set_tiny_standardize(tower, torch.Generator().manual_seed(seed + 1))
                 _set_random_biases(tower, torch.Generator().manual_seed(seed + 2))

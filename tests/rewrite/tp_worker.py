@@ -1,0 +1,216 @@
+"""One rank of the 2-rank tensor-parallel checks: ``python tp_worker.py RANK INIT_FILE OUT``.
+
+Run twice, in parallel, by tests/rewrite/test_tensor_parallel_ranks.py (real processes: one
+vLLM tensor-parallel group of 2 over gloo and vLLM's shared-memory CPU all-reduce). Every
+check that needs the two ranks runs here, in one process per rank (vLLM's import is paid
+once); the results go to OUT/rank<RANK>.json and the tests assert on them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+TP = 2
+# SigLIP / CLIP take another branch at their native size (index 0) than at 1 and 2: index 0
+# is checked on a tower traced there, 1 and 2 on one traced at 1 (as tests/rewrite does).
+TRACE_SIZES = {"gemma4_vision": ((0, (0, 1, 2)),), "gemma4_audio": ((0, (0, 1, 2)),),
+               "siglip_vision": ((1, (1, 2)), (0, (0,))),
+               "clip_vision": ((1, (1, 2)), (0, (0,)))}
+
+
+def _first(out: Any) -> Any:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    return out[0]
+
+
+def _sqnr(ref: Any, got: Any) -> float:
+    ref, got = ref.float(), got.float()
+    err = (ref - got).pow(2).sum()
+    return float(10 * math.log10(ref.pow(2).sum() / err)) if err > 0 else float("inf")
+
+
+def _param_bytes(module: Any, weights_only: bool = False) -> int:
+    return sum(p.numel() * p.element_size() for n, p in module.named_parameters()
+               if not weights_only or n.endswith("weight"))
+
+
+def towers(out: dict[str, Any]) -> None:
+    """Each tower sharded (fuse off / on) against the unsharded original, three sizes."""
+    import torch
+
+    import fxpass
+    from fxpass import zoo
+
+    for name in zoo.KNOWN_TOWERS:
+        for fuse in (False, True):
+            key = f"{name}/{'fused' if fuse else 'plain'}"
+            entry: dict[str, Any] = {"max_abs": {}, "verify": {}}
+            for trace_size, sizes in TRACE_SIZES[name]:
+                ref = zoo.build_tower(name)
+                cand = copy.deepcopy(ref)
+                report = fxpass.apply(cand, tp=TP, load_weights=True, fuse=fuse,
+                                      prefix="tower",
+                                      example_inputs=zoo.example_inputs(ref, size_index=trace_size))
+                if trace_size == TRACE_SIZES[name][0][0]:
+                    entry["report"] = report.to_dict()
+                    entry["summary"] = report.summary_line()
+                inputs = [zoo.example_inputs(ref, size_index=s, seed=7) for s in sizes]
+                with torch.no_grad():
+                    for s, x in zip(sizes, inputs):
+                        r, o = _first(ref(**x)), _first(cand(**x))
+                        entry["max_abs"][str(s)] = float((r - o).abs().max())
+                        entry.setdefault("shapes", {})[str(s)] = list(o.shape)
+                for mode in ("propagated", "isolated"):
+                    vr = fxpass.verify(ref, cand, inputs, mode=mode, progress=False)
+                    d = vr.to_dict()
+                    entry["verify"][f"{mode}@{trace_size}"] = {
+                        "passed": vr.passed, "first_divergence": d["first_divergence"],
+                        "nodes": len(vr.nodes)}
+            out[key] = entry
+
+
+def nf4(out: dict[str, Any]) -> None:
+    """bnb nf4 sharded (quantized per shard) vs nf4 replicated: SQNR vs the float tower.
+
+    On the "small" towers: bitsandbytes' CPU 4-bit quantizer is inaccurate on rows shorter
+    than its 64-value block, which the tiny towers' 32-wide rows (16 per rank) are.
+    """
+    import torch
+
+    import fxpass
+    from fxpass import zoo
+    from fxpass.weights import bnb_config
+
+    for name in zoo.KNOWN_TOWERS:
+        trace_size, sizes = TRACE_SIZES[name][0]
+        ref = zoo.build_tower(name, dtype=torch.bfloat16, size="small")
+        examples = zoo.example_inputs(ref, size_index=trace_size)
+        got: dict[str, Any] = {}
+        for label, tp in (("tp1", None), ("tp2", TP)):
+            cand = copy.deepcopy(ref)
+            fxpass.apply(cand, bnb_config("nf4"), tp=tp, load_weights=True, prefix="tower",
+                         example_inputs=examples)
+            with torch.no_grad():
+                got[label] = {str(s): _sqnr(_first(ref(**x)), _first(cand(**x))) for s, x in
+                              ((s, zoo.example_inputs(ref, size_index=s, seed=3))
+                               for s in sizes)}
+            if tp is not None:
+                vr = fxpass.verify(ref, cand, [zoo.example_inputs(ref, size_index=s, seed=3)
+                                               for s in sizes], progress=False)
+                got["verify_passed"] = vr.passed
+                got["verify_first_divergence"] = vr.to_dict()["first_divergence"]
+        out[f"{name}/nf4"] = got
+
+
+def sizes(out: dict[str, Any]) -> None:
+    """Per-rank bytes of the sharded linears against the same linears replicated."""
+    import torch
+
+    import fxpass
+    from fxpass import zoo
+    from fxpass.weights import bnb_config
+
+    for name in zoo.KNOWN_TOWERS:
+        trace_size = TRACE_SIZES[name][0][0]
+        entry: dict[str, Any] = {}
+        for quant in ("bf16", "nf4"):
+            ref = zoo.build_tower(name, dtype=torch.bfloat16)
+            examples = zoo.example_inputs(ref, size_index=trace_size)
+            qc = bnb_config("nf4") if quant == "nf4" else None
+            # unquantized: vLLM-CPU moves loaded weights into oneDNN handles, so the layers'
+            # own allocation is measured before loading; nf4: the packed weights as loaded
+            load = quant == "nf4"
+            one, two = copy.deepcopy(ref), copy.deepcopy(ref)
+            fxpass.apply(one, qc, load_weights=load, example_inputs=examples)
+            report = fxpass.apply(two, qc, tp=TP, load_weights=load, example_inputs=examples)
+            sharded = list(report.tp_styles)
+            entry[quant] = {
+                "sharded_weight_bytes": sum(_param_bytes(two.get_submodule(n), True)
+                                            for n in sharded),
+                "replicated_weight_bytes": sum(_param_bytes(one.get_submodule(n), True)
+                                               for n in sharded),
+                "sharded_bytes": sum(_param_bytes(two.get_submodule(n)) for n in sharded),
+                "replicated_bytes": sum(_param_bytes(one.get_submodule(n)) for n in sharded),
+                "sharded_fraction": report.tp_sharded_fraction,
+                "n_sharded": len(sharded),
+            }
+        out[f"{name}/bytes"] = entry
+
+
+def toys(out: dict[str, Any]) -> None:
+    """The refusal toys (and a control that shards): reasons, and still the right answer."""
+    import torch
+
+    import fxpass
+    from tp_toys import TOYS, build_toy, toy_input
+
+    for name in TOYS:
+        ref = build_toy(name)
+        cand = copy.deepcopy(ref)
+        report = fxpass.apply(cand, tp=TP, load_weights=True,
+                              example_inputs=(toy_input(name),))
+        with torch.no_grad():
+            errs = [float((ref(x) - cand(x)).abs().max())
+                    for x in (toy_input(name, seq=s, seed=s) for s in (3, 5, 8))]
+        out[f"toy/{name}"] = {"report": report.to_dict(), "max_abs": errs}
+
+
+def checkpoint(out: dict[str, Any]) -> None:
+    """Sharded layers filled by load_checkpoint from the original names (plain and fused)."""
+    import torch
+
+    import fxpass
+    from fxpass import zoo
+    from fxpass.weights import load_checkpoint
+
+    for fuse in (False, True):
+        ref = zoo.build_tower("siglip_vision")
+        state = {k: v.clone() for k, v in ref.state_dict().items()}
+        cand = zoo.build_tower("siglip_vision", seed=5)  # other weights: all must be loaded
+        examples = zoo.example_inputs(ref, size_index=1)
+        report = fxpass.apply(cand, tp=TP, fuse=fuse, example_inputs=examples)
+        fused = {k.removeprefix(""): v for k, v in report.fused.items()}
+        loose = load_checkpoint(cand, state, None, fused=fused)
+        with torch.no_grad():
+            x = zoo.example_inputs(ref, size_index=2, seed=4)
+            err = float((_first(ref(**x)) - _first(cand(**x))).abs().max())
+        out[f"checkpoint/{'fused' if fuse else 'plain'}"] = {"max_abs": err, "loose": loose}
+
+
+def main() -> None:
+    rank, init_file, out_dir = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    t0 = time.perf_counter()
+    import fxpass
+
+    results: dict[str, Any] = {"rank": rank, "timings_s": {}}
+    with fxpass.vllm_runtime(tp=TP, rank=rank, init_method=f"file://{init_file}"):
+        from fxpass.runtime import tp_rank, tp_world_size
+
+        results["group"] = [tp_rank(), tp_world_size()]
+        results["timings_s"]["start"] = time.perf_counter() - t0
+        for step in (towers, nf4, sizes, toys, checkpoint):
+            t = time.perf_counter()
+            try:
+                step(results)
+            except Exception:  # the tests show it; the other rank may hang without us
+                results.setdefault("errors", {})[step.__name__] = traceback.format_exc()
+                (out_dir / f"rank{rank}.json").write_text(json.dumps(results, default=str))
+                raise
+            results["timings_s"][step.__name__] = time.perf_counter() - t
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(results, default=str))
+
+
+if __name__ == "__main__":
+    main()
