@@ -71,6 +71,8 @@ class TowerRecord:
     report: Any = None  # fxpass.report.Report, None when the walk ran instead
     fallback: str | None = None  # why vLLM's own walk ran instead of fxpass
     guard_fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)  # module -> calls
+    # the engine's tensor-parallel size and mm_encoder_tp_mode when the tower was built
+    tp_mode: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -78,6 +80,7 @@ class TowerRecord:
             "tower": self.tower,
             "fallback": self.fallback,
             "guard_fallbacks": dict(self.guard_fallbacks),
+            "tp_mode": dict(self.tp_mode),
             "report": self.report.to_dict() if self.report is not None else None,
         }
 
@@ -228,8 +231,9 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
         import fxpass
 
         inputs = _example_inputs(model)
+        tp, record.tp_mode = engine_tp()
         report = fxpass.apply(model, quant_config, prefix=prefix, load_weights=False,
-                              example_inputs=inputs)
+                              example_inputs=inputs, tp=tp if tp > 1 else None)
         _guard_graphs(model, record)
     except Exception as e:  # noqa: BLE001 - never break the model: vLLM's walk takes over
         reason = f"{type(e).__name__}: {e}".strip()
@@ -241,11 +245,40 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
         return original(model, quant_config, prefix=prefix)
     record.report = report
     logger.info("%s", report.summary_line())
+    if record.tp_mode.get("world_size", 1) > 1 and record.tp_mode.get("tp", 1) == 1:
+        logger.info("fxpass[%s]: mm_encoder_tp_mode=%s: the tower stays replicated on each of "
+                    "the %d tensor-parallel ranks", prefix or "<root>",
+                    record.tp_mode.get("mm_encoder_tp_mode"), record.tp_mode["world_size"])
     if logger.isEnabledFor(logging.DEBUG):
         table = str(report).splitlines()[1:]  # line 0 is the summary just logged
         if table:
             logger.debug("fxpass[%s] report:\n%s", prefix or "<root>", "\n".join(table))
     return None
+
+
+def tp_for(world_size: int, mode: str | None) -> int:
+    """The TP size to shard a tower over: vLLM's TP world size under
+    ``mm_encoder_tp_mode="weights"`` (vLLM's default: split each layer's weights across the
+    ranks), 1 (replicated) under ``"data"`` or on one rank."""
+    return world_size if world_size > 1 and (mode or "weights") == "weights" else 1
+
+
+def engine_tp() -> tuple[int, dict[str, Any]]:
+    """(TP size to shard over, what it was decided from) inside vLLM's model init."""
+    from fxpass.runtime import tp_world_size
+
+    world = tp_world_size()
+    mode = None
+    try:
+        from vllm.config import get_current_vllm_config_or_none
+
+        config = get_current_vllm_config_or_none()
+        mm = getattr(getattr(config, "model_config", None), "multimodal_config", None)
+        mode = getattr(mm, "mm_encoder_tp_mode", None)
+    except Exception:  # noqa: BLE001 - no config: vLLM's default mode
+        mode = None
+    tp = tp_for(world, mode)
+    return tp, {"world_size": world, "mm_encoder_tp_mode": mode or "weights", "tp": tp}
 
 
 def _example_inputs(tower: Any) -> Any:
@@ -296,10 +329,13 @@ def _guarded_forward_class() -> type:
         """
 
         def __init__(self, inner: Any, qualname: str, record: TowerRecord) -> None:
+            from fxpass.rewrite.tensor_parallel import runs_sharded
+
             self.__dict__.update(inner.__dict__)
             self._inner = inner
             self._module_name = qualname
             self._record = record
+            self._sharded = runs_sharded(inner.graph)
 
         def __call__(self, module: Any, *args: Any, **kwargs: Any) -> Any:
             try:
@@ -307,6 +343,15 @@ def _guarded_forward_class() -> type:
             except GuardError as e:
                 record = self._record
                 name = self._module_name or "<root>"
+                if self._sharded:  # its Python forward would see per-rank shapes
+                    raise GuardError(
+                        f"fxpass[{record.prefix or '<root>'}]: the traced graph of {name} "
+                        "refused a call, and its module is sharded for tensor parallelism, "
+                        "so its Python forward cannot stand in (it would see each rank's "
+                        "block with the full head counts); serve this model with "
+                        "FXPASS_DISABLE=1 (replicated towers), or with "
+                        "mm_encoder_tp_mode='data' where the model supports it: "
+                        f"{str(e).splitlines()[0][:500]}") from e
                 with _lock:
                     first = name not in record.guard_fallbacks
                     record.guard_fallbacks[name] = record.guard_fallbacks.get(name, 0) + 1
@@ -321,5 +366,5 @@ def _guarded_forward_class() -> type:
     return GuardedForward
 
 
-__all__ = ["ENV_DISABLE", "TowerRecord", "disabled", "records", "register", "replace_linear",
-           "vllm_walk"]
+__all__ = ["ENV_DISABLE", "TowerRecord", "disabled", "engine_tp", "records", "register",
+           "replace_linear", "tp_for", "vllm_walk"]

@@ -118,6 +118,8 @@ class Analysis:
     # (graph qualname, call_module node, value) for every module call whose output is
     # sharded, in this graph and the submodule graphs entered (verify slices the reference)
     module_outputs: list[tuple[str, str, AV]] = dataclasses.field(default_factory=list)
+    # (graph qualname, placeholder, value) where a submodule graph is fed a sharded value
+    module_inputs: list[tuple[str, str, AV]] = dataclasses.field(default_factory=list)
 
 
 def spec(av: AV) -> Any:
@@ -237,6 +239,7 @@ class Propagator:
         self.edits: list[ConstantEdit] = []
         self.head_units: dict[str, int] = {}
         self.module_outputs: list[tuple[str, str, AV]] = []
+        self.module_inputs: list[tuple[str, str, AV]] = []
 
     # -- driver ------------------------------------------------------------------------------
 
@@ -260,7 +263,7 @@ class Propagator:
             if node.op == "call_module" and has_sharded(av):
                 self.module_outputs.append((self.mg.qualname, node.name, av))
         return Analysis({n.name: v for n, v in self.env.items()}, out, self.edits,
-                        self.head_units, self.module_outputs)
+                        self.head_units, self.module_outputs, self.module_inputs)
 
     def _at(self, node: fx.Node) -> str:
         return f"{self.where}: {_fmt(node)}"
@@ -469,6 +472,9 @@ class Propagator:
             raise Refuse(f"{self._at(node)}: inside {mg.qualname}, a sharded value reaches "
                          f"the linear {e.node}, which is not part of this pair") from e
         self.module_outputs += sub.module_outputs
+        self.module_inputs += sub.module_inputs
+        self.module_inputs += [(mg.qualname, name, av) for name, av in feeds.items()
+                               if has_sharded(av)]
         if sub.edits:
             raise Refuse(f"{self._at(node)}: {mg.qualname} bakes the full size of a sharded "
                          f"dim into its graph ({sub.edits[0].why}), and its graph is shared")

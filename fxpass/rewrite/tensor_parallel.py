@@ -123,6 +123,10 @@ class TensorParallel:
             mg = ctx.trace.graphs.get(q)
             if mg is not None:
                 mg.annotate(node, "tp_out", spec(av))
+        for q, node, av in p.analysis.module_inputs:  # this module sees per-rank shapes
+            mg = ctx.trace.graphs.get(q)
+            if mg is not None:
+                mg.annotate(node, "tp_in", spec(av))
         for parent, call in p.callers:  # the module's own output, as its callers see it
             parent.annotate(call, "tp_out", spec(p.analysis.output))
         for group in fused:
@@ -189,6 +193,13 @@ class TensorParallel:
                     if n.target == fused_q.rpartition(".")[2])
         p.graph.annotate(node.name, "tp", {
             "style": style, "tp": ctx.tp, "members": [s.linear for s in group]})
+
+
+def runs_sharded(graph: fx.Graph) -> bool:
+    """True for a graph the tensor-parallel rule made per-rank (it calls a sharded layer or
+    is fed a sharded value): its module's Python forward would not compute the same."""
+    return any("tp" in n.meta.get("fxpass", {}) or "tp_in" in n.meta.get("fxpass", {})
+               for n in graph.nodes)
 
 
 def _replace_at(obj: Any, path: tuple[Any, ...], value: Any) -> Any:

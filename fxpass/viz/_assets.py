@@ -7,7 +7,7 @@ the model (module names, reasons, config values) goes through ``textContent`` or
 
 CSS = r"""
 :root { --rw: #e8590c; --rwbg: #ffe8cc; --py: #495057; --fix: #7048e8; --ins: #2b8a3e;
-        --rm: #c92a2a; --first: #d6336c; --edge: #adb5bd; }
+        --rm: #c92a2a; --first: #d6336c; --edge: #adb5bd; --tpc: #1971c2; --tpr: #9c36b5; }
 * { box-sizing: border-box; }
 body { margin: 0; font: 13px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
        color: #212529; background: #f8f9fa; }
@@ -18,6 +18,7 @@ header { background: #fff; border-bottom: 1px solid #dee2e6; }
 .counts { display: flex; flex-wrap: wrap; gap: 4px 14px; padding: 8px 14px 4px; }
 .count b { font-size: 15px; }
 .count.rw b { color: var(--rw); } .count.py b { color: var(--py); } .count.fx b { color: var(--fix); }
+.count.tp b { color: var(--tpc); }
 .controls { display: flex; gap: 12px; align-items: center; flex-wrap: wrap; }
 .controls label { white-space: nowrap; cursor: pointer; }
 .controls button { font: inherit; padding: 2px 8px; cursor: pointer; }
@@ -55,6 +56,7 @@ main { padding: 8px 14px 60px; }
 .b-py { color: #fff; background: var(--py); border-color: var(--py); }
 .b-fix { color: var(--fix); border-color: var(--fix); }
 .b-sk { color: var(--rm); border-color: var(--rm); }
+.b-tp { color: var(--tpc); border-color: var(--tpc); }
 .b-fail { color: #fff; background: var(--rm); border-color: var(--rm); }
 .b-reuse { color: #868e96; border-color: #ced4da; }
 .b-sq { color: #212529; border-color: #adb5bd; display: none; }
@@ -94,6 +96,9 @@ g.node.rewritten text.main { fill: #a63e00; font-weight: 700; }
 g.node.will-rewrite rect.bg { stroke: var(--rw); stroke-dasharray: 5 3; stroke-width: 2; }
 g.node.python rect.bg { fill: url(#fx-hatch); stroke: var(--py); stroke-width: 2; }
 g.node.skipped rect.bg { stroke: var(--rm); stroke-width: 2; }
+g.node.tp-column rect.bg { stroke: var(--tpc); stroke-width: 3; }
+g.node.tp-row rect.bg { stroke: var(--tpr); stroke-width: 3; }
+g.node.tp-refused rect.bg { stroke: var(--rm); stroke-width: 2; stroke-dasharray: 2 2; }
 g.node.inserted rect.bg { stroke: var(--ins); stroke-width: 2; stroke-dasharray: 4 2; fill: #ebfbee; }
 g.node.removed rect.bg { stroke: var(--rm); stroke-dasharray: 4 2; fill: #fff5f5; }
 g.node.removed text.main { text-decoration: line-through; }
@@ -293,6 +298,8 @@ JS = r"""
     if (n.ck === "python") c += " python";
     if (n.c !== undefined && n.c !== null) c += " callable";
     if (n.sk) c += " skipped";
+    if (n.tp) c += n.tp.style === "RowParallelLinear" ? " tp-row" : " tp-column";
+    if (n.tpr) c += " tp-refused";
     if (n.ins) c += " inserted";
     if (n.rm) c += " removed";
     if (n.fx) c += " fixed";
@@ -455,6 +462,9 @@ JS = r"""
     if (n.wr) kv(box, "apply makes it", n.wr.layer + " · " + n.wr.quant_method);
     if (n.ck === "python") kv(box, "Python", n.why);
     if (n.sk) kv(box, "kept nn.Linear", n.sk);
+    if (n.tp) kv(box, "tensor parallel", n.tp.style + " (tp=" + n.tp.tp + ")" +
+                 (n.tp.pair ? ": " + n.tp.pair : ""));
+    if (n.tpr) kv(box, "tensor parallel", "replicated: " + n.tpr);
     if (n.ins) kv(box, "inserted by", n.ins);
     if (n.rm) kv(box, "removed", "not in the graph after apply");
     (n.fx || []).forEach(function (f) { kv(box, "fix: " + f.rule, f.detail); });

@@ -73,6 +73,14 @@ def _node_style(d: dict[str, Any], diff: bool) -> dict[str, Any]:
     if d.get("skipped"):
         color, penwidth = "#c92a2a", "2"
         classes.append("skipped")
+    if d.get("tp"):
+        row = d["tp"].get("style") == "RowParallelLinear"
+        color, penwidth = ("#9c36b5" if row else "#1971c2"), "3"
+        classes.append("tp-row" if row else "tp-column")
+    if d.get("tp_refused"):
+        color, penwidth = "#c92a2a", "2"
+        style.append("dotted")
+        classes.append("tp-refused")
     if d.get("inserted_by"):
         color, penwidth = "#2b8a3e", "2"
         style.append("dashed")
@@ -109,6 +117,11 @@ def _tooltip(path: str, name: str, d: dict[str, Any]) -> str:
         lines.append(f"Python: {d['reason']}")
     if d.get("skipped"):
         lines.append(f"kept nn.Linear: {d['skipped']}")
+    if d.get("tp"):
+        lines.append(f"tensor parallel: {d['tp'].get('style')} (tp={d['tp'].get('tp')})"
+                     + (f": {d['tp']['pair']}" if d["tp"].get("pair") else ""))
+    if d.get("tp_refused"):
+        lines.append(f"tensor parallel: replicated: {d['tp_refused']}")
     for e in d.get("metrics") or []:
         ms = ", ".join(f"{ref}: sqnr {m.get('sqnr_db')} dB, cos {m.get('cosine')}, "
                        f"max_abs {m.get('max_abs')}" for ref, m in e.get("metrics", {}).items())

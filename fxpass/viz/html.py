@@ -57,7 +57,8 @@ _NODE_KEYS = {  # model attribute -> short key in the page data
     "tensor": "sh", "pytype": "py", "rewrite": "rw", "will_rewrite": "wr", "fixes": "fx",
     "inserted_by": "ins", "guard": "gd", "call_kind": "ck", "call_type": "ct",
     "reason": "why", "skipped": "sk", "metrics": "m", "sqnr": "q", "failed": "fail",
-    "first": "first", "removed": "rm", "static": "st", "unused": "un",
+    "first": "first", "removed": "rm", "static": "st", "unused": "un", "tp": "tp",
+    "tp_refused": "tpr",
 }
 
 
@@ -214,6 +215,10 @@ def _summary_html(model: VizModel, data: dict[str, Any]) -> str:
     count("sk", "count-skipped", s["skipped"], "kept nn.Linear")
     count("py", "count-untraced", s["untraced"], "modules left as Python",
           "modules the tracer kept as Python (Trace.untraced)")
+    if s.get("tp", 1) > 1:
+        count("tp", "count-tp-sharded", s["tp_sharded"], f"linears sharded (tp={s['tp']})",
+              "column- / row-parallel layers of the tensor-parallel pairs")
+        count("sk", "count-tp-refused", s["tp_refused"], "tensor-parallel pairs refused")
     count("fx", "count-probes", s["probes"], "weight probes folded")
     count("fx", "count-contiguity", s["contiguity"], "contiguity fixes")
     count("", "count-graphs", s["graphs"], "graphs")
@@ -302,6 +307,15 @@ def _summary_html(model: VizModel, data: dict[str, Any]) -> str:
                      f'{_goto(q or "<root>", ids.get(_row_of(model.tree, q)), node, view=view)}: '
                      f'{_e(f.get("detail"))}')
     details("list-fixes", "Fixes", fixes)
+    tp = rep.get("tp") or {}
+    if tp.get("size", 1) > 1:
+        details("list-tp", f"Tensor-parallel styles (tp={tp['size']})", [
+            f'{_goto(k, *where(k))} <span class="badge b-tp">{_e(v["style"])}</span>'
+            + (f': {_e(v["reason"])}' if v.get("reason") else "")
+            for k, v in tp.get("layers", {}).items()])
+        details("list-tp-refused", "Tensor-parallel pairs refused", [
+            f'<span class="mono">{_e(r.get("target"))}</span>: {_e(r.get("reason"))}'
+            for r in rep.get("refusals", []) if r.get("rule") == "tensor-parallel"])
     details("list-skipped", "Kept nn.Linear", [
         f'{_goto(k, *where(k))}: {_e(v)}' for k, v in rep.get("skipped", {}).items()])
     details("list-plain-swaps", "Swapped without a graph", [

@@ -208,6 +208,8 @@ def _graph_to_nx(qualname: str, graph: fx.Graph, *, annotations: bool,
                 attrs["fixes"] = _jsonable(info["fixes"])
             if info.get("inserted_by"):
                 attrs["inserted_by"] = str(info["inserted_by"])
+            if info.get("tp"):  # a tensor-parallel layer (or the call of its wrapper)
+                attrs["tp"] = _jsonable(info["tp"])
         g.add_node(node.name, **attrs)
         for inp in node.all_input_nodes:
             g.add_edge(inp.name, node.name)
@@ -236,6 +238,10 @@ def _label(name: str, d: dict[str, Any]) -> tuple[str, str, str | None]:
     if d.get("rewrite"):
         rw = d["rewrite"]
         badge = f"{rw.get('layer', '?')} · {rw.get('quant_method', '?')}"
+        if d.get("tp"):
+            badge += f" · tp={d['tp'].get('tp')}"
+    elif d.get("tp"):
+        badge = f"{d['tp'].get('style', '?')} · tp={d['tp'].get('tp')}"
     elif d.get("will_rewrite"):
         rw = d["will_rewrite"]
         badge = f"→ {rw.get('layer', '?')} · {rw.get('quant_method', '?')}"
@@ -391,6 +397,9 @@ def build_model(trace_result: Any, report: Any = None, verify: Any = None,
     skipped = {strip(k): v for k, v in (rep or {}).get("skipped", {}).items()}
     plain_swaps = {strip(k): v for k, v in (rep or {}).get("plain_swaps", {}).items()}
     quant_methods = {strip(k): v for k, v in (rep or {}).get("quant_methods", {}).items()}
+    # linears a refused tensor-parallel pair left replicated -> the reason
+    tp_refused = {strip(k): v for k, v in ((rep or {}).get("tp") or {}).get("layers", {}).items()
+                  if v.get("style") == "replicated" and "pair refused" in v.get("reason", "")}
 
     def annotate_calls(q: str, g: nx.DiGraph) -> None:
         for n, d in g.nodes(data=True):
@@ -407,6 +416,11 @@ def build_model(trace_result: Any, report: Any = None, verify: Any = None,
                 d["call_type"] = _module_type(root, full)
             if full in skipped:
                 d["skipped"] = skipped[full]
+            refused = tp_refused.get(full) or next(
+                (v for k, v in tp_refused.items() if k.startswith(full + ".")
+                 and "." not in k[len(full) + 1:]), None)
+            if refused:
+                d["tp_refused"] = refused
 
     for q, g in graphs.items():
         annotate_calls(q, g)
@@ -535,6 +549,11 @@ def build_model(trace_result: Any, report: Any = None, verify: Any = None,
         "plain_swaps": len(plain_swaps),
         "skipped": len(skipped),
         "untraced": len(trace_result.untraced),
+        "tp": ((rep or {}).get("tp") or {}).get("size", 1),
+        "tp_sharded": sum(1 for v in ((rep or {}).get("tp") or {}).get("layers", {}).values()
+                          if v.get("style") != "replicated"),
+        "tp_refused": sum(1 for r in (rep or {}).get("refusals", [])
+                          if r.get("rule") == "tensor-parallel"),
         "probes": sum(1 for f in fixes if f.get("rule") == "weight-probes"),
         "contiguity": sum(1 for f in fixes if f.get("rule") == "contiguity"),
         "quant_methods": methods,
