@@ -488,9 +488,10 @@ def verify(reference: nn.Module, candidate: nn.Module, inputs: Any, *,
     method = max(quant, key=lambda m: QUANT_ORDER.index(m) if m in QUANT_ORDER
                  else len(QUANT_ORDER)) if quant else "none"
     dtype = _float_dtype(reference)
-    budget = resolve_budget(budget, dtype, method)
-
     splits, shards = tp_layout(candidate)
+    budget = resolve_budget(budget, dtype, method,
+                            tp=max((n for _, n in shards.values()), default=1))
+
     references: list[tuple[str, nn.Module]] = [(REFERENCE, reference)]
     if quant and fake_quant:
         references.insert(0, (FAKE_QUANT, fake_quant_reference(reference, methods, shards)))

@@ -43,6 +43,10 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="dtype to load the tower in (default: the checkpoint's)")
     parser.add_argument("--size-index", type=int, default=0, choices=(0, 1, 2),
                         help="which zoo example input size to trace with (default 0)")
+    parser.add_argument("--tp", type=int, default=1, metavar="N",
+                        help="shard the tower over N tensor-parallel ranks (N CPU processes; "
+                             "the page shows rank 0, column / row layers and refused pairs "
+                             "marked; --diff verifies rank 0 against the original)")
     parser.set_defaults(func=run)
     return parser
 
@@ -65,10 +69,8 @@ def _format_of(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import fxpass
     from fxpass import zoo
     from fxpass.runtime import vllm_runtime
-    from fxpass.viz import render, snapshot
 
     fmt = _format_of(args)
     out = Path(args.output)
@@ -79,37 +81,59 @@ def run(args: argparse.Namespace) -> int:
 
         dot_program()  # fail before the expensive part when Graphviz is missing
     t0 = time.perf_counter()
+    if args.tp < 1:
+        raise UsageError(f"--tp must be a positive number of ranks, got {args.tp}")
+    zoo.load_tower(args.model_dir, args.tower)  # a bad path fails here, before any rank
+    if args.tp > 1:
+        from fxpass.verify.ranks import run_on_ranks
+
+        text, lines = run_on_ranks(_page, args.tp, args, fmt)[0]
+    else:
+        with vllm_runtime():
+            text, lines = _page(0, args, fmt)
+    out.write_text(text, encoding="utf-8")
+    for line in lines:
+        print(line)
+    print(f"viz: wrote {out} ({fmt}, {len(text) / 1024:.0f} KiB) in "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _page(rank: int, args: argparse.Namespace, fmt: str) -> tuple[str, list[str]]:
+    """Trace, apply (sharded with ``--tp``), verify and render: (page, summary lines).
+    Every rank of a tensor-parallel run does the same (the layers all-reduce); the page is
+    rank 0's."""
     import torch
+
+    import fxpass
+    from fxpass import zoo
+    from fxpass.viz import render, snapshot
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     tower = zoo.load_tower(args.model_dir, args.tower, dtype=dtype)
     inputs = zoo.example_inputs(tower, size_index=args.size_index)
     reference = copy.deepcopy(tower) if args.diff else None
     quant = None
-    with vllm_runtime():
-        if args.quant != "none":
-            from fxpass.weights import bnb_config
+    if args.quant != "none":
+        from fxpass.weights import bnb_config
 
-            quant = bnb_config(args.quant.removeprefix("bnb-"))
-        tr = fxpass.trace(tower, inputs)
-        before = snapshot(tr)
-        report = fxpass.apply(tower, quant, prefix=args.prefix if args.prefix is not None
-                              else args.tower, load_weights=True, trace_result=tr)
-        verify = None
-        if args.diff:
-            verify = fxpass.verify(reference, tower, inputs)
-    title = f"fxpass: {args.tower} of {Path(args.model_dir).name} ({args.quant})"
+        quant = bnb_config(args.quant.removeprefix("bnb-"))
+    tr = fxpass.trace(tower, inputs)
+    before = snapshot(tr)
+    report = fxpass.apply(tower, quant, prefix=args.prefix if args.prefix is not None
+                          else args.tower, load_weights=True, trace_result=tr,
+                          tp=args.tp if args.tp > 1 else None)
+    verify = None
+    if args.diff:
+        verify = fxpass.verify(reference, tower, inputs)
+    title = (f"fxpass: {args.tower} of {Path(args.model_dir).name} ({args.quant}"
+             + (f", tp={args.tp}, rank {rank}" if args.tp > 1 else "") + ")")
     kw: dict[str, Any] = {"title": title}
     if fmt != "html":
         kw["view"] = args.view
     text = render(fmt, tr, report, verify, before, **kw)
-    out.write_text(text, encoding="utf-8")
-    print(report.summary_line())
-    if verify is not None:
-        print(verify.summary_line())
-    print(f"viz: wrote {out} ({fmt}, {len(text) / 1024:.0f} KiB) in "
-          f"{time.perf_counter() - t0:.1f} s")
-    return 0
+    lines = [report.summary_line()] + ([verify.summary_line()] if verify is not None else [])
+    return text, lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
