@@ -64,7 +64,12 @@ def plant_fault(candidate: nn.Module, spec: str, reference: nn.Module, *,
     ``reference`` is the original module: its weights are the source for the reloading
     faults. Returns the layer's path in the tower.
     """
-    from fxpass.weights import build_vllm_linear, load_linear_weights
+    from fxpass.weights import (
+        build_parallel_linear,
+        build_vllm_linear,
+        load_linear_weights,
+        tp_style,
+    )
 
     kind, layer = parse_fault(spec)
     path = _resolve(candidate, layer, prefix)
@@ -101,8 +106,13 @@ def plant_fault(candidate: nn.Module, spec: str, reference: nn.Module, *,
                 break
         if bad is None:
             bad = torch.roll(w, 1, dims=0)
-    layer_new = build_vllm_linear(source, getattr(target, "quant_config", None),
-                                  getattr(target, "prefix", path))
+    style = tp_style(target)
+    if style is not None:  # a sharded layer is rebuilt sharded (the loader keeps its block)
+        layer_new = build_parallel_linear(source, getattr(target, "quant_config", None),
+                                          getattr(target, "prefix", path), style)
+    else:
+        layer_new = build_vllm_linear(source, getattr(target, "quant_config", None),
+                                      getattr(target, "prefix", path))
     load_linear_weights(layer_new, bad, source.bias, getattr(target, "quant_config", None))
     parent, _, child = path.rpartition(".")
     setattr(candidate.get_submodule(parent) if parent else candidate, child, layer_new)

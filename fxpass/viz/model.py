@@ -398,7 +398,8 @@ def build_model(trace_result: Any, report: Any = None, verify: Any = None,
     plain_swaps = {strip(k): v for k, v in (rep or {}).get("plain_swaps", {}).items()}
     quant_methods = {strip(k): v for k, v in (rep or {}).get("quant_methods", {}).items()}
     # linears a refused tensor-parallel pair left replicated -> the reason
-    tp_refused = {strip(k): v for k, v in ((rep or {}).get("tp") or {}).get("layers", {}).items()
+    tp_refused = {strip(k): v["reason"]
+                  for k, v in ((rep or {}).get("tp") or {}).get("layers", {}).items()
                   if v.get("style") == "replicated" and "pair refused" in v.get("reason", "")}
 
     def annotate_calls(q: str, g: nx.DiGraph) -> None:

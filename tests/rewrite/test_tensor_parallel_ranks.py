@@ -62,6 +62,8 @@ def ranks(tmp_path_factory) -> list[dict[str, Any]]:
         pytest.fail(f"tensor-parallel worker rank(s) {failed} failed:\n{logs}")
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     for r in results:
+        r["_out"] = str(out)
+    for r in results:
         print(f"rank {r['rank']} timings (s):", {k: round(v, 1) for k, v in
                                                  r["timings_s"].items()})
     return results
@@ -226,3 +228,33 @@ def test_budget_used_is_the_unquantized_fp32_one():
 
     b = resolve_budget(None, torch.float32, "none")
     assert b.atol == ATOL
+
+
+@pytest.mark.parametrize("spec,style", [
+    ("wrong-weights:encoder.layers.0.self_attn.out_proj", "RowParallelLinear"),
+    ("transpose:encoder.layers.1.mlp.fc1", "ColumnParallelLinear"),
+])
+def test_verify_on_each_rank_names_a_planted_fault_in_a_sharded_layer(ranks, spec, style):
+    layer = spec.partition(":")[2]
+    for r in ranks:
+        got = r[f"fault/{spec}"]
+        assert got["style"] == style and got["layer"] == layer
+        assert not got["passed"]
+        assert got["first"]["module"] == layer, got["first"]
+
+
+def test_viz_marks_column_row_layers_and_refused_pairs(ranks, tmp_path_factory):
+    out = Path(ranks[0]["_out"])
+    html = (out / "audio_tp.html").read_text()
+    dot = (out / "audio_tp.dot").read_text()
+    from fxpass.viz.html import script_json  # noqa: F401 - the page embeds its data as JSON
+
+    assert 'id="count-tp-sharded">9<' in html
+    assert 'id="count-tp-refused">1<' in html
+    assert "Tensor-parallel pairs refused (1)" in html
+    assert "glu halves the sharded dim" in html
+    assert '"tp":{"style":"RowParallelLinear"' in html
+    assert '"tp":{"style":"ColumnParallelLinear"' in html
+    assert '"tpr":"pair refused:' in html
+    assert dot.count("tp-column") >= 6 and dot.count("tp-row") >= 3
+    assert "tp-refused" in dot and "glu halves the sharded dim" in dot

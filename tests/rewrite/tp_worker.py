@@ -189,6 +189,42 @@ def checkpoint(out: dict[str, Any]) -> None:
         out[f"checkpoint/{'fused' if fuse else 'plain'}"] = {"max_abs": err, "loose": loose}
 
 
+def faults(out: dict[str, Any]) -> None:
+    """verify on each rank catches a planted fault in a sharded layer and names it."""
+    import fxpass
+    from fxpass import zoo
+    from fxpass.verify.faults import plant_fault
+
+    for spec in ("wrong-weights:encoder.layers.0.self_attn.out_proj",
+                 "transpose:encoder.layers.1.mlp.fc1"):
+        ref = zoo.build_tower("clip_vision")
+        cand = copy.deepcopy(ref)
+        fxpass.apply(cand, tp=TP, load_weights=True,
+                     example_inputs=zoo.example_inputs(ref, size_index=1))
+        layer = plant_fault(cand, spec, ref)
+        vr = fxpass.verify(ref, cand, [zoo.example_inputs(ref, size_index=1)], progress=False)
+        out[f"fault/{spec}"] = {"layer": layer, "passed": vr.passed,
+                                "first": vr.to_dict()["first_divergence"],
+                                "style": type(cand.get_submodule(layer)).__name__}
+
+
+def viz(out: dict[str, Any], out_dir: Path, rank: int) -> None:
+    """The page and DOT of a sharded Gemma4 audio tower (one pair refused)."""
+    import fxpass
+    from fxpass import viz as fviz
+    from fxpass import zoo
+
+    tower = zoo.build_tower("gemma4_audio")
+    inputs = zoo.example_inputs(tower)
+    tr = fxpass.trace(tower, inputs)
+    before = fviz.snapshot(tr)
+    report = fxpass.apply(tower, tp=TP, load_weights=True, trace_result=tr, prefix="audio")
+    if rank == 0:
+        (out_dir / "audio_tp.html").write_text(fviz.render_html(tr, report, None, before))
+        (out_dir / "audio_tp.dot").write_text(fviz.render_dot(tr, report, None, before))
+    out["viz"] = {"written": rank == 0}
+
+
 def main() -> None:
     rank, init_file, out_dir = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     t0 = time.perf_counter()
@@ -200,15 +236,19 @@ def main() -> None:
 
         results["group"] = [tp_rank(), tp_world_size()]
         results["timings_s"]["start"] = time.perf_counter() - t0
-        for step in (towers, nf4, sizes, toys, checkpoint):
+        steps = (towers, nf4, sizes, toys, checkpoint, faults,
+                 lambda r: viz(r, out_dir, rank))
+        for step in steps:
             t = time.perf_counter()
             try:
                 step(results)
             except Exception:  # the tests show it; the other rank may hang without us
-                results.setdefault("errors", {})[step.__name__] = traceback.format_exc()
+                results.setdefault("errors", {})[getattr(step, "__name__", "viz")] = (
+                    traceback.format_exc())
                 (out_dir / f"rank{rank}.json").write_text(json.dumps(results, default=str))
                 raise
-            results["timings_s"][step.__name__] = time.perf_counter() - t
+            name = step.__name__ if step.__name__ != "<lambda>" else "viz"
+            results["timings_s"][name] = time.perf_counter() - t
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results, default=str))
 
 
