@@ -182,3 +182,28 @@ def test_console_script_subprocess(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "fxpass diff: error:" in proc.stderr and "is not a directory" in proc.stderr
+
+
+def test_diff_tp2_verifies_both_ranks_and_reports_each_layers_style(ckpt, tmp_path, capsys):
+    """`fxpass diff --tp 2`: two rank processes shard the tower and verify it against the
+    unsharded original; the JSON has each rank's verdict and each layer's parallel style."""
+    out = tmp_path / "tp.json"
+    code = main(["diff", str(ckpt), "--tower", AUDIO, "--tp", "2", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text[-3000:]
+    run = json.loads(out.read_text())["runs"][0]
+    assert run["tp"] == 2 and run["passed"]
+    assert [(r["rank"], r["passed"]) for r in run["ranks"]] == [(0, True), (1, True)]
+    layers = run["apply"]["tp"]["layers"]
+    assert layers[f"{AUDIO}.layers.0.self_attn.post.linear"] == {"style": "RowParallelLinear"}
+    assert layers[f"{AUDIO}.layers.0.self_attn.relative_k_proj"] == {
+        "style": "ColumnParallelLinear"}
+    refused = layers[f"{AUDIO}.layers.0.lconv1d.linear_start.linear"]
+    assert refused["style"] == "replicated" and "glu halves the sharded dim" in refused["reason"]
+    assert "tp=2: 9 linears sharded (6 column, 3 row), 4 replicated" in text
+    assert "-- rank 0 --" in text and "-- rank 1 --" in text and ", tp=2 ==" in text
+
+
+def test_diff_tp_must_be_positive(ckpt, capsys):
+    assert main(["diff", str(ckpt), "--tower", AUDIO, "--tp", "0"]) == 2
+    assert "--tp must be a positive number of ranks" in capsys.readouterr().err
