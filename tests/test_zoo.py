@@ -265,8 +265,19 @@ def test_load_tower_keeps_checkpoint_dtype_by_default(checkpoint):
 def test_unknown_tower_name():
     with pytest.raises(UsageError, match="unknown tower 'resnet'.*gemma4_vision"):
         zoo.build_tower("resnet")
-    with pytest.raises(UsageError, match="size must be 'tiny' or 'default'"):
+    with pytest.raises(UsageError, match="size must be 'tiny', 'small' or 'default'"):
         zoo.build_tower("clip_vision", size="huge")
+
+
+def test_small_towers_have_rows_of_64_per_tp_rank():
+    """size="small": the tiny structure (one layer) at widths where each row-parallel shard
+    of a linear still holds 64 inputs at TP=2 (bitsandbytes' 4-bit block)."""
+    for name in zoo.KNOWN_TOWERS:
+        tower = zoo.build_tower(name, size="small")
+        linears = [m for n, m in tower.named_modules() if isinstance(m, nn.Linear)
+                   and any(k in n for k in ("self_attn", "mlp", "feed_forward"))]
+        assert tower.config.hidden_size == 128 and tower.config.num_hidden_layers == 1
+        assert linears and min(m.in_features for m in linears) >= 128
 
 
 def test_unknown_tower_type_for_inputs():

@@ -96,7 +96,9 @@ class SiblingFusion:
                     continue
                 site = Site(mg, node)
                 target = site.full_target()
-                mod = ctx.layer_after(target)  # a layer planned by an earlier rule too
+                if target not in ctx.modules:
+                    continue  # a layer another rule added (a tensor-parallel fused layer)
+                mod = ctx.module(target)
                 if isinstance(mod, nn.Linear):
                     member = Member(site, target, None)
                 else:

@@ -81,6 +81,9 @@ class TPPair:
 class TensorParallel:
     name = "tensor-parallel"
     report_refusals = True
+    # it only fires inside a tensor-parallel group of more than one rank (its failure
+    # injection runs on two ranks: tests/rewrite/test_tensor_parallel_ranks.py)
+    needs_tp_group = True
 
     def describe(self, ctx: RewriteContext, p: TPPair) -> str:
         cols = " + ".join(ctx.full_name(s.linear) for s in p.columns)

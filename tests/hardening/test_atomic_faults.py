@@ -108,14 +108,22 @@ class Injected(RuntimeError):
     pass
 
 
+# Rules that only fire inside a tensor-parallel group of several ranks (apply(..., tp=N)):
+# one process cannot run them; their match / check / apply and layer builds fail in turn on
+# two ranks in tests/rewrite/test_tensor_parallel_ranks.py
+# (test_tensor_parallel_failures_leave_the_model_untouched). Here only their match runs.
+TP_RULES = {r.name for r in registry.rules() if getattr(r, "needs_tp_group", False)}
+
+
 def test_fault_toy_exercises_every_registered_rule():
     """The fault tests below only prove something if each rule really runs on the toy."""
     report = _apply(_toy())
     by_rule = {f.rule for f in report.fixes}
     names = [r.name for r in registry.rules()]
     assert report.replaced and "linear" in names
+    assert TP_RULES == {"tensor-parallel"}, TP_RULES
     for name in names:
-        if name == "linear":
+        if name == "linear" or name in TP_RULES:
             continue
         fired = name in by_rule or (name == "fusion" and report.fused) or any(
             r["rule"] == name for r in report.refusals)
@@ -123,7 +131,8 @@ def test_fault_toy_exercises_every_registered_rule():
                        f"injected-fault tests cover it (report: {report.to_dict()})")
 
 
-RULE_STEPS = [(type(r), step) for r in registry.rules() for step in ("match", "check", "apply")]
+RULE_STEPS = [(type(r), step) for r in registry.rules() for step in ("match", "check", "apply")
+              if step == "match" or r.name not in TP_RULES]
 
 
 def _count_rule_calls(monkeypatch, rule_cls, step) -> int:

@@ -258,3 +258,17 @@ def test_viz_marks_column_row_layers_and_refused_pairs(ranks, tmp_path_factory):
     assert '"tpr":"pair refused:' in html
     assert dot.count("tp-column") >= 6 and dot.count("tp-row") >= 3
     assert "tp-refused" in dot and "glu halves the sharded dim" in dot
+
+
+@pytest.mark.parametrize("step", ["match", "check", "apply", "build_parallel_linear",
+                                  "build_fused_parallel_linear", "load_linear_weights",
+                                  "load_fused_weights"])
+def test_tensor_parallel_failures_leave_the_model_untouched(ranks, step):
+    """Each step of the rule and each parallel layer build / load fails in turn (in the
+    worker): an FxpassError naming it, the model exactly as before (modules, state_dict,
+    forwards, output), and a clean sharded apply afterwards."""
+    for r in ranks:
+        got = r["atomic"][step]
+        assert got["error"] is not None and f"injected into {step}" in got["error"], got
+        assert got["unchanged_output"]
+        assert got["clean_apply_sharded"] == 14 and got["clean_max_abs"] <= ATOL, got

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "hardening"))  # unchanged.py
 
 TP = 2
 # SigLIP / CLIP take another branch at their native size (index 0) than at 1 and 2: index 0
@@ -225,6 +226,59 @@ def viz(out: dict[str, Any], out_dir: Path, rank: int) -> None:
     out["viz"] = {"written": rank == 0}
 
 
+def atomic(out: dict[str, Any]) -> None:
+    """Each step of the tensor-parallel rule (match, check, apply) and each parallel layer
+    build / load fails in turn: the model is exactly as before, then a clean apply works
+    (as tests/hardening/test_atomic_faults.py does for the rules one process can run)."""
+    import torch
+
+    import fxpass
+    import fxpass.weights as weights
+    from fxpass import zoo
+    from fxpass.errors import FxpassError
+    from fxpass.rewrite.tensor_parallel import TensorParallel
+    from unchanged import Unchanged
+
+    class Injected(RuntimeError):
+        pass
+
+    targets = [(TensorParallel, step) for step in ("match", "check", "apply")] + [
+        (weights, name) for name in ("build_parallel_linear", "build_fused_parallel_linear",
+                                     "load_linear_weights", "load_fused_weights")]
+    results = {}
+    for owner, name in targets:
+        real = getattr(owner, name)
+        is_method = owner is TensorParallel
+
+        def failing(*a: Any, _name: str = name, **kw: Any) -> Any:
+            raise Injected(f"injected into {_name}")
+
+        model = zoo.build_tower("siglip_vision")
+        x = zoo.example_inputs(model, size_index=1)
+        with torch.no_grad():
+            before = model(**x).last_hidden_state
+        snap = Unchanged(model)
+        setattr(owner, name, failing if not is_method else (lambda self, *a, _f=failing, **k:
+                                                            _f(*a, **k)))
+        try:
+            try:
+                fxpass.apply(model, tp=TP, load_weights=True, fuse=True, example_inputs=x)
+                error = None
+            except FxpassError as e:
+                error = f"{type(e).__name__}: {e}"
+        finally:
+            setattr(owner, name, real)
+        snap.check()
+        with torch.no_grad():
+            same = torch.equal(model(**x).last_hidden_state, before)
+        report = fxpass.apply(model, tp=TP, load_weights=True, fuse=True, example_inputs=x)
+        with torch.no_grad():
+            err = float((model(**x).last_hidden_state - before).abs().max())
+        results[name] = {"error": error, "unchanged_output": same,
+                         "clean_apply_sharded": len(report.tp_styles), "clean_max_abs": err}
+    out["atomic"] = results
+
+
 def main() -> None:
     rank, init_file, out_dir = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     t0 = time.perf_counter()
@@ -236,7 +290,7 @@ def main() -> None:
 
         results["group"] = [tp_rank(), tp_world_size()]
         results["timings_s"]["start"] = time.perf_counter() - t0
-        steps = (towers, nf4, sizes, toys, checkpoint, faults,
+        steps = (towers, nf4, sizes, toys, checkpoint, faults, atomic,
                  lambda r: viz(r, out_dir, rank))
         for step in steps:
             t = time.perf_counter()
