@@ -403,7 +403,7 @@ def example_inputs(
 # --------------------------------------------------------------------------------------------
 
 
-def _tiny_gemma4_config() -> Any:
+def _tiny_gemma4_config(text_kv_heads: int = 1) -> Any:
     import transformers as tf
 
     text = tf.Gemma4TextConfig(
@@ -413,7 +413,7 @@ def _tiny_gemma4_config() -> Any:
         num_hidden_layers=2,
         layer_types=["sliding_attention", "full_attention"],  # one of each; HF forces the last full
         num_attention_heads=2,
-        num_key_value_heads=1,
+        num_key_value_heads=text_kv_heads,
         head_dim=32,
         global_head_dim=32,  # default 512 would dwarf the rest
         max_position_embeddings=1024,
@@ -451,8 +451,13 @@ def _tiny_gemma4_config() -> Any:
     return config
 
 
-def build_tiny_gemma4(*, seed: int = 0) -> nn.Module:
+def build_tiny_gemma4(*, seed: int = 0, text_kv_heads: int = 1) -> nn.Module:
     """The tiny random `Gemma4ForConditionalGeneration` (float32, eval) that the checkpoint holds.
+
+    ``text_kv_heads=2``: a variant whose text model's KV heads split over two tensor-parallel
+    ranks (with one, vLLM replicates it per rank, which vllm-bnb-plugin 0.0.3's loader cannot
+    load: an AssertionError in ``load_qkv_weight``, with or without fxpass); its weights are
+    other random draws.
 
     The checkpoint stores its weights rounded to bfloat16. Loading recomputes non-persistent
     buffers (the vision rotary `inv_freq`) in float32, while `model.to(torch.bfloat16)` would round
@@ -462,12 +467,13 @@ def build_tiny_gemma4(*, seed: int = 0) -> nn.Module:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Gemma4ForConditionalGeneration(_tiny_gemma4_config())
+        model = Gemma4ForConditionalGeneration(_tiny_gemma4_config(text_kv_heads))
     _set_random_biases(model, torch.Generator().manual_seed(seed + 2))
     return model.eval()
 
 
-def write_tiny_gemma4_checkpoint(path: str | Path, *, seed: int = 0) -> Path:
+def write_tiny_gemma4_checkpoint(path: str | Path, *, seed: int = 0,
+                                 text_kv_heads: int = 1) -> Path:
     """Save the tiny Gemma4 multimodal model (bfloat16 safetensors + config.json) to `path`.
 
     Text 2 layers / vision 1 / audio 1, hidden 64: small enough for vLLM-CPU end-to-end runs.
@@ -477,7 +483,7 @@ def write_tiny_gemma4_checkpoint(path: str | Path, *, seed: int = 0) -> Path:
     if path.exists() and not path.is_dir():
         raise UsageError(f"{path} exists and is not a directory; pass a directory path")
     path.mkdir(parents=True, exist_ok=True)
-    model = build_tiny_gemma4(seed=seed).to(torch.bfloat16)
+    model = build_tiny_gemma4(seed=seed, text_kv_heads=text_kv_heads).to(torch.bfloat16)
     model.config.dtype = torch.bfloat16
     model.save_pretrained(path)
     return path

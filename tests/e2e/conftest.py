@@ -52,15 +52,33 @@ CASES: dict[str, tuple[str | None, bool, list[list[str]], dict[str, Any], dict[s
     "bnb_on": ("bitsandbytes", False, [["text", "image", "audio"]], {"hf_compare": True},
                {"VLLM_LOGGING_LEVEL": "DEBUG"}),
     "bnb_off": ("bitsandbytes", True, [["text", "image", "audio"]], {}, {}),
+    # tensor parallel: two worker processes (one core each; vLLM's default "auto" binding
+    # refuses a one-NUMA-node machine), the towers sharded by the plugin in each; the same
+    # batches as a TP=1 case, whose token ids they must reproduce. bnb runs on the checkpoint
+    # variant with 2 text KV heads ("kv2"): with one, vLLM replicates it per rank and
+    # vllm-bnb-plugin 0.0.3's loader fails on the text model's qkv_proj (AssertionError in
+    # load_qkv_weight, with FXPASS_DISABLE=1 too), so it gets its own TP=1 reference run.
+    "bf16_tp2": (None, False, [["text", "image"], ["audio"]], {"tensor_parallel_size": 2},
+                 {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}),
+    "bnb_kv2_tp1": ("bitsandbytes", False, [["text", "image", "audio"]],
+                    {"checkpoint": "kv2"}, {}),
+    "bnb_kv2_tp2": ("bitsandbytes", False, [["text", "image", "audio"]],
+                    {"tensor_parallel_size": 2, "checkpoint": "kv2"},
+                    {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}),
 }
+# checkpoint variants (tiny_mm.py's second argument: the text model's KV heads)
+CHECKPOINTS = {"default": 1, "kv2": 2}
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("FXPASS_DISABLE", None)
     env.update(ENGINE_ENV)
+    # the stand-in first; then this checkout, so the engine and its worker processes import
+    # the fxpass under test (not another installed copy)
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(STANDIN)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        [str(STANDIN), str(E2E_DIR.parents[1])]
+        + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.update(extra)
     return env
 
@@ -87,15 +105,18 @@ def log_tail(path: Path, n: int = 60) -> str:
         return "(no log)"
 
 
-@pytest.fixture(scope="session")
-def tiny_mm_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny_gemma4_mm")
-    log = path.parent / "tiny_mm_build.log"
-    rc, _ = run_bounded([sys.executable, str(E2E_DIR / "tiny_mm.py"), str(path)], _env({}),
-                        BUILD_TIMEOUT_S, log)
+def _build_model_dir(path: Path, kv_heads: int) -> Path:
+    log = path.parent / f"{path.name}_build.log"
+    rc, _ = run_bounded([sys.executable, str(E2E_DIR / "tiny_mm.py"), str(path), str(kv_heads)],
+                        _env({}), BUILD_TIMEOUT_S, log)
     assert rc == 0 and (path / "config.json").is_file() and (path / "tokenizer.json").is_file(), (
         f"building the tiny model directory failed (rc={rc}):\n{log_tail(log)}")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_mm_dir(tmp_path_factory) -> Path:
+    return _build_model_dir(tmp_path_factory.mktemp("tiny_gemma4_mm"), CHECKPOINTS["default"])
 
 
 class Case:
@@ -138,6 +159,8 @@ class Cases:
     def __init__(self, model_dir: Path, root: Path) -> None:
         self.model_dir = model_dir
         self.root = root
+        self._variants: dict[str, Future] = {}
+        self._variant_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="e2e-ckpt")
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="e2e-case")
         self._futures: dict[str, Future] = {n: self._pool.submit(self._run, n) for n in CASES}
 
@@ -145,7 +168,12 @@ class Cases:
         quant, disable, batches, extra_spec, extra_env = CASES[name]
         out = self.root / name
         out.mkdir(parents=True, exist_ok=True)
-        spec = {"model": str(self.model_dir), "quantization": quant, "batches": batches,
+        extra_spec = dict(extra_spec)
+        model_dir = self.model_dir
+        variant = extra_spec.pop("checkpoint", "default")
+        if variant != "default":
+            model_dir = self._variant(variant)
+        spec = {"model": str(model_dir), "quantization": quant, "batches": batches,
                 "max_tokens": MAX_TOKENS, "out": str(out), **extra_spec}
         (out / "spec.json").write_text(json.dumps(spec, indent=1))
         env = _env({**extra_env, **({"FXPASS_DISABLE": "1"} if disable else {})})
@@ -153,11 +181,19 @@ class Cases:
                                 str(out / "spec.json")], env, CASE_TIMEOUT_S, out / "log.txt")
         return Case(name, out, rc, wall)
 
+    def _variant(self, name: str) -> Path:
+        """The model directory of a checkpoint variant, built once (the first case asking)."""
+        if name not in self._variants:
+            self._variants[name] = self._variant_pool.submit(
+                _build_model_dir, self.root / f"tiny_gemma4_mm_{name}", CHECKPOINTS[name])
+        return self._variants[name].result()
+
     def get(self, name: str) -> Case:
         return self._futures[name].result()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._variant_pool.shutdown(wait=True)
 
 
 @pytest.fixture(scope="session")

@@ -154,6 +154,15 @@ def _bnb_sqnr(layer, full: str) -> float | None:
     ref = _CHECKPOINT.get(f"model.{full}.weight")
     if ref is None:
         return None
+    from fxpass.weights import tp_style
+
+    style = tp_style(layer)  # a sharded layer holds its rank's block of the weight
+    if style == "column":
+        n = layer.output_size_per_partition
+        ref = ref[layer.tp_rank * n:(layer.tp_rank + 1) * n]
+    elif style == "row":
+        n = layer.input_size_per_partition
+        ref = ref[:, layer.tp_rank * n:(layer.tp_rank + 1) * n]
     w = layer.weight
     states = w.bnb_quant_state
     offsets = w.bnb_shard_offsets
@@ -165,6 +174,13 @@ def _bnb_sqnr(layer, full: str) -> float | None:
     r = ref.float()
     err = float(((deq - r) ** 2).sum())
     return math.inf if err == 0 else 10 * math.log10(float((r ** 2).sum()) / err)
+
+
+def plugin_records(model) -> list[dict[str, Any]]:
+    """The fxpass plugin's records of the process holding ``model`` (a TP worker's own)."""
+    import fxpass.vllm_plugin as plugin
+
+    return [r.to_dict() for r in plugin.records()]
 
 
 CAPTURES: dict[str, Any] = {}
@@ -297,9 +313,16 @@ def main(spec_path: str) -> None:
         )
         if spec.get("quantization"):
             kwargs["quantization"] = spec["quantization"]
+        tp = spec.get("tensor_parallel_size", 1)
+        if tp > 1:  # the executor starts one worker process per rank, each with the plugin
+            kwargs["tensor_parallel_size"] = tp
         llm = LLM(**kwargs)
         rec.step("engine_ready")
         res["plugin_records"] = [r.to_dict() for r in plugin.records()]
+        if tp > 1:
+            res["plugin_records_ranks"] = llm.apply_model(plugin_records)
+            res["plugin_records"] = res["plugin_records_ranks"][0]
+            res["models_ranks"] = llm.apply_model(inspect_model)
         res["weight_loads"] = dict(LOADS)
         res["model"] = llm.apply_model(inspect_model)[0]
         llm.apply_model(install_capture_hooks)
@@ -323,6 +346,9 @@ def main(spec_path: str) -> None:
             rec.step(f"generated:{label}")
         # guard fallbacks counted during generation
         res["plugin_records"] = [r.to_dict() for r in plugin.records()]
+        if tp > 1:
+            res["plugin_records_ranks"] = llm.apply_model(plugin_records)
+            res["plugin_records"] = res["plugin_records_ranks"][0]
         torch.save(CAPTURES, out / "captures.pt")
         rec.flush()
         if spec.get("hf_compare"):

@@ -83,10 +83,10 @@ def build_processor(tokenizer):
                            video_processor=video, image_seq_length=70)
 
 
-def build(path: str | Path) -> Path:
+def build(path: str | Path, text_kv_heads: int = 1) -> Path:
     from fxpass.zoo import write_tiny_gemma4_checkpoint
 
-    path = write_tiny_gemma4_checkpoint(path)
+    path = write_tiny_gemma4_checkpoint(path, text_kv_heads=text_kv_heads)
     tok = build_tokenizer()
     proc = build_processor(tok)
     proc.save_pretrained(path)
@@ -98,4 +98,5 @@ def build(path: str | Path) -> Path:
 if __name__ == "__main__":
     if str(STANDIN) not in sys.path:
         sys.path.insert(0, str(STANDIN))
-    print(build(sys.argv[1]))
+    # optional second argument: the text model's KV heads (2: a bnb tensor-parallel variant)
+    print(build(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 1))
