@@ -53,17 +53,19 @@ CASES: dict[str, tuple[str | None, bool, list[list[str]], dict[str, Any], dict[s
                {"VLLM_LOGGING_LEVEL": "DEBUG"}),
     "bnb_off": ("bitsandbytes", True, [["text", "image", "audio"]], {}, {}),
     # tensor parallel: two worker processes (one core each; vLLM's default "auto" binding
-    # refuses a one-NUMA-node machine), the towers sharded by the plugin in each; the same
-    # batches as a TP=1 case, whose token ids they must reproduce. bnb runs on the checkpoint
-    # variant with 2 text KV heads ("kv2"): with one, vLLM replicates it per rank and
-    # vllm-bnb-plugin 0.0.3's loader fails on the text model's qkv_proj (AssertionError in
-    # load_qkv_weight, with FXPASS_DISABLE=1 too), so it gets its own TP=1 reference run.
-    "bf16_tp2": (None, False, [["text", "image"], ["audio"]], {"tensor_parallel_size": 2},
+    # refuses a one-NUMA-node machine), the towers sharded by the plugin in each (and compared
+    # with HF's towers there). bf16: the batches of bf16_on, and vLLM's own TP=2 run with the
+    # towers replicated by its walk (text+image; its audio fails as at TP=1). bnb runs on the
+    # checkpoint variant with 2 text KV heads ("kv2"): with one, vLLM replicates it per rank
+    # and vllm-bnb-plugin 0.0.3's loader fails on the text model's qkv_proj (AssertionError in
+    # load_qkv_weight, with FXPASS_DISABLE=1 too).
+    "bf16_tp2": (None, False, [["text", "image"], ["audio"]],
+                 {"tensor_parallel_size": 2, "hf_compare": True},
                  {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}),
-    "bnb_kv2_tp1": ("bitsandbytes", False, [["text", "image", "audio"]],
-                    {"checkpoint": "kv2"}, {}),
+    "bf16_tp2_off": (None, True, [["text", "image"]], {"tensor_parallel_size": 2},
+                     {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}),
     "bnb_kv2_tp2": ("bitsandbytes", False, [["text", "image", "audio"]],
-                    {"tensor_parallel_size": 2, "checkpoint": "kv2"},
+                    {"tensor_parallel_size": 2, "checkpoint": "kv2", "hf_compare": True},
                     {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}),
 }
 # checkpoint variants (tiny_mm.py's second argument: the text model's KV heads)

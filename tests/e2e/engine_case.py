@@ -183,6 +183,25 @@ def plugin_records(model) -> list[dict[str, Any]]:
     return [r.to_dict() for r in plugin.records()]
 
 
+def inspect_in_worker(model_dir: str, model) -> dict[str, Any]:
+    """inspect_model in a TP worker process, which has no copy of the engine's _CHECKPOINT."""
+    if not _CHECKPOINT:
+        from safetensors.torch import load_file
+
+        _CHECKPOINT.update(load_file(str(Path(model_dir) / "model.safetensors")))
+    return inspect_model(model)
+
+
+def hf_compare_in_worker(model_dir: str, out_dir: str, model) -> dict[str, Any]:
+    """compare_with_hf in a TP worker, on the inputs its own towers got (each rank runs the
+    whole sharded tower and ends with the all-reduced output)."""
+    from fxpass.runtime import tp_rank
+
+    out = Path(out_dir) / f"rank{tp_rank()}"
+    out.mkdir(parents=True, exist_ok=True)
+    return compare_with_hf(model_dir, out)
+
+
 CAPTURES: dict[str, Any] = {}
 
 
@@ -320,11 +339,16 @@ def main(spec_path: str) -> None:
         rec.step("engine_ready")
         res["plugin_records"] = [r.to_dict() for r in plugin.records()]
         if tp > 1:
+            import functools
+
             res["plugin_records_ranks"] = llm.apply_model(plugin_records)
             res["plugin_records"] = res["plugin_records_ranks"][0]
-            res["models_ranks"] = llm.apply_model(inspect_model)
+            res["models_ranks"] = llm.apply_model(
+                functools.partial(inspect_in_worker, spec["model"]))
+            res["model"] = res["models_ranks"][0]
+        else:
+            res["model"] = llm.apply_model(inspect_model)[0]
         res["weight_loads"] = dict(LOADS)
-        res["model"] = llm.apply_model(inspect_model)[0]
         llm.apply_model(install_capture_hooks)
         rec.flush()
 
@@ -351,7 +375,13 @@ def main(spec_path: str) -> None:
             res["plugin_records"] = res["plugin_records_ranks"][0]
         torch.save(CAPTURES, out / "captures.pt")
         rec.flush()
-        if spec.get("hf_compare"):
+        if spec.get("hf_compare") and tp > 1:  # the towers live in the worker processes
+            import functools
+
+            res["tower_vs_hf_ranks"] = llm.apply_model(
+                functools.partial(hf_compare_in_worker, spec["model"], str(out)))
+            rec.step("hf_compared")
+        elif spec.get("hf_compare"):
             res["tower_vs_hf"] = compare_with_hf(spec["model"], out)
             rec.step("hf_compared")
         res["done"] = True
