@@ -188,7 +188,7 @@ _ELEMENTWISE_FUNCTIONS: frozenset[Any] = frozenset({
     torch.masked_fill, torch.nan_to_num, torch.relu, torch.exp2, torch.log1p, torch.expm1,
     F.gelu, F.silu, F.relu, F.mish, F.softplus, F.elu, F.leaky_relu, F.hardswish,
     F.hardsigmoid, F.relu6, F.selu, F.celu, F.tanhshrink, F.softsign, F.logsigmoid,
-    F.dropout, F.sigmoid, F.tanh, F.hardtanh, F.gelu,
+    F.dropout, F.sigmoid, F.tanh, F.hardtanh,
 })
 _ELEMENTWISE_METHODS = frozenset({
     "add", "sub", "mul", "div", "true_divide", "pow", "neg", "abs", "exp", "log", "sqrt",
@@ -298,7 +298,7 @@ class Propagator:
 
     def _eval(self, node: fx.Node) -> AV:
         if node.op == "placeholder":
-            return self.placeholders.get(node.name, self._placeholder_default(node))
+            return self.placeholders.get(node.name, REP)
         if node.op == "get_attr":
             return REP
         if node.op == "call_module":
@@ -321,9 +321,6 @@ class Propagator:
                 return self._replicated(node)
             return self._sharded_op(node, name)
         raise Refuse(f"{self._at(node)}: unexpected node kind {node.op}")
-
-    def _placeholder_default(self, node: fx.Node) -> AV:
-        return REP
 
     def _replicated(self, node: fx.Node) -> AV:
         """An op on replicated values: replicated; ints are evaluated (shape arithmetic)."""
@@ -1025,8 +1022,9 @@ def _h_matmul(p: Propagator, node: fx.Node) -> AV:
     nd = len(out)
     dims: set[int] = set()
     origins: frozenset[str] = frozenset()
-    for name, shape, av, contracted, kept in ((a, sa, va, len(sa) - 1, len(sa) - 2),
-                                              (b, sb, vb, len(sb) - 2, len(sb) - 1)):
+    # (shape, value, its contracted dim, its kept matrix dim, where that lands in the output)
+    for shape, av, contracted, kept, out_dim in ((sa, va, len(sa) - 1, len(sa) - 2, nd - 2),
+                                                 (sb, vb, len(sb) - 2, len(sb) - 1, nd - 1)):
         if av.kind == "R":
             continue
         if av.kind != "S":
@@ -1034,10 +1032,7 @@ def _h_matmul(p: Propagator, node: fx.Node) -> AV:
         if av.dim == contracted:
             raise Refuse(f"{p._at(node)}: contracts over the sharded dim (sums across heads / "
                          "channels)")
-        if av.dim == kept:
-            dims.add(nd - 2 if shape is sa else nd - 1)
-        else:
-            dims.add(av.dim + nd - len(shape))
+        dims.add(out_dim if av.dim == kept else av.dim + nd - len(shape))
         origins |= av.origins
     if len(dims) != 1:
         raise Refuse(f"{p._at(node)}: the operands are sharded along different dims")

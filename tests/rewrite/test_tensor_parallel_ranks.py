@@ -247,8 +247,6 @@ def test_viz_marks_column_row_layers_and_refused_pairs(ranks, tmp_path_factory):
     out = Path(ranks[0]["_out"])
     html = (out / "audio_tp.html").read_text()
     dot = (out / "audio_tp.dot").read_text()
-    from fxpass.viz.html import script_json  # noqa: F401 - the page embeds its data as JSON
-
     assert 'id="count-tp-sharded">9<' in html
     assert 'id="count-tp-refused">1<' in html
     assert "Tensor-parallel pairs refused (1)" in html
