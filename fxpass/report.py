@@ -41,6 +41,9 @@ class Report:
     already_applied: bool = False
     weights_loaded: bool = False
     timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    # live: graphs traced after apply (calls the first graphs did not cover) and calls served
+    # by Python, per module (fxpass.trace.RuntimeStats)
+    runtime: Any = None
 
     @property
     def probes(self) -> list[Fix]:
@@ -78,6 +81,8 @@ class Report:
             "already_applied": self.already_applied,
             "weights_loaded": self.weights_loaded,
             "timings_s": {k: round(v, 6) for k, v in self.timings_s.items()},
+            "runtime": (self.runtime.to_dict() if self.runtime is not None else
+                        {"specialisations": {}, "fallbacks": {}, "reasons": {}}),
         }
         json.dumps(out)  # fail here, not in a caller, if something is not serialisable
         return out
@@ -113,4 +118,10 @@ class Report:
             lines.append(f"  {fix.rule}: {fix.module or '<root>'}: {fix.detail}")
         for name, why in self.untraced.items():
             lines.append(f"  python: {name or '<root>'}: {why}")
+        if self.runtime is not None:
+            rt = self.runtime
+            for name in sorted({*rt.specialisations, *rt.fallbacks}):
+                lines.append(f"  since apply: {name}: {rt.specialisations.get(name, 0)} new "
+                             f"graphs, {rt.fallbacks.get(name, 0)} Python calls "
+                             f"(first: {'; '.join(rt.reasons.get(name, {}).values())})")
         return "\n".join(lines)

@@ -21,10 +21,11 @@ Never breaking a model
     If tracing or rewriting raises, the tower is left as it was (``apply`` is atomic) and
     vLLM's ``recursive_replace_linear`` walks it instead; a warning names the tower and the
     reason, and :func:`records` keeps it (``fallback``). At run time, a traced graph called
-    with an input it was not traced for (``GuardError``: another argument structure, a
-    branch the example did not take) runs that module's Python ``forward`` for that call
-    instead (the walk's behaviour), with a warning the first time per module; the count is
-    in :func:`records` too (``guard_fallbacks``).
+    with an input it was not traced for (another argument structure, a branch the example
+    did not take) is traced again for it; where that cannot be done (inside CUDA-graph
+    capture or dynamo, past the bound, or when the trace fails) that module's Python
+    ``forward`` serves the call (the walk's behaviour), with a warning the first time per
+    module. :func:`records` counts both per module (``specialisations``, ``fallbacks``).
 
 Logging
     Logger ``vllm.fxpass`` (a child of vLLM's logger, so vLLM's handler and
@@ -70,14 +71,26 @@ class TowerRecord:
     tower: str  # class name
     report: Any = None  # fxpass.report.Report, None when the walk ran instead
     fallback: str | None = None  # why vLLM's own walk ran instead of fxpass
-    guard_fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)  # module -> calls
+
+    @property
+    def specialisations(self) -> dict[str, int]:
+        """Module -> graphs traced since apply for calls its first graph did not cover."""
+        rt = getattr(self.report, "runtime", None)
+        return dict(rt.specialisations) if rt is not None else {}
+
+    @property
+    def fallbacks(self) -> dict[str, int]:
+        """Module -> calls its Python forward served (no graph covered them)."""
+        rt = getattr(self.report, "runtime", None)
+        return dict(rt.fallbacks) if rt is not None else {}
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "prefix": self.prefix,
             "tower": self.tower,
             "fallback": self.fallback,
-            "guard_fallbacks": dict(self.guard_fallbacks),
+            "specialisations": self.specialisations,
+            "fallbacks": self.fallbacks,
             "report": self.report.to_dict() if self.report is not None else None,
         }
 
@@ -230,7 +243,6 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
         inputs = _example_inputs(model)
         report = fxpass.apply(model, quant_config, prefix=prefix, load_weights=False,
                               example_inputs=inputs)
-        _guard_graphs(model, record)
     except Exception as e:  # noqa: BLE001 - never break the model: vLLM's walk takes over
         reason = f"{type(e).__name__}: {e}".strip()
         record.fallback = reason
@@ -262,63 +274,6 @@ def _example_inputs(tower: Any) -> Any:
     # with a CPU generator, then moves them to the tower's device itself.
     with torch.device("cpu"):
         return example_inputs(tower)
-
-
-def _guard_graphs(tower: Any, record: TowerRecord) -> None:
-    """Make each installed graph fall back to its module's Python forward on a GuardError."""
-    import types
-
-    from fxpass.trace import installed_graph
-
-    guarded = _guarded_forward_class()
-    for qualname, module in tower.named_modules():
-        fwd = installed_graph(module)
-        if fwd is not None and not isinstance(fwd, guarded):
-            module.forward = types.MethodType(guarded(fwd, qualname, record), module)
-
-
-_guarded_cls: type | None = None
-
-
-def _guarded_forward_class() -> type:
-    """The GraphForward subclass, built on first use (keeps this module's import cheap)."""
-    global _guarded_cls
-    if _guarded_cls is not None:
-        return _guarded_cls
-    from fxpass.errors import GuardError
-    from fxpass.trace import GraphForward
-
-    class GuardedForward(GraphForward):
-        """A GraphForward that runs the module's Python forward when a guard refuses a call.
-
-        A subclass, so ``fxpass.apply``'s "already applied" check and ``uninstall`` still
-        recognise it; it delegates the call to the wrapped graph forward.
-        """
-
-        def __init__(self, inner: Any, qualname: str, record: TowerRecord) -> None:
-            self.__dict__.update(inner.__dict__)
-            self._inner = inner
-            self._module_name = qualname
-            self._record = record
-
-        def __call__(self, module: Any, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return self._inner(module, *args, **kwargs)
-            except GuardError as e:
-                record = self._record
-                name = self._module_name or "<root>"
-                with _lock:
-                    first = name not in record.guard_fallbacks
-                    record.guard_fallbacks[name] = record.guard_fallbacks.get(name, 0) + 1
-                if first:
-                    logger.warning(
-                        "fxpass[%s]: the traced graph of %s refused a call, so this module "
-                        "runs its Python forward for such calls (vLLM's walk behaviour): %s",
-                        record.prefix or "<root>", name, str(e).splitlines()[0][:500])
-                return type(module).forward(module, *args, **kwargs)
-
-    _guarded_cls = GuardedForward
-    return GuardedForward
 
 
 __all__ = ["ENV_DISABLE", "TowerRecord", "disabled", "records", "register", "replace_linear",

@@ -71,6 +71,8 @@ class RewriteContext:
     edited: set[str] = dataclasses.field(default_factory=set)  # graphs changed
     removed: list[str] = dataclasses.field(default_factory=list)  # modules deleted at commit
     fused: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # fused -> members
+    # a graph traced after apply (graph_runtime): graph fixes only, no layers are built
+    respecialising: bool = False
     # every module of the model by qualified name (each path of a shared one); read once,
     # as the model does not change until the commit
     modules: dict[str, nn.Module] = dataclasses.field(default_factory=dict, repr=False)

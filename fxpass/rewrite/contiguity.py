@@ -72,6 +72,8 @@ class Contiguity:
             if tensor := meta.get(inp, "tensor"):
                 meta.info(c)["tensor"] = {**tensor, "contiguous": True}
             node.replace_input_with(inp, c)
+            # kept for the Python fallback (graph_runtime): it must not lose this fix
+            meta.info(graph.output_node()).setdefault("contiguous", []).append(node.target)
 
         ctx.fix(self.name, m.site,
                 f"{m.site.node.target}: {m.why} ({input_name}); inserted .contiguous()", insert)

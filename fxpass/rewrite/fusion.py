@@ -76,7 +76,7 @@ class SiblingFusion:
         return " + ".join(ctx.full_name(n) for n in g.names())
 
     def match(self, ctx: RewriteContext) -> list[FusionGroup]:
-        if not ctx.fuse:
+        if not ctx.fuse or ctx.respecialising:  # fusion builds layers: at apply only
             return []
         call_counts: dict[str, int] = {}
         for mg in ctx.graphs():

@@ -196,6 +196,19 @@ def _is_static(node: fx.Node) -> bool:
     return bool(meta.get(node, "static", False))
 
 
+def error_location(e: BaseException) -> str:
+    """file:line of the innermost traceback frame outside torch and fxpass."""
+    where = "<unknown>"
+    tb = e.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        fname = os.path.abspath(code.co_filename)
+        if not fname.startswith((_FXPASS_DIR, _TORCH_DIR)) and "functools" not in fname:
+            where = f"{os.path.basename(fname)}:{tb.tb_lineno} in {code.co_name}"
+        tb = tb.tb_next
+    return where
+
+
 def _user_location() -> str:
     """file:line of the innermost frame outside torch and fxpass (for guard messages)."""
     frame = inspect.currentframe()
@@ -299,6 +312,7 @@ class CallSpec:
     placeholders: list[int]  # leaf indices fed to the graph, in placeholder order
     constants: dict[int, Any]  # leaf index -> value baked into the graph
     names: list[str]
+    training: bool | None = None  # the module's training flag when traced (None: unchecked)
 
 
 def _leaf_names(treespec: pytree.TreeSpec, sig: inspect.Signature | None) -> list[str]:
@@ -322,29 +336,57 @@ def _leaf_names(treespec: pytree.TreeSpec, sig: inspect.Signature | None) -> lis
     return [names.get(i, f"leaf{i}") for i in range(treespec.num_leaves)]
 
 
-@functools.lru_cache(maxsize=1024)
+# per class (a plain dict, not lru_cache: torch.compile traces these calls too)
+_SIGNATURES: dict[type, tuple[inspect.Signature | None, bool]] = {}
+
+
+def _forward_info(cls: type) -> tuple[inspect.Signature | None, bool]:
+    info = _SIGNATURES.get(cls)
+    if info is None:
+        fwd = getattr(cls, "forward", None)
+        try:
+            sig = inspect.signature(fwd)
+            sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+        except (TypeError, ValueError):
+            sig = None
+        wrapped = fwd is not None and inspect.unwrap(fwd) is not fwd
+        info = _SIGNATURES[cls] = (sig, wrapped)
+    return info
+
+
 def forward_signature(cls: type) -> inspect.Signature | None:
     """Signature of ``cls.forward`` without ``self`` (through decorators), or None."""
-    try:
-        sig = inspect.signature(cls.forward)
-    except (TypeError, ValueError):
-        return None
-    params = list(sig.parameters.values())[1:]
-    return sig.replace(parameters=params)
+    return _forward_info(cls)[0]
 
 
-def canonical_call(sig: inspect.Signature | None, args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The same call whether the caller passed arguments by position or by name.
+def forward_is_wrapped(cls: type) -> bool:
+    """Whether ``cls.forward`` is decorated (``functools.wraps``): the decorator may accept
+    arguments the inner signature does not (HF's ``deprecate_kwarg`` renames keywords)."""
+    return _forward_info(cls)[1]
 
-    vLLM calls ``tower(features, mask)`` where HF code and example inputs use keywords; both
-    bind to the same parameters. Canonical form: positional-only and ``*args`` values as
-    positionals, every other argument by name (in signature order, ``**kwargs`` sorted).
-    Raises TypeError, as the call itself would, when the arguments do not bind.
+
+def bind_call(sig: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any],
+              *, raw: bool = False) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The same call whether the caller passed arguments by position or by name, or left
+    a defaulted argument out.
+
+    vLLM calls ``tower(features, mask)`` where HF code and example inputs use keywords, and
+    HF users call ``tower(pixel_values)`` where the traced call spelled out
+    ``interpolate_pos_encoding=False``: each pair binds to the same parameters. Canonical
+    form: positional-only and ``*args`` values as positionals, every other parameter by name
+    in signature order (defaults filled in, ``**kwargs`` sorted). A call that does not bind
+    raises TypeError, as the call itself would; with ``raw`` (a decorated forward, whose
+    decorator may rename keywords) it is kept as given instead.
     """
     if sig is None:
         return tuple(args), dict(kwargs)
-    bound = sig.bind(*args, **kwargs)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError:
+        if raw:
+            return tuple(args), dict(kwargs)
+        raise
+    bound.apply_defaults()
     pos: list[Any] = []
     named: dict[str, Any] = {}
     extra: dict[str, Any] = {}
@@ -362,9 +404,16 @@ def canonical_call(sig: inspect.Signature | None, args: tuple[Any, ...],
     return tuple(pos), named
 
 
+def bind_module_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """:func:`bind_call` for a call of ``module`` (raw form allowed for decorated forwards)."""
+    sig, wrapped = _forward_info(type(module))
+    return bind_call(sig, args, kwargs, raw=wrapped)
+
+
 def make_call_spec(sig: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any],
                    symbolic_ints: set[int] | None = None) -> CallSpec:
-    """Spec of a call already in canonical form (see :func:`canonical_call`)."""
+    """Spec of a call already in canonical form (see :func:`bind_call`)."""
     leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     names = _leaf_names(treespec, sig)
     placeholders, constants = [], {}
@@ -406,6 +455,11 @@ class ValueTracer(fx.Tracer):
         # the example values: the hierarchy traces the child there and installs its graph, so
         # the child runs its trace-safe graph (HF skips data-dependent shortcuts for proxies).
         self.on_first_call: Callable[[str, Capture], None] | None = None
+        # get_attr target -> the value tracing sees for it (a vLLM layer's logical weight)
+        self.values: dict[str, Any] = {}
+        # what a leaf submodule runs on while tracing (a vLLM GEMM needs contiguous input)
+        self.leaf_inputs: Callable[..., tuple[tuple[Any, ...], dict[str, Any]]] | None = None
+        self._external: set[int] | None = None  # storages of the inputs and the module's tensors
 
     # -- entry point ------------------------------------------------------------------
     def trace_call(self, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -454,18 +508,33 @@ class ValueTracer(fx.Tracer):
         if kind in ("placeholder", "output"):
             return proxy
         node = proxy.node
+        tensors = _tensors_in((args, kwargs)) if kind != "get_attr" else []
+        versions = [_version(t) for t in tensors]
         try:
             value = self._compute(kind, target, args, kwargs)
         except TraceError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure on example values stops tracing
             raise TraceError(
-                f"{node.format_node()} failed on the example values: "
-                f"{type(e).__name__}: {e}", node=node.name) from e
+                f"{_describe(node)} at {_user_location()} failed on the example values: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                node=node.name) from e
         info = meta.info(node)
+        changed = [t for t, v in zip(tensors, versions) if v is not None and _version(t) != v]
+        if changed and any(_storage(t) in self._external_storages() for t in changed):
+            info["mutates_input"] = _user_location()
         info["value"] = value
         info["static"] = self._static(kind, target, args, kwargs, value)
         return proxy
+
+    def _external_storages(self) -> set[int]:
+        """Storages a graph run does not own: its inputs' and the module's own tensors'."""
+        if self._external is None:
+            args, kwargs, _ = self._call
+            tensors = [*_tensors_in((args, kwargs)), *self.root.parameters(),
+                       *self.root.buffers()]
+            self._external = {_storage(t) for t in tensors}
+        return self._external
 
     def _compute(self, kind: str, target: Any, args: tuple[Any, ...],
                  kwargs: dict[str, Any]) -> Any:
@@ -476,6 +545,8 @@ class ValueTracer(fx.Tracer):
             self_obj, *rest = vargs
             return getattr(self_obj, target)(*rest, **vkwargs)
         if kind == "get_attr":
+            if target in self.values:
+                return self.values[target]
             obj: Any = self.root
             with self.eager():  # plain attribute reads, not proxies
                 for atom in target.split("."):
@@ -484,7 +555,7 @@ class ValueTracer(fx.Tracer):
         if kind == "call_module":
             mod = self.root.get_submodule(target)
             if target not in self.captures:
-                pargs, pkwargs = canonical_call(forward_signature(type(mod)), args, kwargs)
+                pargs, pkwargs = bind_module_call(mod, args, kwargs)
                 cap = Capture(_values(pargs), _values(pkwargs),
                               _symbolic_int_leaves(pargs, pkwargs))
                 self.captures[target] = cap
@@ -493,6 +564,8 @@ class ValueTracer(fx.Tracer):
                     # trace); its calls and attribute reads must not land in this graph.
                     with self.eager():
                         self.on_first_call(target, cap)
+            if self.leaf_inputs is not None:
+                vargs, vkwargs = self.leaf_inputs(mod, vargs, vkwargs)
             with self.eager():
                 return mod(*vargs, **vkwargs)
         raise TraceError(f"unexpected node kind {kind}")
@@ -529,11 +602,11 @@ class ValueTracer(fx.Tracer):
         value = value_of(proxy)
         if not _is_static(node):
             raise TraceError(
-                f"data-dependent control flow: {kind}() of a value computed from tensor data "
-                f"({node.format_node()}) at {_user_location()}; this module stays Python",
-                node=node.name)
+                f"data-dependent control flow at {_user_location()}: {kind}() of a value "
+                f"computed from tensor data ({_describe(node)}); the module runs as Python "
+                "(its submodules are still traced)", node=node.name)
         conv = {"bool": bool, "int": int, "index": operator.index, "float": float,
-                "len": len}[kind]
+                "len": len, "keys": tuple}[kind]
         try:
             result = conv(value)
         except Exception as e:  # noqa: BLE001
@@ -550,23 +623,26 @@ class ValueTracer(fx.Tracer):
         return self.concretize(obj, "bool")
 
     def concretize_len(self, obj: fx.Proxy) -> int:
-        value = value_of(obj)
-        if isinstance(value, (tuple, list, dict)) and not isinstance(value, torch.Size):
-            return len(value)  # structure of a call's output: fixed by the code, not the input
+        # Always a node and a guard, also for a list a call returned: its length can depend
+        # on the input (``torch.split(x, lengths.tolist())``, ``unbind``, ``chunk``), and a
+        # length fixed by the code costs one cheap check.
         length = self.create_proxy("call_function", len, (obj,), {})
+        meta.info(length.node)["static"] = True  # a count of items, never tensor data
         return self.concretize(length, "int")
 
     def iter(self, obj: fx.Proxy) -> Iterator[Any]:
         value = value_of(obj)
         if isinstance(value, dict):
-            return iter([obj[k] for k in value])
+            return iter([obj[k] for k in self.keys(obj)])
         n = self.concretize_len(obj)
         return iter([obj[i] for i in range(n)])
 
     def keys(self, obj: fx.Proxy) -> Any:
         value = value_of(obj)
         if isinstance(value, dict):
-            return list(value.keys())
+            keys = self.create_proxy("call_function", _key_tuple, (obj,), {})
+            meta.info(keys.node)["static"] = True
+            return list(self.concretize(keys, "keys"))
         raise TraceError(f"** on a non-dict value {type(value).__name__}", node=obj.node.name)
 
     # -- module access ----------------------------------------------------------------
@@ -652,3 +728,110 @@ def _symbolic_int_leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> set[i
         else:
             index += 1
     return out
+
+
+def _key_tuple(d: dict[Any, Any]) -> tuple[Any, ...]:
+    """The keys of a dict, in order (what ``**d`` and iteration specialise on)."""
+    return tuple(d)
+
+
+def _tensors_in(obj: Any) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+
+    def visit(a: Any) -> Any:
+        v = value_of(a) if isinstance(a, fx.Proxy) else a
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (list, tuple)) and isinstance(a, fx.Proxy):
+            out.extend(x for x in v if isinstance(x, torch.Tensor))
+        return a
+
+    map_aggregate(obj, visit)
+    return out
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except Exception:  # noqa: BLE001 - inference tensors keep no version counter
+        return None
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage()._cdata
+    except Exception:  # noqa: BLE001 - sparse & co: its own identity
+        return id(t)
+
+
+def _describe(node: fx.Node) -> str:
+    """A node as a person reads it: what it calls, not fx's dump."""
+    target = node.target
+    if node.op == "call_module":
+        return f"calling submodule {target!r}"
+    if node.op == "call_method":
+        return f"the method call .{target}()"
+    if node.op == "get_attr":
+        return f"reading attribute {target!r}"
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or target
+    module = getattr(target, "__module__", None)
+    return f"the call {module + '.' if module and module != 'builtins' else ''}{name}()"
+
+
+def clone_values(obj: Any) -> Any:
+    """Copies of example tensors, so in-place ops while tracing leave the caller's intact."""
+    return pytree.tree_map(
+        lambda t: t.clone() if isinstance(t, torch.Tensor) and t.device.type != "meta" else t,
+        obj)
+
+
+def finalize(graph: fx.Graph) -> None:
+    """Replace the example values kept on nodes by small summaries; check the graph.
+
+    Refuses (TraceError) a graph that changes an input, or the module's own tensors, in
+    place before a guard: a call that guard rejects has then already changed them, so it
+    could not be served again by another graph.
+    """
+    mutated: str | None = None
+    for node in graph.nodes:
+        info = node.meta.get(meta.KEY)
+        if info is None:
+            continue
+        if mutated is None and info.get("mutates_input"):
+            mutated = f"{_describe(node)} at {info['mutates_input']}"
+        elif mutated is not None and info.get("guard"):
+            raise TraceError(
+                f"it changes an input or its own tensors in place ({mutated}) before a "
+                f"specialisation guard ({info['guard']['where']}); a call that guard rejects "
+                "could not be served again, so this module stays Python", node=node.name)
+        value = info.pop("value", None)
+        if isinstance(value, torch.Tensor):
+            info["tensor"] = {
+                "shape": tuple(value.shape),
+                "dtype": value.dtype,
+                "contiguous": value.is_contiguous(),
+            }
+        elif value is not None:
+            info["pytype"] = type(value).__name__
+    graph.lint()
+
+
+def trace_module(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                 values: dict[str, Any] | None = None,
+                 leaf_inputs: Callable[..., tuple[tuple[Any, ...], dict[str, Any]]] | None = None,
+                 ) -> tuple[fx.Graph, CallSpec]:
+    """One module's graph for one call (its submodules are leaves running as installed).
+
+    Used when an installed graph meets a call it does not cover: integers among the
+    arguments stay graph inputs (guarded where made concrete), so nearby sizes share it.
+    """
+    args, kwargs = bind_module_call(module, args, kwargs)
+    spec = make_call_spec(forward_signature(type(module)), args, kwargs, None)
+    spec.training = module.training
+    tracer = ValueTracer()
+    tracer.values = dict(values or {})
+    tracer.leaf_inputs = leaf_inputs
+    with torch.no_grad():
+        graph = tracer.trace_call(module, clone_values(args), clone_values(kwargs), spec)
+    finalize(graph)
+    return graph, spec
