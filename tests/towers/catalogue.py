@@ -754,6 +754,15 @@ class Tower:
                 "pixel_values": torch.randn(batch, getattr(config, "num_channels", 3), side,
                                             side, generator=gen),
                 "interpolate_pos_encoding": True}))
+        if self._builder_name(tower) == "packed_grid":
+            # a video: two temporal patches per position (t = 2), rotary / windows over t too
+            m = tower.config.spatial_merge_size
+            grid = torch.tensor([[2, 2 * m, 2 * m]] * batch)
+            dim = inputs["hidden_states"].shape[-1]
+            gen = torch.Generator().manual_seed(7)
+            out.append(Call("other_branch:video", "", (), {
+                "hidden_states": torch.randn(int(grid.prod(-1).sum()), dim, generator=gen),
+                "grid_thw": grid}))
         if "output_hidden_states" in by_name or var_kw:
             out.append(Call("other_branch:hidden_states", "", (),
                             {**inputs, "output_hidden_states": True}))
@@ -765,36 +774,53 @@ class Tower:
         return out
 
     def _submodule_calls(self, tower: nn.Module, inputs: dict[str, Any]) -> list[Call]:
-        """Direct calls of up to two inner modules (the first called, usually the embeddings,
-        and the one holding most linears, usually the encoder), with the args / kwargs a
-        forward hook saw in a real run of the tower on `inputs`."""
-        seen: dict[str, list] = {}
-        n_params = sum(p.numel() for p in tower.parameters())
-        hooks = []
-        for path, mod in tower.named_modules():
-            if not path or path.count(".") > 1 or isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
-                continue
-            own = sum(p.numel() for p in mod.parameters())
-            if own == 0 or own == n_params:
-                continue
+        """Direct calls of up to two inner modules, with the args / kwargs a forward hook saw
+        in a real run of the tower on `inputs`: the first one called (usually the embeddings)
+        and the one holding most linears (usually the encoder). Candidates are the children
+        and grandchildren of the trunk (the tower, or the wrapper that holds all of its
+        parameters: CLIP's vision_model, CLAP's audio_encoder) called exactly once."""
+        def n_params(mod: nn.Module) -> int:
+            return sum(p.numel() for p in mod.parameters())
 
-            def hook(module, args, kwargs, output, path=path):
+        total = n_params(tower)
+        trunk = ""
+        while True:  # descend through wrappers holding every parameter
+            inner = [(n, c) for n, c in tower.get_submodule(trunk).named_children()
+                     if n_params(c) == total]
+            if len(inner) != 1:
+                break
+            trunk = f"{trunk}.{inner[0][0]}" if trunk else inner[0][0]
+        started: list[str] = []
+        seen: dict[str, list] = {}
+        hooks = []
+        for rel, mod in tower.get_submodule(trunk).named_modules():
+            if not rel or rel.count(".") > 1 or isinstance(mod, (nn.ModuleList, nn.ModuleDict)):
+                continue
+            if n_params(mod) in (0, total):
+                continue
+            path = f"{trunk}.{rel}" if trunk else rel
+
+            def pre(module, args, kwargs, path=path):
+                started.append(path)
+
+            def post(module, args, kwargs, output, path=path):
                 seen.setdefault(path, []).append((_clone(args), _clone(kwargs), _clone(output)))
 
-            hooks.append(mod.register_forward_hook(hook, with_kwargs=True))
+            hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+            hooks.append(mod.register_forward_hook(post, with_kwargs=True))
         try:
             with torch.no_grad():
                 tower(**inputs)
         finally:
             for h in hooks:
                 h.remove()
-        once = [p for p in seen if len(seen[p]) == 1]  # dict order = call order
+        once = [p for p in dict.fromkeys(started) if len(seen.get(p, ())) == 1]
         if not once:
             return []
         chosen = [once[0]]
         n_lin = {p: sum(isinstance(m, nn.Linear) for m in tower.get_submodule(p).modules())
                  for p in once}
-        most = max(once, key=lambda p: (n_lin[p], -once.index(p)))
+        most = max(once, key=lambda p: (n_lin[p], -p.count("."), -once.index(p)))
         if most not in chosen and n_lin[most]:
             chosen.append(most)
         return [Call(f"submodule:{p}", p, *seen[p][0]) for p in chosen]
