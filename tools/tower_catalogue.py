@@ -13,13 +13,18 @@ and which fail (stage and error).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import torch
-from torch import nn
+# Nothing here may download: a config that wants a hub file (EdgeTam's timm backbone) fails
+# at once instead of retrying the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "towers"))
 import catalogue as cat  # noqa: E402

@@ -198,16 +198,16 @@ def _reconcile(kw: dict[str, Any]) -> dict[str, Any]:
 class Hint:
     """Per-class corrections. `config`: overrides for :func:`shrink`; `inputs`: name of an input
     builder (``_BUILDERS``) when the generic choice is wrong; `sizes`: how many distinct input
-    sizes the class accepts (1 when its input length is fixed); `pixel_step`: image sides must
-    be multiples of it (default: the patch size or stride); `init`: a post-build tweak; `why`:
-    the reason, shown in the table."""
+    sizes the class accepts (1 when its input length is fixed); `no_branch`: ``other_branch:*``
+    forms HF never takes for this class; `init`: a post-build tweak; `why`: the reason, shown
+    in the table."""
 
     why: str
     config: dict[str, Any] = dataclasses.field(default_factory=dict)
     inputs: str | None = None
     sizes: int | None = None
     init: Callable[[nn.Module], None] | None = None
-    pixel_step: int | None = None  # image sides must be multiples of this (default: patch)
+    no_branch: tuple[str, ...] = ()  # other_branch:* forms HF never takes for this class
 
 
 def _gemma4_clip_bounds(tower: nn.Module) -> None:
@@ -275,6 +275,18 @@ HINTS: dict[str, Hint] = {
     "HieraModel": Hint(
         why="unroll/reroll into mask units is sized from config.image_size: one input size "
             "(interpolate_pos_encoding only resizes the position table)", sizes=1),
+    "GroupViTVisionModel": Hint(
+        why="absolute position table, no interpolate_pos_encoding: one input size", sizes=1),
+    "SamVisionModel": Hint(
+        why="checks the input against config.image_size (absolute positions): one input size",
+        sizes=1),
+    "Sam3VisionModel": Hint(
+        why="windowed ViT backbone with a position table for config.image_size only: one "
+            "input size", sizes=1),
+    "Glm4vVisionModel": Hint(
+        why="no t > 1 video branch: Glm4vModel splits a video into one (1, h, w) grid row per "
+            "frame before the tower (its embeddings index grid rows per frame)",
+        no_branch=("other_branch:video",)),
     "Gemma3nAudioEncoder": Hint(
         why="takes audio_mel / audio_mel_mask (B, T, input_feat_size)",
         inputs="gemma3n_audio"),
@@ -300,18 +312,14 @@ def _accepts(fn: Callable, name: str) -> bool:
 
 
 def _patch_step(config: Any) -> int:
-    """Pixels per size step: a hint's pixel_step, else the patch size, or the patch stride of
-    strided stems."""
-    for name, hint in HINTS.items():
-        if hint.pixel_step and type(config).__name__ == name.replace("Model", "Config"):
-            return hint.pixel_step
+    """Pixels per token: the patch size, or the patch stride of strided stems (Hiera)."""
     return _first(getattr(config, "patch_stride", None) or getattr(config, "patch_size", 1))
 
 
 def _image_sides(config: Any) -> list[int]:
-    """Three square sides: native, ~1.5x, 2x, multiples of the patch size (or stride); at
-    least one step apart."""
-    side = _first(config.image_size)
+    """Three square sides: native (32 for conv nets that have no image_size), ~1.5x, 2x,
+    multiples of the patch size (or stride); at least one step apart."""
+    side = _first(getattr(config, "image_size", IMAGE))
     step = _patch_step(config)
     sides = [max(step, round(side * s / step) * step) for s in (1.0, 1.5, 2.0)]
     for i in (1, 2):
@@ -567,7 +575,7 @@ def _generic_builders(cls: type, config: Any) -> list[str]:
             return ["idefics"]
         if "grid_thw" in params:
             return []
-        return ["pixels"] if hasattr(config, "image_size") else []
+        return ["pixels"]
     if first == "hidden_states" and "grid_thw" in params:
         return ["packed_grid"]
     if first == "input_values":
@@ -738,7 +746,9 @@ class Tower:
                 explicit[p.name] = p.default
         calls.append(Call("explicit_defaults", "", (), explicit))
 
-        calls.extend(self._other_branches(tower, inputs, by_name, var_kw, size_index, batch))
+        skip = self.hint.no_branch if self.hint else ()
+        calls.extend(c for c in self._other_branches(tower, inputs, by_name, var_kw,
+                                                     size_index, batch) if c.name not in skip)
         calls.extend(self._submodule_calls(tower, inputs))
         return calls
 
@@ -748,7 +758,7 @@ class Tower:
                 and self.sizes > 1):
             # a size none of the three sizes uses, native + one patch, interpolated
             config = tower.config
-            side = _first(config.image_size) + _patch_step(config)
+            side = _image_sides(config)[0] + _patch_step(config)
             gen = torch.Generator().manual_seed(7)
             out.append(Call("other_branch:interpolate", "", (), {
                 "pixel_values": torch.randn(batch, getattr(config, "num_channels", 3), side,
@@ -863,8 +873,29 @@ TOWERS: list[Tower] = [
     Tower("Qwen2_5_VisionTransformerPretrainedModel", _MOD.format("qwen2_5_vl")),
     Tower("Qwen3VLVisionModel"),
     Tower("MllamaVisionModel"),
+    Tower("Phi4MultimodalVisionModel"),
+    Tower("SmolVLMVisionTransformer"),
+    Tower("Glm4vVisionModel"),
+    Tower("Qwen3_5VisionModel"),
+    Tower("Qwen3VLMoeVisionModel"),
+    # more ViT-style
+    Tower("ViTMSNModel"),
+    Tower("OwlViTVisionModel"),
+    Tower("Owlv2VisionModel"),
+    Tower("GroupViTVisionModel"),
+    Tower("InternVLVisionModel"),
+    Tower("JanusVisionModel"),
+    Tower("MLCDVisionModel"),
+    Tower("Tipsv2VisionModel"),
+    Tower("InstructBlipVideoVisionModel"),
+    Tower("SamVisionModel"),
+    Tower("Sam3VisionModel"),
     # hierarchical / conv
     Tower("SwinModel"),
+    Tower("Swinv2Model"),
+    Tower("FocalNetModel"),
+    Tower("PvtV2Model"),
+    Tower("ConvNextV2Model"),
     Tower("ConvNextModel"),
     Tower("MobileViTModel"),
     Tower("HieraModel"),
@@ -877,6 +908,12 @@ TOWERS: list[Tower] = [
     Tower("Data2VecAudioModel"),
     Tower("SEWModel"),
     Tower("UniSpeechModel"),
+    Tower("UniSpeechSatModel"),
+    Tower("SEWDModel"),
+    Tower("Wav2Vec2ConformerModel"),
+    Tower("ParakeetEncoder"),
+    Tower("LasrEncoder"),
+    Tower("GlmAsrEncoder"),
     Tower("ASTModel"),
     Tower("ClapAudioModel"),
     Tower("Gemma3nAudioEncoder"),
@@ -972,6 +1009,8 @@ def discover() -> list[Tower]:
             continue
         if not isinstance(cls, type) or not issubclass(cls, nn.Module) or not params:
             continue
+        if getattr(getattr(cls, "config_class", None), "is_encoder_decoder", False) is True:
+            continue  # a seq2seq model (WhisperModel): its encoder is the tower
         if params[0] in _PRIMARY or (params[0] == "hidden_states" and "grid_thw" in params):
             found[n] = Tower(n)
     return sorted(found.values(), key=lambda t: t.name)
