@@ -235,7 +235,7 @@ HINTS: dict[str, Hint] = {
     "WhisperEncoder": Hint(
         why="input length is fixed at 2*max_source_positions frames (checked in forward); "
             "shrunk to 32 frames",
-        config={"max_source_positions": 16}, sizes=1),
+        config={"max_source_positions": 16}, inputs="features_cf_fixed", sizes=1),
     "Qwen2AudioEncoder": Hint(
         why="Whisper-style fixed input length 2*max_source_positions; its attention_mask is "
             "the 4D additive mask over the pooled frames that Qwen2AudioForConditionalGeneration "
@@ -374,12 +374,13 @@ def _waveform(tower, config, size_index, batch, gen) -> dict[str, Any]:
     return inputs
 
 
-_FRAMES = (32, 48, 64)
+# Not multiples of 16, so a wrong (B, T, mels) vs (B, mels, T) guess cannot match a hidden size.
+_FRAMES = (36, 52, 68)
 
 
 def _mel_bins(config: Any) -> int:
     for name in ("num_mel_bins", "n_mels", "input_feat_size", "feature_size", "input_dim",
-                 "num_mel_filters"):
+                 "num_mel_filters", "feature_projection_input_dim"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 1:
             return value
@@ -387,16 +388,17 @@ def _mel_bins(config: Any) -> int:
 
 
 def _features(layout: str) -> InputBuilder:
-    """Mel features, (B, mels, T) ("cf", Whisper) or (B, T, mels) ("tf", conformers); batch 2
-    pads the second item's tail (mask 0, features 0) as HF feature extractors do."""
+    """Mel features, (B, mels, T) ("cf", Whisper) or (B, T, mels) ("tf", conformers);
+    "cf_fixed": Whisper-style encoders that check T == 2 * max_source_positions. Batch 2 pads
+    the second item's tail (mask 0, features 0) as HF feature extractors do."""
 
     def build(tower, config, size_index, batch, gen) -> dict[str, Any]:
         mels = _mel_bins(config)
         frames = _FRAMES[size_index]
-        hint = HINTS.get(type(tower).__name__)
-        if hint is not None and hint.sizes == 1:
+        if layout == "cf_fixed":
             frames = 2 * config.max_source_positions
-        shape = (batch, mels, frames) if layout == "cf" else (batch, frames, mels)
+        channels_first = layout.startswith("cf")
+        shape = (batch, mels, frames) if channels_first else (batch, frames, mels)
         feats = torch.randn(*shape, generator=gen)
         params = inspect.signature(tower.forward).parameters
         mask_name = next((n for n in ("attention_mask", "input_features_mask") if n in params),
@@ -406,7 +408,7 @@ def _features(layout: str) -> InputBuilder:
             mask = torch.ones(batch, frames, dtype=torch.long)
             if batch > 1:
                 mask[1:, frames * 3 // 4:] = 0
-                if layout == "cf":
+                if channels_first:
                     feats[1:, :, frames * 3 // 4:] = 0
                 else:
                     feats[1:, frames * 3 // 4:] = 0
@@ -419,7 +421,7 @@ def _features(layout: str) -> InputBuilder:
 def _qwen2_audio(tower, config, size_index, batch, gen) -> dict[str, Any]:
     """Whisper-length features + the 4D additive mask (B, 1, T', T') over the T' encoder
     frames, as Qwen2AudioForConditionalGeneration passes it; batch 2 pads the second clip."""
-    inputs = _features("cf")(tower, config, size_index, batch, gen)
+    inputs = _features("cf_fixed")(tower, config, size_index, batch, gen)
     inputs.pop("attention_mask", None)
     frames = config.max_source_positions
     valid = torch.ones(batch, frames, dtype=torch.bool)
@@ -551,6 +553,7 @@ _BUILDERS: dict[str, InputBuilder] = {
     "waveform": _waveform,
     "features_cf": _features("cf"),
     "features_tf": _features("tf"),
+    "features_cf_fixed": _features("cf_fixed"),
     "gemma4_vision": _gemma4_vision,
     "gemma4_audio": _gemma4_audio,
     "gemma3n_audio": _gemma3n_audio,
@@ -581,7 +584,8 @@ def _generic_builders(cls: type, config: Any) -> list[str]:
     if first == "input_values":
         return ["waveform"]
     if first == "input_features":
-        return ["features_cf", "features_tf"]
+        fixed = ["features_cf_fixed"] if hasattr(config, "max_source_positions") else []
+        return ["features_cf", "features_tf", *fixed]
     return []
 
 
@@ -911,6 +915,7 @@ TOWERS: list[Tower] = [
     Tower("UniSpeechSatModel"),
     Tower("SEWDModel"),
     Tower("Wav2Vec2ConformerModel"),
+    Tower("Wav2Vec2BertModel"),
     Tower("ParakeetEncoder"),
     Tower("LasrEncoder"),
     Tower("GlmAsrEncoder"),

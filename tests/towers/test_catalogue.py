@@ -100,12 +100,13 @@ def test_tower_call_forms(entry: cat.Tower):
     # batch 2 at the largest size, every form
     _check_forms(entry, tower, entry.sizes - 1, 2)
 
-    # every size and batch, keyword form: distinct input shapes, deterministic outputs
+    # every other size and batch, keyword form: distinct input shapes, deterministic outputs
     shapes = set()
     for size_index in range(entry.sizes):
         for batch in (1, 2):
             inputs = entry.inputs(tower, size_index, batch)
-            _run_twice(cat.Call("keyword", "", (), inputs), tower)
+            if (size_index, batch) not in ((0, 1), (entry.sizes - 1, 2)):  # run above
+                _run_twice(cat.Call("keyword", "", (), inputs), tower)
             if batch == 1:
                 shapes.add(tuple(tuple(v.shape) for v in inputs.values()
                                  if isinstance(v, torch.Tensor)))
