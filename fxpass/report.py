@@ -35,6 +35,8 @@ class Report:
     plain_swaps: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> why no graph
     quant_methods: dict[str, str] = dataclasses.field(default_factory=dict)
     fixes: list[Fix] = dataclasses.field(default_factory=list)
+    # vLLM GEMM inputs given a .contiguous() as a precaution (strides may change with shape)
+    contiguity_checks: int = 0
     fused: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # fused -> members
     refusals: list[dict[str, str]] = dataclasses.field(default_factory=list)  # rule, target, why
     untraced: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -61,6 +63,7 @@ class Report:
             "skipped": len(self.skipped),
             "probes": len(self.probes),
             "contiguity": len(self.contiguity),
+            "contiguity_checks": self.contiguity_checks,
             "fused_groups": len(self.fused),
             "untraced_modules": len(self.untraced),
         }

@@ -26,6 +26,7 @@ The installed forward is a plain function bound to the module (``types.MethodTyp
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import itertools
@@ -266,8 +267,12 @@ class Respecialiser:
     # -------------------------------------------------------------------------------------
     def specialise(self, module: nn.Module, qualname: str, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> "_Compiled":
-        graph, spec = trace_module(module, args, kwargs, values=self.trace_values(module),
-                                   leaf_inputs=self.leaf_inputs)
+        # In a fresh context: the trace runs the submodules on this call's values, and a
+        # caller's context variables (HF's output collector for output_hidden_states) must
+        # not see those runs; the graph's own run of this call is what they see.
+        graph, spec = contextvars.Context().run(
+            trace_module, module, args, kwargs, values=self.trace_values(module),
+            leaf_inputs=self.leaf_inputs)
         mg = ModuleGraph(qualname, type(module).__name__, graph, spec)
         mg = self.rewrite(module, qualname, mg)
         owner = (weakref.ref(module) if any(n.op == "call_function" and is_constant(n.target)
@@ -328,7 +333,11 @@ class _Compiled:
             if not _same(leaves[i], expected):
                 return (f"argument leaf {i} is {leaves[i]!r}, but the graph was traced with "
                         f"{expected!r} baked in")
-        return [leaves[i] for i in spec.placeholders]
+        inputs = [leaves[i] for i in spec.placeholders]
+        if not _kinds_match(inputs, spec):
+            return ("an argument the graph takes as a tensor (or an int) is something else "
+                    f"here ({', '.join(type(x).__name__ for x in inputs)})")
+        return inputs
 
     def run(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The call's result, or ``_MISS`` when this graph does not cover the call."""
@@ -422,9 +431,11 @@ class GraphForward:
                 else:
                     break
             else:
-                if all(_same(leaves[i], c) for i, c in self.spec.constants.items()):
+                inputs = [leaves[i] for i in self.spec.placeholders]
+                if (all(_same(leaves[i], c) for i, c in self.spec.constants.items())
+                        and _kinds_match(inputs, self.spec)):
                     try:
-                        return self.fn(module, *[leaves[i] for i in self.spec.placeholders])
+                        return self.fn(module, *inputs)
                     except GuardError as e:
                         if self.strict or not _raised_by_own_guard(e, self.fn):
                             raise
@@ -530,6 +541,16 @@ def _call_form(treespec: Any) -> str:
     except Exception:  # noqa: BLE001 - an unusual structure: fx's own form
         return str(treespec)
     return "(" + ", ".join([*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]) + ")"
+
+
+def _kinds_match(inputs: list[Any], spec: CallSpec) -> bool:
+    """Each graph input is what it was traced as: a tensor, or an int (a None or a float in
+    a tensor's place flattens to the same structure)."""
+    for x, is_tensor in zip(inputs, spec.tensor_inputs):
+        if (isinstance(x, torch.Tensor) if is_tensor else type(x) is int):
+            continue
+        return False
+    return True
 
 
 def _first_line(e: BaseException) -> str:

@@ -20,6 +20,7 @@ values; its inputs are captured so the caller can trace it in turn.
 from __future__ import annotations
 
 import builtins
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -27,6 +28,7 @@ import inspect
 import operator
 import os
 import re
+import sys
 from typing import Any, Callable, Iterator
 
 import torch
@@ -65,6 +67,7 @@ _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 # positional argument but 2 were given") before __torch_function__ could record it, so while
 # tracing they are replaced by wrappers that record a node when handed a proxy.
 _PROXY_ARG_FUNCTIONS = ("finfo", "iinfo", "ones", "zeros", "empty", "full", "rand", "randn",
+                        "tensor", "as_tensor", "scalar_tensor",
                         "randint", "randperm", "eye", "linspace", "logspace", "tril_indices",
                         "triu_indices")
 _ORIGINALS = {name: getattr(torch, name) for name in _PROXY_ARG_FUNCTIONS}
@@ -313,6 +316,7 @@ class CallSpec:
     constants: dict[int, Any]  # leaf index -> value baked into the graph
     names: list[str]
     training: bool | None = None  # the module's training flag when traced (None: unchecked)
+    tensor_inputs: tuple[bool, ...] = ()  # per placeholder: a tensor (else an int)
 
 
 def _leaf_names(treespec: pytree.TreeSpec, sig: inspect.Signature | None) -> list[str]:
@@ -425,7 +429,9 @@ def make_call_spec(sig: inspect.Signature | None, args: tuple[Any, ...], kwargs:
             placeholders.append(i)
         else:
             constants[i] = leaf
-    return CallSpec(treespec, placeholders, constants, [names[i] for i in placeholders])
+    return CallSpec(treespec, placeholders, constants, [names[i] for i in placeholders],
+                    tensor_inputs=tuple(isinstance(leaves[i], torch.Tensor)
+                                        for i in placeholders))
 
 
 @dataclasses.dataclass
@@ -460,20 +466,58 @@ class ValueTracer(fx.Tracer):
         # what a leaf submodule runs on while tracing (a vLLM GEMM needs contiguous input)
         self.leaf_inputs: Callable[..., tuple[tuple[Any, ...], dict[str, Any]]] | None = None
         self._external: set[int] | None = None  # storages of the inputs and the module's tensors
+        self._computed: set[int] = set()  # storages of every value a node computed
+        self._real_values = False  # example values hold data (not meta): data guards allowed
 
     # -- entry point ------------------------------------------------------------------
     def trace_call(self, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                    spec: CallSpec) -> fx.Graph:
         self._call = (args, kwargs, spec)
+        tensors = _tensors_in((args, kwargs))
+        self._real_values = bool(tensors) and all(_is_real(t) for t in tensors)
         patches = [*((torch, name, _records_proxies(fn)) for name, fn in _ORIGINALS.items()),
                    (torch, "vmap", _traced_vmap(torch.vmap)),
                    (torch.func, "vmap", _traced_vmap(torch.func.vmap))]
+        patches.append((nn.Module, "__setattr__", self._state_write(nn.Module.__setattr__)))
+        hf = sys.modules.get("transformers.utils.import_utils")
+        if self._real_values and hf is not None and hasattr(hf, "is_torch_fx_proxy"):
+            # On real values, HF's eager path: transformers takes a trace-safe path for fx
+            # proxies (an attention mask is always built), which can compute something else
+            # than eager (no mask -> SDPA's is_causal), so its data-dependent shortcuts are
+            # taken as eager takes them, behind data guards.
+            patches.append((hf, "is_torch_fx_proxy", _not_our_proxy(hf.is_torch_fx_proxy)))
         with contextlib.ExitStack() as stack:
             for owner, name, new in patches:
                 old = getattr(owner, name)
                 setattr(owner, name, new)
                 stack.callback(setattr, owner, name, old)
             return self.trace(root)
+
+    def _state_write(self, orig: Callable[..., None]) -> Callable[..., None]:
+        """``Module.__setattr__`` while tracing: a graph does not replay attribute writes.
+
+        HF code stores sizes computed from the input on the module (Swin's window size) and
+        reads them back: a static value is guarded and stored concrete (the graph then holds
+        for inputs that store the same); anything else (a tensor, data) would leave a proxy
+        on the module and be lost at run time, so tracing stops.
+        """
+        tracer = self
+
+        def setattr_(mod: nn.Module, name: str, value: Any) -> None:
+            if not tracer._eager and _has_proxy(value):
+                proxy = value if isinstance(value, fx.Proxy) else None
+                if proxy is None or isinstance(value_of(proxy), torch.Tensor) or not _is_static(
+                        proxy.node):
+                    raise TraceError(
+                        f"it stores a value computed from its input on a module "
+                        f"({type(mod).__name__}.{name} = ..., at {_user_location()}); a graph "
+                        "does not replay such writes, so the module runs as Python")
+                value = tracer.concretize(proxy, "int" if type(value_of(proxy)) is int
+                                          else "bool" if type(value_of(proxy)) is bool
+                                          else "float")
+            orig(mod, name, value)
+
+        return setattr_
 
     def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool,
                              concrete_args: Any = None) -> tuple[Callable[..., Any], list[Any]]:
@@ -485,6 +529,7 @@ class ValueTracer(fx.Tracer):
             info = meta.info(p.node)
             info["value"] = leaves[idx]
             info["static"] = not isinstance(leaves[idx], torch.Tensor)
+            self._computed.update(_storage(t) for t in _tensor_leaves(leaves[idx]))
             proxies.append(p)
 
         def flat_forward(root: nn.Module, *ph: Any) -> Any:
@@ -524,6 +569,7 @@ class ValueTracer(fx.Tracer):
         if changed and any(_storage(t) in self._external_storages() for t in changed):
             info["mutates_input"] = _user_location()
         info["value"] = value
+        self._computed.update(_storage(t) for t in _tensor_leaves(value))
         info["static"] = self._static(kind, target, args, kwargs, value)
         return proxy
 
@@ -600,7 +646,9 @@ class ValueTracer(fx.Tracer):
     def concretize(self, proxy: fx.Proxy, kind: str) -> Any:
         node = proxy.node
         value = value_of(proxy)
-        if not _is_static(node):
+        data = not _is_static(node)
+        if data and not (kind in ("bool", "int", "index") and self._real_values
+                         and _is_real(value)):
             raise TraceError(
                 f"data-dependent control flow at {_user_location()}: {kind}() of a value "
                 f"computed from tensor data ({_describe(node)}); the module runs as Python "
@@ -612,10 +660,13 @@ class ValueTracer(fx.Tracer):
         except Exception as e:  # noqa: BLE001
             raise TraceError(f"cannot take {kind}() of {node.format_node()}: {e}",
                              node=node.name) from e
-        where = f"guard at {_user_location()}"
+        # A value from tensor data is guarded too (real values only: as eager does, this reads
+        # the data at every call); a call that decides otherwise gets its own graph.
+        where = f"{'data guard' if data else 'guard'} at {_user_location()}"
         g = self.create_proxy("call_function", guard,
                               (proxy, result, "int" if kind == "index" else kind, where), {})
-        meta.info(g.node)["guard"] = {"kind": kind, "expected": result, "where": where}
+        meta.info(g.node)["guard"] = {"kind": kind, "expected": result, "where": where,
+                                      "data": data}
         self.guard_count += 1
         return result
 
@@ -651,7 +702,13 @@ class ValueTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
-        if self._eager or m is self.root:
+        if self._eager:
+            # a module run for its values: what goes in and out may be recorded around the
+            # trace (forward hooks), so it counts as computed by this trace
+            out = forward(*args, **kwargs)
+            self._computed.update(_storage(t) for t in _tensor_leaves((args, kwargs, out)))
+            return out
+        if m is self.root:
             return forward(*args, **kwargs)
         if m not in self.submodule_paths:
             # A module outside the tree (built in forward, kept in a plain list): inline it.
@@ -672,7 +729,12 @@ class ValueTracer(fx.Tracer):
             fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(a)}
             if _has_proxy(fields):
                 # ModelOutput & co built from graph values: rebuild the same type at run
-                # time, not a plain dict.
+                # time, not a plain dict; a ModelOutput keeps its keys' order (code that
+                # sets a field after construction puts it last, and to_tuple() follows it)
+                if isinstance(a, collections.OrderedDict):
+                    keys = tuple(a.keys())
+                    return self.create_node("call_function", _model_output(type(a)),
+                                            (keys, *self.create_arg([a[k] for k in keys])), {})
                 return self.create_node("call_function", type(a), (), self.create_arg(fields))
             # A dataclass holding no graph values (a transformers 5 config): the object itself.
             return self._object_constant(a)
@@ -692,6 +754,13 @@ class ValueTracer(fx.Tracer):
         """One ``fxpass_constant`` node per object met while tracing (see _make_constant)."""
         node = self._constants.get(id(a))
         if node is None:
+            if isinstance(a, torch.Tensor) and _storage(a) in self._computed:
+                raise TraceError(
+                    f"a tensor this trace computed reached the graph outside its calls, at "
+                    f"{_user_location()} (a forward hook, a context variable or a global "
+                    "recorded it: HF's output capturing for output_hidden_states / "
+                    "output_attentions works this way); a graph would return this example's "
+                    "values for every call, so the module runs as Python for such calls")
             node = self.create_node("call_function", _make_constant(a), (), {})
             meta.info(node).update(value=a, static=static)
             self._constants[id(a)] = node
@@ -730,9 +799,57 @@ def _symbolic_int_leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> set[i
     return out
 
 
+_OUTPUT_BUILDERS: dict[type, Callable[..., Any]] = {}
+
+
+def _model_output(cls: type) -> Callable[..., Any]:
+    """A graph target building a ``cls`` ModelOutput with its keys set in a given order."""
+    build = _OUTPUT_BUILDERS.get(cls)
+    if build is None:
+        def build(keys: tuple[str, ...], *values: Any) -> Any:
+            try:
+                out = cls()
+            except TypeError:  # a field without a default: keyword construction
+                return cls(**dict(zip(keys, values)))
+            for k, v in zip(keys, values):
+                if v is not None:  # as construction leaves None fields out of the keys
+                    out[k] = v
+            return out
+
+        build.__name__ = build.__qualname__ = f"build_{cls.__name__}"
+        build.__module__ = __name__
+        _OUTPUT_BUILDERS[cls] = build
+    return build
+
+
+def _is_real(value: Any) -> bool:
+    """A value with data: not on the meta device (nor holding meta tensors)."""
+    if isinstance(value, torch.Tensor):
+        return value.device.type != "meta"
+    return True
+
+
+def _not_our_proxy(orig: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    def is_torch_fx_proxy(x: Any) -> bool:
+        return not isinstance(x, ValueProxy) and orig(x)
+
+    return is_torch_fx_proxy
+
+
 def _key_tuple(d: dict[Any, Any]) -> tuple[Any, ...]:
     """The keys of a dict, in order (what ``**d`` and iteration specialise on)."""
     return tuple(d)
+
+
+def _tensor_leaves(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple, dict)) or dataclasses.is_dataclass(value):
+        try:
+            return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+        except Exception:  # noqa: BLE001 - an unusual container: nothing to track
+            return []
+    return []
 
 
 def _tensors_in(obj: Any) -> list[torch.Tensor]:
@@ -794,6 +911,8 @@ def finalize(graph: fx.Graph) -> None:
     """
     mutated: str | None = None
     for node in graph.nodes:
+        if node.name == "self":  # a submodule named `self` (HF's ClapAudioAttention.self):
+            node._rename("self_module")  # its node would rebind the forward's `self`
         info = node.meta.get(meta.KEY)
         if info is None:
             continue
