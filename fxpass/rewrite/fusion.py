@@ -31,6 +31,27 @@ class Member:
     refusal: str | None = None
 
 
+class FusedSlice(nn.Module):
+    """What stands at a fused member's path after the commit: its slice of the merged layer's
+    output. Python code that calls the member by name (the module's Python forward, a graph
+    traced after apply for a call the first graph did not cover) still runs, correctly.
+
+    The merged layer is held as a plain attribute, not a child: it is registered once, at its
+    own path (no second copy in ``named_modules`` or the state_dict); no parameters here.
+    """
+
+    def __init__(self, merged: nn.Module, start: int, end: int) -> None:
+        super().__init__()
+        self.__dict__["merged"] = merged
+        self.start, self.end = start, end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.merged(x.contiguous())[..., self.start:self.end]
+
+    def extra_repr(self) -> str:
+        return f"slice {self.start}:{self.end} of {type(self.merged).__name__}"
+
+
 @dataclasses.dataclass
 class FusionGroup:
     members: list[Member]
@@ -160,9 +181,12 @@ class SiblingFusion:
             node.replace_all_uses_with(out)
             graph.erase_node(node)
 
-        for m in g.members:
+        start = 0
+        for m, size in zip(g.members, sizes):
             ctx.new_layers.pop(m.linear)
             ctx.removed.append(m.wrapper or m.linear)
+            ctx.fused_slices[m.wrapper or m.linear] = (fused_q, start, start + size)
+            start += size
             if m.wrapper:
                 ctx.trace.graphs.pop(m.wrapper, None)
             full = ctx.full_name(m.linear)

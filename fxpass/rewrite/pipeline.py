@@ -23,6 +23,7 @@ from fxpass.rewrite.analysis import tied_linears, weight_uses
 from fxpass.rewrite.base import RewriteContext, is_vllm_linear
 from fxpass.rewrite.registry import rules
 from fxpass.runtime import vllm_runtime
+from fxpass.rewrite.fusion import FusedSlice
 from fxpass.rewrite.respecialise import RuleRespecialiser
 from fxpass.trace import (
     GraphForward,
@@ -135,10 +136,8 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
 
     t3 = time.perf_counter()
     report.runtime = RuntimeStats()
-    runtime = RuleRespecialiser(
-        quant_config=quant_config, prefix=prefix, fuse=fuse, strict=strict,
-        stats=report.runtime,
-        fused_parents={q.rpartition(".")[0] for q in ctx.removed})
+    runtime = RuleRespecialiser(quant_config=quant_config, prefix=prefix, fuse=fuse,
+                                strict=strict, stats=report.runtime)
     _commit(ctx, runtime)
     report.replaced = [ctx.full_name(q) for q in ctx.new_layers if q not in ctx.fused]
     report.replaced += [ctx.full_name(m) for members in ctx.fused.values() for m in members]
@@ -223,6 +222,11 @@ def _commit(ctx: RewriteContext, runtime: RuleRespecialiser) -> None:
             old = getattr(parent, child, None)
             setattr(parent, child, layer)
             swapped.append((parent, child, old))
+        for qualname, (fused_q, start, end) in ctx.fused_slices.items():
+            parent_name, _, child = qualname.rpartition(".")
+            parent = ctx.module(parent_name)
+            setattr(parent, child, FusedSlice(ctx.new_layers[fused_q], start, end))
+            swapped.append((parent, child, None))
         families: dict[int, _Family] = {}  # identical modules share their later graphs
         for qualname, mg in ctx.trace.graphs.items():
             sub = ctx.module(qualname)

@@ -10,8 +10,9 @@ again for that call. By then its linears are vLLM layers, so this policy
 * runs the graph rules on the new graph (no layers are built: the linear swap and fusion
   happened at apply);
 * guards the Python fallback: a graph fix Python would lose (a weight probe whose layer now
-  reads otherwise, fused members the Python code would call) raises ``FallbackError``
-  naming the module and the fix; contiguity fixes are kept with temporary input hooks.
+  reads otherwise) raises ``FallbackError`` naming the module and the fix; vLLM GEMMs get
+  positional, contiguous inputs through temporary hooks. (Fused members stay callable by
+  name: ``fusion.FusedSlice``.)
 """
 
 from __future__ import annotations
@@ -34,13 +35,11 @@ class RuleRespecialiser(Respecialiser):
     """Re-specialisation for a model ``apply`` rewrote (one per apply)."""
 
     def __init__(self, *, quant_config: Any, prefix: str, fuse: bool, strict: bool,
-                 stats: RuntimeStats, fused_parents: set[str]) -> None:
+                 stats: RuntimeStats) -> None:
         super().__init__(strict=strict, stats=stats)
         self.quant_config = quant_config
         self.prefix = prefix
         self.fuse = fuse
-        # modules whose own children were consumed by fusion: their Python code calls them
-        self.fused_parents = fused_parents
 
     def trace_values(self, module: nn.Module) -> dict[str, Any]:
         from fxpass.weights import logical_weight_info
@@ -86,15 +85,6 @@ class RuleRespecialiser(Respecialiser):
     def python_forward(self, module: nn.Module, qualname: str, graphs: list[fx.Graph],
                        why: str) -> Iterator[None]:
         where = f"module {qualname or '<root>'!r} ({type(module).__name__})"
-        children = {n for n, _ in module.named_children()}
-        fused = [p for p in self.fused_parents
-                 if p == qualname or p in {f"{qualname}.{c}" if qualname else c
-                                           for c in children}]
-        if fused:
-            raise FallbackError(
-                f"{where} needs its Python forward for this call ({why}), but fuse=True "
-                f"merged linears that Python code calls by name (under {', '.join(fused)}); "
-                "call it as it was traced, or apply with fuse=False")
         for rec in graph_notes(graphs, "probes"):
             layer = module.get_submodule(rec["linear"])
             actual = _read_probe(getattr(layer, rec["attr"]), rec["what"], rec["args"])

@@ -189,7 +189,7 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
     new = fx.Graph(tracer_cls=graph._tracer_cls)
     val_map: dict[fx.Node, fx.Node] = {}
     out = new.graph_copy(graph, val_map)
-    new.output(out)
+    val_map[graph.output_node()] = new.output(out)  # graph-level notes live on the output
     for old_node, node in val_map.items():
         info = old_node.meta.get(meta.KEY)
         if info is not None:  # fx copies meta shallowly: give each copy its own annotations

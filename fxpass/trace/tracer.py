@@ -57,6 +57,10 @@ _METADATA_FUNCTIONS = frozenset(
 # Reading these makes a Python value out of tensor data.
 _DATA_METHODS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__"})
 
+# Data guards (a branch on tensor data specialised and checked at every call) are off: a
+# data-dependent branch keeps its module Python, as before; kept for measurement.
+DATA_GUARDS = False
+
 _FXPASS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
@@ -647,8 +651,8 @@ class ValueTracer(fx.Tracer):
         node = proxy.node
         value = value_of(proxy)
         data = not _is_static(node)
-        if data and not (kind in ("bool", "int", "index") and self._real_values
-                         and _is_real(value)):
+        if data and not (DATA_GUARDS and kind in ("bool", "int", "index")
+                         and self._real_values and _is_real(value)):
             raise TraceError(
                 f"data-dependent control flow at {_user_location()}: {kind}() of a value "
                 f"computed from tensor data ({_describe(node)}); the module runs as Python "
