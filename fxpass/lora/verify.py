@@ -29,7 +29,7 @@ from fxpass.lora.check import AdapterCheck, check_adapter
 __all__ = ["LORA_FAULT_KINDS", "LoRAVerifyResult", "peft_reference", "plant_lora_fault",
            "tower_check", "verify_lora"]
 
-LORA_FAULT_KINDS = ("lora-scale", "lora-transpose", "lora-wrong-layer")
+from fxpass.verify.faults import LORA_FAULT_KINDS  # noqa: E402 - one list for the CLI too
 
 
 def tower_check(tower: nn.Module, adapter: Adapter, key_prefix: str) -> AdapterCheck:
