@@ -45,10 +45,3 @@ def wrapper_adapter(vision_adapter, lora_dir):
     """The vision adapter keyed on the Gemma4ClippableLinear wrappers (no `.linear`)."""
     _, good = vision_adapter
     return rename_keys(good, lora_dir / "vision-wrapper", ".linear.lora_", ".lora_")
-
-
-def inputs_for(tower: torch.nn.Module, dtype: torch.dtype = torch.float32) -> list:
-    sizes = (1, 2) if "interpolate_pos_encoding" in str(tower.forward.__code__.co_varnames) \
-        else (0, 1, 2)
-    t = tower.to(dtype)
-    return [zoo.example_inputs(t, size_index=s, seed=s) for s in sizes]
