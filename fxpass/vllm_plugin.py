@@ -27,6 +27,14 @@ Never breaking a model
     ``forward`` serves the call (the walk's behaviour), with a warning the first time per
     module. :func:`records` counts both per module (``specialisations``, ``fallbacks``).
 
+Tower LoRA
+    Once a tower is rewritten, every LoRA adapter vLLM adds is checked against it (see
+    :func:`check_lora_adapter`): a module of the adapter under the tower that is not a linear
+    layer (a wrapper such as ``Gemma4ClippableLinear``; vLLM drops such keys silently) gets a
+    warning naming the module vLLM would need, and is kept in :func:`records`
+    (``lora_nowhere``). The plugin never fuses layers (``fuse`` is an offline option of
+    ``fxpass.apply``), so vLLM's tower LoRA meets one ``ReplicatedLinear`` per HF linear.
+
 Logging
     Logger ``vllm.fxpass`` (a child of vLLM's logger, so vLLM's handler and
     ``VLLM_LOGGING_LEVEL`` apply): one line per tower at INFO (``Report.summary_line()``),
@@ -71,6 +79,9 @@ class TowerRecord:
     tower: str  # class name
     report: Any = None  # fxpass.report.Report, None when the walk ran instead
     fallback: str | None = None  # why vLLM's own walk ran instead of fxpass
+    # LoRA adapters whose keys for this tower land nowhere: one dict per module (adapter id,
+    # module, keys, reason, the module vLLM would need)
+    lora_nowhere: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def specialisations(self) -> dict[str, int]:
@@ -91,6 +102,7 @@ class TowerRecord:
             "fallback": self.fallback,
             "specialisations": self.specialisations,
             "fallbacks": self.fallbacks,
+            "lora_nowhere": list(self.lora_nowhere),
             "report": self.report.to_dict() if self.report is not None else None,
         }
 
@@ -252,12 +264,84 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
             prefix or "<root>", type(model).__name__, ENV_DISABLE, reason.splitlines()[0][:500])
         return original(model, quant_config, prefix=prefix)
     record.report = report
+    _patch_lora_manager()
     logger.info("%s", report.summary_line())
     if logger.isEnabledFor(logging.DEBUG):
         table = str(report).splitlines()[1:]  # line 0 is the summary just logged
         if table:
             logger.debug("fxpass[%s] report:\n%s", prefix or "<root>", "\n".join(table))
     return None
+
+
+_LORA_PATCHED = "_fxpass_lora_check"
+
+
+def _patch_lora_manager() -> None:
+    """Check every adapter vLLM's LoRA manager adds against the towers fxpass rewrote.
+
+    vLLM drops adapter keys whose module is not a linear layer without a word (Gemma4: keys
+    on the ``Gemma4ClippableLinear`` wrapper instead of its ``.linear``). The wrapped
+    ``LoRAModelManager._add_adapter`` runs :func:`fxpass.lora.check.check_modules` on the
+    adapter's modules under those towers first and logs a warning per module that lands
+    nowhere, with the module vLLM would need; then vLLM goes on as before. Never raises.
+    """
+    try:
+        from vllm.lora.model_manager import LoRAModelManager
+    except Exception:  # noqa: BLE001 - no LoRA support in this vLLM: nothing to check
+        return
+    original = LoRAModelManager._add_adapter
+    if getattr(original, _LORA_PATCHED, False):
+        return
+
+    def _add_adapter(self: Any, lora: Any) -> Any:
+        try:
+            check_lora_adapter(self, lora)
+        except Exception as e:  # noqa: BLE001 - a check must never break serving
+            logger.debug("fxpass: adapter check failed: %s", e)
+        return original(self, lora)
+
+    setattr(_add_adapter, _LORA_PATCHED, True)
+    LoRAModelManager._add_adapter = _add_adapter
+
+
+def check_lora_adapter(manager: Any, lora: Any) -> list[dict[str, Any]]:
+    """The adapter check for one ``LoRAModel`` vLLM is adding (vLLM's module names), against
+    the towers of ``manager.model`` that fxpass rewrote; warns and records what lands nowhere."""
+    from fxpass.lora.adapter import ModuleLoRA
+    from fxpass.lora.check import check_modules
+
+    with _lock:
+        recs = [r for r in _records if r.report is not None]
+    model = manager.model
+    towers = {r.prefix: r for r in recs if r.prefix}
+    modules = dict(model.named_modules())
+    towers = {p: r for p, r in towers.items() if p in modules}
+    if not towers:
+        return []
+    packed = {m for ms in getattr(manager, "packed_modules", {}).values() for m in ms}
+    loras: dict[str, ModuleLoRA] = {}
+    for name, lw in lora.loras.items():
+        if name in packed or not any(name == t or name.startswith(t + ".") for t in towers):
+            continue
+        loras[name] = ModuleLoRA(name, [f"{name}.lora_A.weight", f"{name}.lora_B.weight"],
+                                 a=lw.lora_a if hasattr(lw.lora_a, "shape") else None,
+                                 b=lw.lora_b if hasattr(lw.lora_b, "shape") else None)
+    result = check_modules(loras, model, towers=list(towers), adapter=f"LoRA {lora.id}")
+    found = []
+    for r in result.nowhere:
+        entry = {"adapter_id": lora.id, "module": r.module, "keys": r.keys,
+                 "reason": r.reason, "needed_module": r.suggestion}
+        found.append(entry)
+        with _lock:
+            towers[r.tower].lora_nowhere.append(entry)
+        logger.warning(
+            "fxpass[%s]: LoRA adapter %s has weights for %s, which lands on no layer: %s. "
+            "vLLM ignores them (the tower runs as without this LoRA)%s. "
+            "`fxpass lora-check MODEL_DIR ADAPTER_DIR` lists every such key.",
+            r.tower, lora.id, r.module, r.reason,
+            f"; key it as {r.suggestion}.lora_A.weight / .lora_B.weight"
+            if r.suggestion else "")
+    return found
 
 
 def _example_inputs(tower: Any) -> Any:
@@ -276,5 +360,6 @@ def _example_inputs(tower: Any) -> Any:
         return example_inputs(tower)
 
 
-__all__ = ["ENV_DISABLE", "TowerRecord", "disabled", "records", "register", "replace_linear",
+__all__ = ["ENV_DISABLE", "TowerRecord", "check_lora_adapter", "disabled", "records", "register",
+           "replace_linear",
            "vllm_walk"]
