@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from fxpass.errors import (
+    FallbackError,
     FxpassError,
     GuardError,
     QuantConfigError,
@@ -21,7 +22,7 @@ from fxpass.errors import (
 from fxpass.trace import Trace, trace
 
 __all__ = [
-    "FxpassError", "GuardError", "QuantConfigError", "RewriteError", "TraceError",
+    "FallbackError", "FxpassError", "GuardError", "QuantConfigError", "RewriteError", "TraceError",
     "UsageError", "WeightLoadError", "Trace", "trace", "apply", "verify", "vllm_runtime",
 ]
 

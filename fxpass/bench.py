@@ -9,7 +9,9 @@ reported as ratios (machines are noisy; ratios measured together are what carry 
 * tower forward latency: HF eager vs walk-rewritten vs fxpass vs fxpass ``fuse=True``, in fp32,
   bf16 and bnb nf4, on a full-width Gemma4 vision config with fewer layers;
 * weight bytes of each variant and the peak memory a forward allocates;
-* ``fxpass.verify`` cost relative to one forward of the original (when verify is available).
+* ``fxpass.verify`` cost relative to one forward of the original (when verify is available);
+* the per-call overhead of an installed graph forward that hits its guards, against the
+  module's own forward, for a layer-shaped call (tensor, ``(cos, sin)`` tuple, defaults).
 
 ``--quick`` shrinks every size so the suite can prove the benchmark runs (no figures from it).
 Run: ``.venv/bin/python tools/bench.py [--quick] [--json out.json]``.
@@ -257,6 +259,38 @@ def verify_cost(quick: bool, repeats: int) -> dict[str, Any]:
             "passed": bool(report.passed)}
 
 
+class _LayerCall(nn.Module):
+    """A call shaped as HF encoder layers are called; its body is one op, so the time
+    around it is what a graph forward adds."""
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, scale=1.0):
+        cos, sin = position_embeddings
+        return hidden_states * cos + sin
+
+
+def graph_call_overhead(quick: bool, repeats: int) -> dict[str, Any]:
+    import fxpass
+
+    x = torch.randn(1, 4)
+    pe = (torch.randn(1, 4), torch.randn(1, 4))
+    eager = _LayerCall()
+    graph = fxpass.trace(eager, ((x, pe), {}), cache=None).build()
+    n = 200 if quick else 5000
+    forms = {"keywords": ((x, pe), {"attention_mask": None}), "defaults omitted": ((x, pe), {})}
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        for form, (args, kwargs) in forms.items():
+            def loop(mod: nn.Module) -> Callable[[], None]:
+                def run_n() -> None:
+                    for _ in range(n):
+                        mod(*args, **kwargs)
+                return run_n
+            t = _interleaved({"module": loop(eager), "graph": loop(graph)}, repeats)
+            out[form] = {"module_us": t["module"] / n * 1e6, "graph_us": t["graph"] / n * 1e6,
+                         "overhead_us": (t["graph"] - t["module"]) / n * 1e6}
+    return out
+
+
 def run(quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
     from fxpass.runtime import vllm_runtime
 
@@ -270,6 +304,7 @@ def run(quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
             "pass_time": pass_time(quick, repeats),
             "forward": forward_latency(quick, repeats),
             "verify": verify_cost(quick, repeats),
+            "graph_call": graph_call_overhead(quick, repeats),
         }
     return result
 
@@ -302,6 +337,9 @@ def table(result: dict[str, Any]) -> str:
         bf16 = result["forward"]["bf16"]["weight_bytes"]["hf"]
         lines.append(f"  nf4 / bf16 weight bytes: linears {nf4['linear'] / bf16['linear']:.2f}x, "
                      f"whole tower {nf4['total'] / bf16['total']:.2f}x")
+    for form, r in result.get("graph_call", {}).items():
+        lines.append(f"graph forward call ({form}): {r['graph_us']:.1f} us vs the module's own "
+                     f"forward {r['module_us']:.1f} us: {r['overhead_us']:+.1f} us per call")
     v = result.get("verify")
     if v:
         lines += ["", f"verify: {v['verify_s'] * 1e3:.1f} ms = {v['verify_over_forward']:.2f}x one "

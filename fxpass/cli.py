@@ -7,7 +7,10 @@ parser sets ``func`` (args -> exit code). ``viz`` goes there next to ``diff``.
 tower with ``fxpass.apply`` (weights loaded, quantized in flight for ``--quant bnb-*``),
 verifies it against the original with ``fxpass.verify`` and prints both reports.
 ``fxpass diff --demo`` does the same on a tiny random Gemma4 checkpoint it writes to a
-temporary directory (vision and audio towers).
+temporary directory (vision and audio towers). ``--lora ADAPTER_DIR`` puts vLLM's own LoRA
+layers with the adapter on the rewritten tower and compares it with the HF tower carrying the
+adapter through PEFT (``fxpass.lora.verify``). ``fxpass lora-check MODEL_DIR ADAPTER_DIR``
+says which adapter keys land on which layers and which land nowhere (exit 1).
 
 Exit codes: 0 within budget (and not worse than ``--baseline``); 1 a numeric failure (or
 another fxpass error while rewriting); 2 a usage error (bad arguments, missing files, a
@@ -90,12 +93,36 @@ def _add_diff(sub: Any) -> None:
                    help="list every compared module in the table, not only layers and failures")
     p.add_argument("--no-fake-quant", dest="fake_quant", action="store_false",
                    help="skip the fake-quant reference (quantized runs)")
+    p.add_argument("--lora", type=Path, metavar="ADAPTER_DIR",
+                   help="a PEFT LoRA adapter: the rewritten tower runs vLLM's own LoRA layers "
+                        "(CPU punica wrapper, adapter in slot 0) and is compared with the HF "
+                        "tower carrying the adapter through PEFT")
+    p.add_argument("--lora-prefix", metavar="PREFIX",
+                   help="the tower's path in the adapter's keys (default: ATTR, e.g. "
+                        "model.vision_tower for base_model.model.model.vision_tower.*)")
+    p.add_argument("--fuse", action="store_true",
+                   help="fxpass.apply(fuse=True): sibling linears become one vLLM layer "
+                        "(with --lora, a member's LoRA loads into its slice)")
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="shard the rewritten tower over N tensor-parallel ranks (N CPU "
                         "processes) and verify each rank against the unsharded original "
                         "(default: 1, replicated)")
     p.add_argument("--plant-fault", metavar="KIND:LAYER", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_diff)
+
+
+def _add_lora_check(sub: Any) -> None:
+    p = sub.add_parser(
+        "lora-check", help="which adapter keys land on which tower layers, and which nowhere",
+        description=("Check a PEFT LoRA adapter against a local checkpoint (built on the meta "
+                     "device: no weights read): each adapted module lands on a linear layer, "
+                     "or lands nowhere (vLLM would ignore it without a word), with the key "
+                     "vLLM would need. Exit 0 when every key lands, 1 when one lands nowhere, "
+                     "2 on a usage error."))
+    p.add_argument("model_dir", metavar="MODEL_DIR", type=Path)
+    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", type=Path)
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the result as JSON")
+    p.set_defaults(func=cmd_lora_check)
 
 
 # name -> function(subparsers) adding the subcommand's parser (which sets ``func``).
@@ -126,6 +153,7 @@ def _add_bench(sub: Any) -> None:
 
 SUBCOMMANDS: dict[str, Callable[[Any], None]] = {
     "diff": _add_diff,
+    "lora-check": _add_lora_check,
     "viz": _add_viz,
     "bench": _add_bench,
 }
@@ -194,10 +222,22 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError("--tower ATTR is required, e.g. --tower model.vision_tower")
     if args.tp < 1:
         raise UsageError(f"--tp must be a positive number of ranks, got {args.tp}")
+    if args.tp > 1 and getattr(args, "lora", None):
+        raise UsageError("--tp and --lora together are not supported (LoRA on sharded tower "
+                         "layers is not verified); drop one")
     for opt in ("inputs", "baseline"):
         path = getattr(args, opt)
         if path is not None and not path.is_file():
             raise UsageError(f"--{opt} {path}: no such file")
+    if args.lora is not None:
+        if args.demo:
+            raise UsageError("--lora needs MODEL_DIR and --tower (the adapter's model), not "
+                             "--demo")
+        if not args.lora.is_dir():
+            raise UsageError(f"--lora {args.lora}: not a directory")
+        if not (args.lora / "adapter_config.json").is_file():
+            raise UsageError(f"--lora {args.lora}: no adapter_config.json (not a PEFT adapter "
+                             "directory)")
 
 
 def _load_inputs(path: Path) -> list[dict[str, Any]]:
@@ -306,16 +346,17 @@ def baseline_regressions(run: dict[str, Any], base: dict[str, Any]) -> list[str]
 
 
 def _find_baseline_run(base: dict[str, Any], run: dict[str, Any], path: Path) -> dict[str, Any]:
-    keys = ("tower", "quant", "dtype", "mode")
+    keys = ("tower", "quant", "dtype", "mode", "lora_adapter")
     for r in base["runs"]:
-        if all(r.get(k) == run[k] for k in keys):
+        if all(r.get(k) == run.get(k) for k in keys):
             if r["verify"]["inputs"] != run["verify"]["inputs"]:
                 raise UsageError(f"--baseline {path}: its run for {run['tower']} used other "
                                  "inputs; regenerate it with the same inputs")
             return r
     have = ", ".join("/".join(str(r.get(k)) for k in keys) for r in base["runs"])
-    raise UsageError(f"--baseline {path} has no run for {'/'.join(str(run[k]) for k in keys)} "
-                     f"(tower/quant/dtype/mode); it has: {have or 'nothing'}")
+    raise UsageError(f"--baseline {path} has no run for "
+                     f"{'/'.join(str(run.get(k)) for k in keys)} "
+                     f"(tower/quant/dtype/mode/lora); it has: {have or 'nothing'}")
 
 
 def _diff_tower(model_dir: Path, attr: str, tower: Any, args: argparse.Namespace, quant: str,
@@ -328,10 +369,17 @@ def _diff_tower(model_dir: Path, attr: str, tower: Any, args: argparse.Namespace
 
     dtype = getattr(torch, args.dtype)
     examples = _cast_inputs(inputs, dtype) if inputs is not None else _default_inputs(tower)
+    from fxpass.verify.faults import LORA_FAULT_KINDS
+
     prefix = args.prefix or attr
+    if args.lora is not None:
+        return _diff_tower_lora(model_dir, attr, tower, args, quant, fault, examples, prefix)
+    if fault is not None and fault.partition(":")[0] in LORA_FAULT_KINDS:
+        raise UsageError(f"planted fault {fault!r} is a LoRA fault: it needs --lora")
     candidate = copy.deepcopy(tower)
     report = fxpass.apply(candidate, _quant_config(quant), prefix=prefix, load_weights=True,
-                          example_inputs=examples[0], tp=tp if tp > 1 else None)
+                          example_inputs=examples[0], fuse=args.fuse,
+                          tp=tp if tp > 1 else None)
     planted = None
     if fault is not None:
         planted = {"spec": fault, "layer": plant_fault(candidate, fault, tower, prefix=prefix)}
@@ -341,7 +389,7 @@ def _diff_tower(model_dir: Path, attr: str, tower: Any, args: argparse.Namespace
     return {
         "model_dir": str(model_dir), "tower": attr, "tower_class": type(tower).__name__,
         "prefix": prefix, "quant": quant, "dtype": args.dtype, "mode": args.mode,
-        "planted_fault": planted, "passed": vr.passed,
+        "lora_adapter": None, "planted_fault": planted, "passed": vr.passed,
         "output_sqnr_db": vd["output_sqnr_db"], "first_divergence": vd["first_divergence"],
         "baseline": None, "apply": report.to_dict(), "verify": vd,
         "_text": (str(report), vr.format(all_nodes=args.all_nodes)),
@@ -393,6 +441,41 @@ def _merge_ranks(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return runs
 
 
+def _diff_tower_lora(model_dir: Path, attr: str, tower: Any, args: argparse.Namespace,
+                     quant: str, fault: str | None, examples: list[dict[str, Any]],
+                     prefix: str) -> dict[str, Any]:
+    """``diff --lora``: vLLM's LoRA layers on the rewritten tower vs HF + PEFT."""
+    from fxpass.lora.verify import verify_lora
+    from fxpass.verify.faults import LORA_FAULT_KINDS
+
+    lora_fault = None
+    if fault is not None:
+        kind, _, layer = fault.partition(":")
+        if kind not in LORA_FAULT_KINDS:
+            raise UsageError(f"planted fault {fault!r}: with --lora, use a LoRA fault "
+                             f"({', '.join(LORA_FAULT_KINDS)})")
+        if prefix and layer.startswith(prefix + "."):
+            layer = layer[len(prefix) + 1:]
+        lora_fault = f"{kind}:{layer}"
+    key_prefix = attr if args.lora_prefix is None else args.lora_prefix
+    res = verify_lora(tower, args.lora, examples, key_prefix=key_prefix,
+                      quant_config=_quant_config(quant), prefix=prefix, fuse=args.fuse,
+                      mode=args.mode, fake_quant=args.fake_quant, fault=lora_fault)
+    vr = res.verify
+    vd = vr.to_dict()
+    planted = {"spec": fault, "layer": res.planted} if res.planted else None
+    return {
+        "model_dir": str(model_dir), "tower": attr, "tower_class": type(tower).__name__,
+        "prefix": prefix, "quant": quant, "dtype": args.dtype, "mode": args.mode,
+        "lora_adapter": str(args.lora), "lora": res.to_dict(),
+        "planted_fault": planted, "passed": vr.passed,
+        "output_sqnr_db": vd["output_sqnr_db"], "first_divergence": vd["first_divergence"],
+        "baseline": None, "apply": res.apply.to_dict(), "verify": vd,
+        "_text": (str(res.apply) + "\n" + res.summary(),
+                  vr.format(all_nodes=args.all_nodes)),
+    }
+
+
 def baseline_view(doc: dict[str, Any]) -> dict[str, Any]:
     """The part of an ``fxpass diff --json`` result that ``--baseline`` reads: small enough to
     commit (output and per-layer SQNRs, the rewritten layers, the inputs' shapes)."""
@@ -414,6 +497,24 @@ def baseline_view(doc: dict[str, Any]) -> dict[str, Any]:
             },
         })
     return {"schema": SCHEMA, "baseline_margin_db": BASELINE_MARGIN_DB, "runs": runs}
+
+
+def cmd_lora_check(args: argparse.Namespace) -> int:
+    """``fxpass lora-check MODEL_DIR ADAPTER_DIR``: 0 all keys land, 1 one lands nowhere."""
+    from fxpass.lora.check import check_model_dir
+
+    if not args.model_dir.is_dir():
+        raise UsageError(f"MODEL_DIR {args.model_dir} is not a directory")
+    with _quiet():
+        result = check_model_dir(args.model_dir, args.adapter_dir)
+    print(result.format())
+    if args.json is not None:
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        except OSError as e:
+            raise UsageError(f"--json {args.json}: cannot write it: {e}") from e
+    return 0 if result.ok else 1
 
 
 def cmd_diff(args: argparse.Namespace) -> int:

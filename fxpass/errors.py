@@ -36,6 +36,13 @@ class GuardError(FxpassError, RuntimeError):
     """
 
 
+class FallbackError(FxpassError, RuntimeError):
+    """A call no graph covers, whose Python forward would lose a fix the graph carried.
+
+    Raised instead of a wrong answer: a weight probe folded under 4-bit, linears fused away.
+    """
+
+
 class QuantConfigError(FxpassError):
     """The quant config cannot serve a layer (get_quant_method returned None or raised)."""
 

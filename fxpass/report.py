@@ -35,6 +35,8 @@ class Report:
     plain_swaps: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> why no graph
     quant_methods: dict[str, str] = dataclasses.field(default_factory=dict)
     fixes: list[Fix] = dataclasses.field(default_factory=list)
+    # vLLM GEMM inputs given a .contiguous() as a precaution (strides may change with shape)
+    contiguity_checks: int = 0
     fused: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # fused -> members
     refusals: list[dict[str, str]] = dataclasses.field(default_factory=list)  # rule, target, why
     untraced: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -50,6 +52,9 @@ class Report:
     already_applied: bool = False
     weights_loaded: bool = False
     timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    # live: graphs traced after apply (calls the first graphs did not cover) and calls served
+    # by Python, per module (fxpass.trace.RuntimeStats)
+    runtime: Any = None
 
     @property
     def probes(self) -> list[Fix]:
@@ -67,6 +72,7 @@ class Report:
             "skipped": len(self.skipped),
             "probes": len(self.probes),
             "contiguity": len(self.contiguity),
+            "contiguity_checks": self.contiguity_checks,
             "fused_groups": len(self.fused),
             "untraced_modules": len(self.untraced),
             "tp_column": sum(1 for v in self.tp_styles.values() if v != "RowParallelLinear"),
@@ -99,6 +105,8 @@ class Report:
             "already_applied": self.already_applied,
             "weights_loaded": self.weights_loaded,
             "timings_s": {k: round(v, 6) for k, v in self.timings_s.items()},
+            "runtime": (self.runtime.to_dict() if self.runtime is not None else
+                        {"specialisations": {}, "fallbacks": {}, "reasons": {}}),
         }
         json.dumps(out)  # fail here, not in a caller, if something is not serialisable
         return out
@@ -142,4 +150,10 @@ class Report:
             lines.append(f"  {fix.rule}: {fix.module or '<root>'}: {fix.detail}")
         for name, why in self.untraced.items():
             lines.append(f"  python: {name or '<root>'}: {why}")
+        if self.runtime is not None:
+            rt = self.runtime
+            for name in sorted({*rt.specialisations, *rt.fallbacks}):
+                lines.append(f"  since apply: {name}: {rt.specialisations.get(name, 0)} new "
+                             f"graphs, {rt.fallbacks.get(name, 0)} Python calls "
+                             f"(first: {'; '.join(rt.reasons.get(name, {}).values())})")
         return "\n".join(lines)

@@ -21,10 +21,19 @@ Never breaking a model
     If tracing or rewriting raises, the tower is left as it was (``apply`` is atomic) and
     vLLM's ``recursive_replace_linear`` walks it instead; a warning names the tower and the
     reason, and :func:`records` keeps it (``fallback``). At run time, a traced graph called
-    with an input it was not traced for (``GuardError``: another argument structure, a
-    branch the example did not take) runs that module's Python ``forward`` for that call
-    instead (the walk's behaviour), with a warning the first time per module; the count is
-    in :func:`records` too (``guard_fallbacks``).
+    with an input it was not traced for (another argument structure, a branch the example
+    did not take) is traced again for it; where that cannot be done (inside CUDA-graph
+    capture or dynamo, past the bound, or when the trace fails) that module's Python
+    ``forward`` serves the call (the walk's behaviour), with a warning the first time per
+    module. :func:`records` counts both per module (``specialisations``, ``fallbacks``).
+
+Tower LoRA
+    Once a tower is rewritten, every LoRA adapter vLLM adds is checked against it (see
+    :func:`check_lora_adapter`): a module of the adapter under the tower that is not a linear
+    layer (a wrapper such as ``Gemma4ClippableLinear``; vLLM drops such keys silently) gets a
+    warning naming the module vLLM would need, and is kept in :func:`records`
+    (``lora_nowhere``). The plugin never fuses layers (``fuse`` is an offline option of
+    ``fxpass.apply``), so vLLM's tower LoRA meets one ``ReplicatedLinear`` per HF linear.
 
 Logging
     Logger ``vllm.fxpass`` (a child of vLLM's logger, so vLLM's handler and
@@ -70,16 +79,32 @@ class TowerRecord:
     tower: str  # class name
     report: Any = None  # fxpass.report.Report, None when the walk ran instead
     fallback: str | None = None  # why vLLM's own walk ran instead of fxpass
-    guard_fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)  # module -> calls
+    # LoRA adapters whose keys for this tower land nowhere: one dict per module (adapter id,
+    # module, keys, reason, the module vLLM would need)
+    lora_nowhere: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # the engine's tensor-parallel size and mm_encoder_tp_mode when the tower was built
     tp_mode: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def specialisations(self) -> dict[str, int]:
+        """Module -> graphs traced since apply for calls its first graph did not cover."""
+        rt = getattr(self.report, "runtime", None)
+        return dict(rt.specialisations) if rt is not None else {}
+
+    @property
+    def fallbacks(self) -> dict[str, int]:
+        """Module -> calls its Python forward served (no graph covered them)."""
+        rt = getattr(self.report, "runtime", None)
+        return dict(rt.fallbacks) if rt is not None else {}
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "prefix": self.prefix,
             "tower": self.tower,
             "fallback": self.fallback,
-            "guard_fallbacks": dict(self.guard_fallbacks),
+            "specialisations": self.specialisations,
+            "fallbacks": self.fallbacks,
+            "lora_nowhere": list(self.lora_nowhere),
             "tp_mode": dict(self.tp_mode),
             "report": self.report.to_dict() if self.report is not None else None,
         }
@@ -234,7 +259,6 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
         tp, record.tp_mode = engine_tp()
         report = fxpass.apply(model, quant_config, prefix=prefix, load_weights=False,
                               example_inputs=inputs, tp=tp if tp > 1 else None)
-        _guard_graphs(model, record)
     except Exception as e:  # noqa: BLE001 - never break the model: vLLM's walk takes over
         reason = f"{type(e).__name__}: {e}".strip()
         record.fallback = reason
@@ -244,6 +268,7 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
             prefix or "<root>", type(model).__name__, ENV_DISABLE, reason.splitlines()[0][:500])
         return original(model, quant_config, prefix=prefix)
     record.report = report
+    _patch_lora_manager()
     logger.info("%s", report.summary_line())
     if record.tp_mode.get("world_size", 1) > 1 and record.tp_mode.get("tp", 1) == 1:
         logger.info("fxpass[%s]: mm_encoder_tp_mode=%s: the tower stays replicated on each of "
@@ -281,6 +306,77 @@ def engine_tp() -> tuple[int, dict[str, Any]]:
     return tp, {"world_size": world, "mm_encoder_tp_mode": mode or "weights", "tp": tp}
 
 
+_LORA_PATCHED = "_fxpass_lora_check"
+
+
+def _patch_lora_manager() -> None:
+    """Check every adapter vLLM's LoRA manager adds against the towers fxpass rewrote.
+
+    vLLM drops adapter keys whose module is not a linear layer without a word (Gemma4: keys
+    on the ``Gemma4ClippableLinear`` wrapper instead of its ``.linear``). The wrapped
+    ``LoRAModelManager._add_adapter`` runs :func:`fxpass.lora.check.check_modules` on the
+    adapter's modules under those towers first and logs a warning per module that lands
+    nowhere, with the module vLLM would need; then vLLM goes on as before. Never raises.
+    """
+    try:
+        from vllm.lora.model_manager import LoRAModelManager
+    except Exception:  # noqa: BLE001 - no LoRA support in this vLLM: nothing to check
+        return
+    original = LoRAModelManager._add_adapter
+    if getattr(original, _LORA_PATCHED, False):
+        return
+
+    def _add_adapter(self: Any, lora: Any) -> Any:
+        try:
+            check_lora_adapter(self, lora)
+        except Exception as e:  # noqa: BLE001 - a check must never break serving
+            logger.debug("fxpass: adapter check failed: %s", e)
+        return original(self, lora)
+
+    setattr(_add_adapter, _LORA_PATCHED, True)
+    LoRAModelManager._add_adapter = _add_adapter
+
+
+def check_lora_adapter(manager: Any, lora: Any) -> list[dict[str, Any]]:
+    """The adapter check for one ``LoRAModel`` vLLM is adding (vLLM's module names), against
+    the towers of ``manager.model`` that fxpass rewrote; warns and records what lands nowhere."""
+    from fxpass.lora.adapter import ModuleLoRA
+    from fxpass.lora.check import check_modules
+
+    with _lock:
+        recs = [r for r in _records if r.report is not None]
+    model = manager.model
+    towers = {r.prefix: r for r in recs if r.prefix}
+    modules = dict(model.named_modules())
+    towers = {p: r for p, r in towers.items() if p in modules}
+    if not towers:
+        return []
+    packed = {m for ms in getattr(manager, "packed_modules", {}).values() for m in ms}
+    loras: dict[str, ModuleLoRA] = {}
+    for name, lw in lora.loras.items():
+        if name in packed or not any(name == t or name.startswith(t + ".") for t in towers):
+            continue
+        loras[name] = ModuleLoRA(name, [f"{name}.lora_A.weight", f"{name}.lora_B.weight"],
+                                 a=lw.lora_a if hasattr(lw.lora_a, "shape") else None,
+                                 b=lw.lora_b if hasattr(lw.lora_b, "shape") else None)
+    result = check_modules(loras, model, towers=list(towers), adapter=f"LoRA {lora.id}")
+    found = []
+    for r in result.nowhere:
+        entry = {"adapter_id": lora.id, "module": r.module, "keys": r.keys,
+                 "reason": r.reason, "needed_module": r.suggestion}
+        found.append(entry)
+        with _lock:
+            towers[r.tower].lora_nowhere.append(entry)
+        logger.warning(
+            "fxpass[%s]: LoRA adapter %s has weights for %s, which lands on no layer: %s. "
+            "vLLM ignores them (the tower runs as without this LoRA)%s. "
+            "`fxpass lora-check MODEL_DIR ADAPTER_DIR` lists every such key.",
+            r.tower, lora.id, r.module, r.reason,
+            f"; key it as {r.suggestion}.lora_A.weight / .lora_B.weight"
+            if r.suggestion else "")
+    return found
+
+
 def _example_inputs(tower: Any) -> Any:
     """The tracing call: the zoo's inputs for the tower's config.
 
@@ -297,74 +393,5 @@ def _example_inputs(tower: Any) -> Any:
         return example_inputs(tower)
 
 
-def _guard_graphs(tower: Any, record: TowerRecord) -> None:
-    """Make each installed graph fall back to its module's Python forward on a GuardError."""
-    import types
-
-    from fxpass.trace import installed_graph
-
-    guarded = _guarded_forward_class()
-    for qualname, module in tower.named_modules():
-        fwd = installed_graph(module)
-        if fwd is not None and not isinstance(fwd, guarded):
-            module.forward = types.MethodType(guarded(fwd, qualname, record), module)
-
-
-_guarded_cls: type | None = None
-
-
-def _guarded_forward_class() -> type:
-    """The GraphForward subclass, built on first use (keeps this module's import cheap)."""
-    global _guarded_cls
-    if _guarded_cls is not None:
-        return _guarded_cls
-    from fxpass.errors import GuardError
-    from fxpass.trace import GraphForward
-
-    class GuardedForward(GraphForward):
-        """A GraphForward that runs the module's Python forward when a guard refuses a call.
-
-        A subclass, so ``fxpass.apply``'s "already applied" check and ``uninstall`` still
-        recognise it; it delegates the call to the wrapped graph forward.
-        """
-
-        def __init__(self, inner: Any, qualname: str, record: TowerRecord) -> None:
-            from fxpass.rewrite.tensor_parallel import runs_sharded
-
-            self.__dict__.update(inner.__dict__)
-            self._inner = inner
-            self._module_name = qualname
-            self._record = record
-            self._sharded = runs_sharded(inner.graph)
-
-        def __call__(self, module: Any, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return self._inner(module, *args, **kwargs)
-            except GuardError as e:
-                record = self._record
-                name = self._module_name or "<root>"
-                if self._sharded:  # its Python forward would see per-rank shapes
-                    raise GuardError(
-                        f"fxpass[{record.prefix or '<root>'}]: the traced graph of {name} "
-                        "refused a call, and its module is sharded for tensor parallelism, "
-                        "so its Python forward cannot stand in (it would see each rank's "
-                        "block with the full head counts); serve this model with "
-                        "FXPASS_DISABLE=1 (replicated towers), or with "
-                        "mm_encoder_tp_mode='data' where the model supports it: "
-                        f"{str(e).splitlines()[0][:500]}") from e
-                with _lock:
-                    first = name not in record.guard_fallbacks
-                    record.guard_fallbacks[name] = record.guard_fallbacks.get(name, 0) + 1
-                if first:
-                    logger.warning(
-                        "fxpass[%s]: the traced graph of %s refused a call, so this module "
-                        "runs its Python forward for such calls (vLLM's walk behaviour): %s",
-                        record.prefix or "<root>", name, str(e).splitlines()[0][:500])
-                return type(module).forward(module, *args, **kwargs)
-
-    _guarded_cls = GuardedForward
-    return GuardedForward
-
-
-__all__ = ["ENV_DISABLE", "TowerRecord", "disabled", "engine_tp", "records", "register",
-           "replace_linear", "tp_for", "vllm_walk"]
+__all__ = ["ENV_DISABLE", "TowerRecord", "check_lora_adapter", "disabled", "engine_tp",
+           "records", "register", "replace_linear", "tp_for", "vllm_walk"]

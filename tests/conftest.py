@@ -1,4 +1,10 @@
+import sys
+from pathlib import Path
+
 import pytest
+
+# The tower catalogue (tests/towers/catalogue.py) is importable as `catalogue` from every folder.
+sys.path.insert(0, str(Path(__file__).parent / "towers"))
 
 
 @pytest.fixture(scope="session")

@@ -184,6 +184,83 @@ def test_console_script_subprocess(tmp_path):
     assert "fxpass diff: error:" in proc.stderr and "is not a directory" in proc.stderr
 
 
+# ------------------------------------------------------------------------------ tower LoRA
+
+
+@pytest.fixture(scope="module")
+def lora_adapters(ckpt, tmp_path_factory) -> dict[str, Path]:
+    import torch
+
+    from fxpass import zoo
+    from fxpass.lora.adapter import demo_targets, rename_keys, write_adapter
+
+    out = tmp_path_factory.mktemp("lora")
+    tower = zoo.load_tower(ckpt, VISION, dtype=torch.float32)
+    good = write_adapter(tower, out / "vision", demo_targets(tower), key_prefix=VISION)
+    audio = zoo.load_tower(ckpt, AUDIO, dtype=torch.float32)
+    return {"vision": good, "audio": write_adapter(audio, out / "audio", demo_targets(audio),
+                                                   key_prefix=AUDIO),
+            "wrapper": rename_keys(good, out / "wrapper", ".linear.lora_", ".lora_")}
+
+
+def test_lora_check_exit_codes(ckpt, lora_adapters, tmp_path, capsys):
+    assert main(["lora-check", str(ckpt), str(lora_adapters["vision"])]) == 0
+    assert "all keys land on a layer" in capsys.readouterr().out
+    out = tmp_path / "check.json"
+    assert main(["lora-check", str(ckpt), str(lora_adapters["wrapper"]), "--json",
+                 str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "NOWHERE  model.vision_tower.encoder.layers.0.self_attn.q_proj " in text
+    assert ("need base_model.model.model.vision_tower.encoder.layers.0.self_attn.q_proj"
+            ".linear.lora_A.weight") in text
+    doc = json.loads(out.read_text())
+    assert doc["ok"] is False and all(not r["lands"] for r in doc["results"])
+    assert main(["lora-check", str(tmp_path / "nope"), str(lora_adapters["vision"])]) == 2
+    assert main(["lora-check", str(ckpt), str(tmp_path)]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tower,dtype,quant", [(VISION, "float32", "none"),
+                                               (AUDIO, "float32", "none"),
+                                               (VISION, "bfloat16", "bnb-nf4")])
+def test_diff_lora_passes(ckpt, lora_adapters, tower, dtype, quant, tmp_path, capsys,
+                          vllm_rt):
+    out = tmp_path / "lora.json"
+    adapter = lora_adapters["vision" if tower == VISION else "audio"]
+    code = main(["diff", str(ckpt), "--tower", tower, "--lora", str(adapter), "--dtype", dtype,
+                 "--quant", quant, "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    (run,) = json.loads(out.read_text())["runs"]
+    n = len(run["lora"]["loaded"])
+    assert n >= 3 and f"tower LoRA: {n} of" in text and "fxpass diff: PASSED" in text
+    assert run["lora_adapter"] == str(adapter)
+    if dtype == "float32":
+        assert run["output_sqnr_db"]["reference"] >= 100.0
+
+
+def test_diff_lora_planted_fault_names_the_layer(ckpt, lora_adapters, monkeypatch, capsys,
+                                                 vllm_rt):
+    layer = f"{VISION}.encoder.layers.0.self_attn.v_proj.linear"
+    monkeypatch.setenv(ENV_VAR, f"lora-scale:{layer}")
+    code = main(["diff", str(ckpt), "--tower", VISION, "--lora", str(lora_adapters["vision"]),
+                 "--dtype", "float32"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert ("first divergence at encoder.layers.0.self_attn.v_proj.linear" in captured.err)
+    monkeypatch.setenv(ENV_VAR, f"lora-scale:{layer}")
+    assert main(["diff", str(ckpt), "--tower", VISION]) == 2  # a LoRA fault needs --lora
+    assert "needs --lora" in capsys.readouterr().err
+
+
+def test_diff_lora_wrapper_keyed_adapter_is_a_usage_error(ckpt, lora_adapters, capsys,
+                                                          vllm_rt):
+    code = main(["diff", str(ckpt), "--tower", VISION, "--lora", str(lora_adapters["wrapper"])])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "land on no layer of the tower" in err and "q_proj.linear.lora_A.weight" in err
+
+
 def test_diff_tp2_verifies_both_ranks_and_reports_each_layers_style(ckpt, tmp_path, capsys):
     """`fxpass diff --tp 2`: two rank processes shard the tower and verify it against the
     unsharded original; the JSON has each rank's verdict and each layer's parallel style."""

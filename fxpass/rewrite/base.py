@@ -77,6 +77,10 @@ class RewriteContext:
     edited: set[str] = dataclasses.field(default_factory=set)  # graphs changed
     removed: list[str] = dataclasses.field(default_factory=list)  # modules deleted at commit
     fused: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # fused -> members
+    # removed member path -> (fused layer path, first output, end): a FusedSlice stands there
+    fused_slices: dict[str, tuple[str, int, int]] = dataclasses.field(default_factory=dict)
+    # a graph traced after apply (graph_runtime): graph fixes only, no layers are built
+    respecialising: bool = False
     # every module of the model by qualified name (each path of a shared one); read once,
     # as the model does not change until the commit
     modules: dict[str, nn.Module] = dataclasses.field(default_factory=dict, repr=False)

@@ -3,7 +3,12 @@
 vLLM-CPU's oneDNN GEMM rejects a non-contiguous input (``Expected a.stride(-1) == 1``);
 ``nn.Linear`` accepts it, so HF code passes transposed tensors (Gemma4 audio's
 ``lconv1d.linear_end``). A ``.contiguous()`` goes in front of the layer when the example
-value was non-contiguous or the input comes straight from a layout op.
+value was non-contiguous or the input comes straight from a layout op (reported as a fix).
+
+Strides can change with the input's shape (a transpose over a size-1 dim is contiguous at
+one size and not at another), so every other vLLM GEMM input the graph cannot show to be
+contiguous (it does not come from a vLLM layer or a ``.contiguous()``) gets one too: a no-op
+on a contiguous tensor, counted in ``report.contiguity_checks`` rather than listed.
 """
 
 from __future__ import annotations
@@ -37,6 +42,24 @@ def _may_be_non_contiguous(node: fx.Node) -> str | None:
     return None
 
 
+def _known_contiguous(ctx: RewriteContext, mg: "object", node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target == "contiguous":
+        return True
+    if node.op == "call_module":
+        q = f"{mg.qualname}.{node.target}" if mg.qualname else str(node.target)
+        return is_vllm_linear(ctx.layer_after(q))
+    return False
+
+
+def _insert_contiguous(graph: fx.Graph, site: str, input_name: str) -> None:
+    node = next(n for n in graph.nodes if n.name == site)
+    inp = next(a for a in node.all_input_nodes if a.name == input_name)
+    with graph.inserting_before(node):
+        c = graph.call_method("contiguous", (inp,))
+    meta.info(c)["inserted_by"] = "contiguity"
+    node.replace_input_with(inp, c)
+
+
 class Contiguity:
     name = "contiguity"
 
@@ -54,6 +77,8 @@ class Contiguity:
                     why = _may_be_non_contiguous(inp)
                     if why:
                         out.append(ContiguityMatch(site, inp, why))
+                    elif not _known_contiguous(ctx, mg, inp):
+                        out.append(ContiguityMatch(site, inp, ""))
         return out
 
     def check(self, ctx: RewriteContext, m: ContiguityMatch) -> str | None:
@@ -63,6 +88,13 @@ class Contiguity:
 
     def apply(self, ctx: RewriteContext, m: ContiguityMatch) -> None:
         input_name = m.input.name
+        if not m.why:  # a precaution: no fix listed, counted
+            mg = m.site.graph
+            mg.edit((self.name, "check", m.site.name, input_name),
+                    lambda graph: _insert_contiguous(graph, m.site.name, input_name))
+            ctx.edited.add(mg.qualname)
+            ctx.report.contiguity_checks += 1
+            return
 
         def insert(graph: fx.Graph, node: fx.Node) -> None:
             inp = next(a for a in node.all_input_nodes if a.name == input_name)
@@ -72,6 +104,8 @@ class Contiguity:
             if tensor := meta.get(inp, "tensor"):
                 meta.info(c)["tensor"] = {**tensor, "contiguous": True}
             node.replace_input_with(inp, c)
+            # kept for the Python fallback (graph_runtime): it must not lose this fix
+            meta.info(graph.output_node()).setdefault("contiguous", []).append(node.target)
 
         ctx.fix(self.name, m.site,
                 f"{m.site.node.target}: {m.why} ({input_name}); inserted .contiguous()", insert)

@@ -31,6 +31,27 @@ class Member:
     refusal: str | None = None
 
 
+class FusedSlice(nn.Module):
+    """What stands at a fused member's path after the commit: its slice of the merged layer's
+    output. Python code that calls the member by name (the module's Python forward, a graph
+    traced after apply for a call the first graph did not cover) still runs, correctly.
+
+    The merged layer is held as a plain attribute, not a child: it is registered once, at its
+    own path (no second copy in ``named_modules`` or the state_dict); no parameters here.
+    """
+
+    def __init__(self, merged: nn.Module, start: int, end: int) -> None:
+        super().__init__()
+        self.__dict__["merged"] = merged
+        self.start, self.end = start, end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.merged(x.contiguous())[..., self.start:self.end]
+
+    def extra_repr(self) -> str:
+        return f"slice {self.start}:{self.end} of {type(self.merged).__name__}"
+
+
 @dataclasses.dataclass
 class FusionGroup:
     members: list[Member]
@@ -76,7 +97,7 @@ class SiblingFusion:
         return " + ".join(ctx.full_name(n) for n in g.names())
 
     def match(self, ctx: RewriteContext) -> list[FusionGroup]:
-        if not ctx.fuse:
+        if not ctx.fuse or ctx.respecialising:  # fusion builds layers: at apply only
             return []
         call_counts: dict[str, int] = {}
         for mg in ctx.graphs():
@@ -174,9 +195,14 @@ def install_fused(ctx: RewriteContext, g: FusionGroup, layer: nn.Module, rule: s
         node.replace_all_uses_with(out)
         graph.erase_node(node)
 
-    for m in g.members:
+    start = 0
+    for m, size in zip(g.members, sizes):
         ctx.new_layers.pop(m.linear)
         ctx.removed.append(m.wrapper or m.linear)
+        # the member stays callable by name: a slice of the fused output (this rank's, under
+        # tensor parallelism)
+        ctx.fused_slices[m.wrapper or m.linear] = (fused_q, start, start + size)
+        start += size
         if m.wrapper:
             ctx.trace.graphs.pop(m.wrapper, None)
         full = ctx.full_name(m.linear)

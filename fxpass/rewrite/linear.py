@@ -28,6 +28,8 @@ class LinearToVllm:
     name = "linear"
 
     def match(self, ctx: RewriteContext) -> list[LinearMatch]:
+        if ctx.respecialising:  # the layers were swapped at apply
+            return []
         sites: dict[str, list[Site]] = {}
         for mg in ctx.graphs():
             for node in mg.nodes_of("call_module"):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-import types
 from typing import Any
 
 import torch
@@ -24,7 +23,18 @@ from fxpass.rewrite.analysis import tied_linears, weight_uses
 from fxpass.rewrite.base import RewriteContext, is_vllm_linear
 from fxpass.rewrite.registry import rules
 from fxpass.runtime import vllm_runtime
-from fxpass.trace import GraphForward, Trace, TreeIndex, installed_graph, trace
+from fxpass.rewrite.fusion import FusedSlice
+from fxpass.rewrite.respecialise import RuleRespecialiser
+from fxpass.trace import (
+    GraphForward,
+    RuntimeStats,
+    Trace,
+    TreeIndex,
+    install,
+    installed_graph,
+    trace,
+)
+from fxpass.trace.graph_runtime import _Family
 
 
 def _mark_unsafe(ctx: RewriteContext) -> None:
@@ -43,7 +53,8 @@ def _mark_unsafe(ctx: RewriteContext) -> None:
 
 def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
           load_weights: bool = False, fuse: bool = False, example_inputs: Any = None,
-          trace_result: Trace | None = None, tp: int | None = None) -> Report:
+          strict: bool = False, trace_result: Trace | None = None,
+          tp: int | None = None) -> Report:
     """Rewrite every nn.Linear of ``model`` to a vLLM ReplicatedLinear, in place.
 
     ``prefix`` is the model's checkpoint prefix (``vision_tower``): layers are built with
@@ -55,6 +66,12 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
     group of N ranks (inside vLLM: the engine's; outside: ``fxpass.vllm_runtime(tp=N, ...)``
     in each rank's process), every rank applying to the same tower; the rest stays
     replicated. None or 1: everything replicated.
+
+    After apply, a call an installed graph does not cover is traced again and rewritten
+    (or served by the module's Python forward); ``strict=True`` raises GuardError for it
+    instead, which is how tests prove what the graphs cover. ``report.runtime`` counts both,
+    per module, as calls come. A module sharded for tensor parallelism is neither traced
+    again nor run as Python (it would see per-rank shapes): such a call raises.
     """
     if not isinstance(model, nn.Module):
         raise UsageError(f"fxpass.apply expects an nn.Module, got {type(model).__name__}")
@@ -101,7 +118,7 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
         with vllm_runtime() if has_linears else contextlib.nullcontext():
             if ctx.tp > 1:
                 _check_tp_group(ctx.tp)
-            _run_rules(ctx)
+            run_rules(ctx)
         if ctx.tp > 1:
             _tp_report(ctx)
         for mg in ctx.graphs():
@@ -130,7 +147,10 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
     report.timings_s["weights"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    _commit(ctx)
+    report.runtime = RuntimeStats()
+    runtime = RuleRespecialiser(quant_config=quant_config, prefix=prefix, fuse=fuse,
+                                strict=strict, stats=report.runtime)
+    _commit(ctx, runtime)
     report.replaced = [ctx.full_name(q) for q in ctx.new_layers if q not in ctx.fused]
     report.replaced += [ctx.full_name(m) for members in ctx.fused.values() for m in members]
     report.timings_s["commit"] = time.perf_counter() - t3
@@ -163,7 +183,7 @@ def _tp_report(ctx: RewriteContext) -> None:
     report.tp_sharded_fraction = sharded / total if total else 0.0
 
 
-def _run_rules(ctx: RewriteContext) -> None:
+def run_rules(ctx: RewriteContext) -> None:
     """Each rule in order: match, then check each match, then apply or record why not."""
     for rule in rules():
         for m in rule.match(ctx):
@@ -219,7 +239,7 @@ def _load(ctx: RewriteContext, qualname: str, layer: nn.Module) -> None:
     load_linear_weights(layer, old.weight, old.bias, ctx.quant_config)
 
 
-def _commit(ctx: RewriteContext) -> None:
+def _commit(ctx: RewriteContext, runtime: RuleRespecialiser) -> None:
     """Swap modules and install graphs; on any failure put everything back."""
     swapped: list[tuple[nn.Module, str, nn.Module | None]] = []
     installed: list[tuple[nn.Module, Any]] = []
@@ -240,12 +260,19 @@ def _commit(ctx: RewriteContext) -> None:
             old = getattr(parent, child, None)
             setattr(parent, child, layer)
             swapped.append((parent, child, old))
+        for qualname, (fused_q, start, end) in ctx.fused_slices.items():
+            parent_name, _, child = qualname.rpartition(".")
+            parent = ctx.module(parent_name)
+            setattr(parent, child, FusedSlice(ctx.new_layers[fused_q], start, end))
+            swapped.append((parent, child, None))
+        families: dict[int, _Family] = {}  # identical modules share their later graphs
         for qualname, mg in ctx.trace.graphs.items():
             sub = ctx.module(qualname)
             installed.append((sub, sub.__dict__.get("forward")))
             # Each module gets its own forward (its errors name it); the generated code of a
             # shared graph is compiled once for all the modules running it.
-            sub.forward = types.MethodType(GraphForward(mg), sub)
+            family = families.setdefault(id(mg.graph), _Family())
+            install(sub, GraphForward(mg, runtime, family))
     except Exception as e:
         for sub, previous in reversed(installed):
             if previous is None:

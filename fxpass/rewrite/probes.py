@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from fxpass import meta
 from fxpass.rewrite.analysis import WeightUse, weight_uses
 from fxpass.rewrite.base import RewriteContext, Site, is_vllm_linear
 
@@ -47,13 +48,20 @@ class WeightProbes:
                 continue
             value = _logical(probe, what, dtype, shape)
 
-            def fold(graph: fx.Graph, node: fx.Node, value: Any = value) -> None:
+            record = {"linear": use.site.node.target.rpartition(".")[0], "attr": use.attr,
+                      "what": what, "args": tuple(probe.args[1:]) if probe.op == "call_method"
+                      else (), "value": value}
+
+            def fold(graph: fx.Graph, node: fx.Node, value: Any = value,
+                     record: dict[str, Any] = record) -> None:
                 source = node.all_input_nodes[0]
                 for user in list(node.users):
                     user.replace_input_with(node, value)
                 graph.erase_node(node)
                 if source.name == getattr_name and not source.users:
                     graph.erase_node(source)
+                # kept for the Python fallback (graph_runtime): it must not lose this fold
+                meta.info(graph.output_node()).setdefault("probes", []).append(record)
 
             # the note (graph-relative: the same in every identical layer) names the edit
             ctx.fix(self.name, Site(mg, probe), f"{use.site.node.target}.{what} -> {value!r}", fold)

@@ -14,7 +14,7 @@ import torch.fx
 
 from fxpass.errors import GuardError
 
-_CONVERT = {"bool": bool, "int": int, "float": float, "len": len, "index": int}
+_CONVERT = {"bool": bool, "int": int, "float": float, "len": len, "index": int, "keys": tuple}
 
 
 def guard(value: Any, expected: Any, kind: str, where: str) -> None:
@@ -23,15 +23,8 @@ def guard(value: Any, expected: Any, kind: str, where: str) -> None:
     if got != expected:
         raise GuardError(
             f"{where}: the graph was traced where {kind}(...) was {expected!r}, "
-            f"but this input gives {got!r}; this module's traced graph does not cover "
-            f"that input. Trace with example inputs of this kind "
-            f"(fxpass.trace(module, example_inputs=...)), or run the module untraced."
+            f"but this input gives {got!r}"
         )
-
-
-def call_guard(message: str) -> None:
-    """Raise GuardError for a call whose argument structure the graph was not traced for."""
-    raise GuardError(message)
 
 
 # Guards have no users; keep dead-code elimination from dropping them.

@@ -20,6 +20,7 @@ values; its inputs are captured so the caller can trace it in turn.
 from __future__ import annotations
 
 import builtins
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -27,6 +28,7 @@ import inspect
 import operator
 import os
 import re
+import sys
 from typing import Any, Callable, Iterator
 
 import torch
@@ -55,6 +57,10 @@ _METADATA_FUNCTIONS = frozenset(
 # Reading these makes a Python value out of tensor data.
 _DATA_METHODS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__"})
 
+# Data guards (a branch on tensor data specialised and checked at every call) are off: a
+# data-dependent branch keeps its module Python, as before; kept for measurement.
+DATA_GUARDS = False
+
 _FXPASS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
@@ -65,6 +71,7 @@ _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 # positional argument but 2 were given") before __torch_function__ could record it, so while
 # tracing they are replaced by wrappers that record a node when handed a proxy.
 _PROXY_ARG_FUNCTIONS = ("finfo", "iinfo", "ones", "zeros", "empty", "full", "rand", "randn",
+                        "tensor", "as_tensor", "scalar_tensor",
                         "randint", "randperm", "eye", "linspace", "logspace", "tril_indices",
                         "triu_indices")
 _ORIGINALS = {name: getattr(torch, name) for name in _PROXY_ARG_FUNCTIONS}
@@ -196,6 +203,19 @@ def _is_static(node: fx.Node) -> bool:
     return bool(meta.get(node, "static", False))
 
 
+def error_location(e: BaseException) -> str:
+    """file:line of the innermost traceback frame outside torch and fxpass."""
+    where = "<unknown>"
+    tb = e.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        fname = os.path.abspath(code.co_filename)
+        if not fname.startswith((_FXPASS_DIR, _TORCH_DIR)) and "functools" not in fname:
+            where = f"{os.path.basename(fname)}:{tb.tb_lineno} in {code.co_name}"
+        tb = tb.tb_next
+    return where
+
+
 def _user_location() -> str:
     """file:line of the innermost frame outside torch and fxpass (for guard messages)."""
     frame = inspect.currentframe()
@@ -299,6 +319,8 @@ class CallSpec:
     placeholders: list[int]  # leaf indices fed to the graph, in placeholder order
     constants: dict[int, Any]  # leaf index -> value baked into the graph
     names: list[str]
+    training: bool | None = None  # the module's training flag when traced (None: unchecked)
+    tensor_inputs: tuple[bool, ...] = ()  # per placeholder: a tensor (else an int)
 
 
 def _leaf_names(treespec: pytree.TreeSpec, sig: inspect.Signature | None) -> list[str]:
@@ -322,29 +344,57 @@ def _leaf_names(treespec: pytree.TreeSpec, sig: inspect.Signature | None) -> lis
     return [names.get(i, f"leaf{i}") for i in range(treespec.num_leaves)]
 
 
-@functools.lru_cache(maxsize=1024)
+# per class (a plain dict, not lru_cache: torch.compile traces these calls too)
+_SIGNATURES: dict[type, tuple[inspect.Signature | None, bool]] = {}
+
+
+def _forward_info(cls: type) -> tuple[inspect.Signature | None, bool]:
+    info = _SIGNATURES.get(cls)
+    if info is None:
+        fwd = getattr(cls, "forward", None)
+        try:
+            sig = inspect.signature(fwd)
+            sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+        except (TypeError, ValueError):
+            sig = None
+        wrapped = fwd is not None and inspect.unwrap(fwd) is not fwd
+        info = _SIGNATURES[cls] = (sig, wrapped)
+    return info
+
+
 def forward_signature(cls: type) -> inspect.Signature | None:
     """Signature of ``cls.forward`` without ``self`` (through decorators), or None."""
-    try:
-        sig = inspect.signature(cls.forward)
-    except (TypeError, ValueError):
-        return None
-    params = list(sig.parameters.values())[1:]
-    return sig.replace(parameters=params)
+    return _forward_info(cls)[0]
 
 
-def canonical_call(sig: inspect.Signature | None, args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The same call whether the caller passed arguments by position or by name.
+def forward_is_wrapped(cls: type) -> bool:
+    """Whether ``cls.forward`` is decorated (``functools.wraps``): the decorator may accept
+    arguments the inner signature does not (HF's ``deprecate_kwarg`` renames keywords)."""
+    return _forward_info(cls)[1]
 
-    vLLM calls ``tower(features, mask)`` where HF code and example inputs use keywords; both
-    bind to the same parameters. Canonical form: positional-only and ``*args`` values as
-    positionals, every other argument by name (in signature order, ``**kwargs`` sorted).
-    Raises TypeError, as the call itself would, when the arguments do not bind.
+
+def bind_call(sig: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any],
+              *, raw: bool = False) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The same call whether the caller passed arguments by position or by name, or left
+    a defaulted argument out.
+
+    vLLM calls ``tower(features, mask)`` where HF code and example inputs use keywords, and
+    HF users call ``tower(pixel_values)`` where the traced call spelled out
+    ``interpolate_pos_encoding=False``: each pair binds to the same parameters. Canonical
+    form: positional-only and ``*args`` values as positionals, every other parameter by name
+    in signature order (defaults filled in, ``**kwargs`` sorted). A call that does not bind
+    raises TypeError, as the call itself would; with ``raw`` (a decorated forward, whose
+    decorator may rename keywords) it is kept as given instead.
     """
     if sig is None:
         return tuple(args), dict(kwargs)
-    bound = sig.bind(*args, **kwargs)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError:
+        if raw:
+            return tuple(args), dict(kwargs)
+        raise
+    bound.apply_defaults()
     pos: list[Any] = []
     named: dict[str, Any] = {}
     extra: dict[str, Any] = {}
@@ -362,9 +412,16 @@ def canonical_call(sig: inspect.Signature | None, args: tuple[Any, ...],
     return tuple(pos), named
 
 
+def bind_module_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """:func:`bind_call` for a call of ``module`` (raw form allowed for decorated forwards)."""
+    sig, wrapped = _forward_info(type(module))
+    return bind_call(sig, args, kwargs, raw=wrapped)
+
+
 def make_call_spec(sig: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any],
                    symbolic_ints: set[int] | None = None) -> CallSpec:
-    """Spec of a call already in canonical form (see :func:`canonical_call`)."""
+    """Spec of a call already in canonical form (see :func:`bind_call`)."""
     leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     names = _leaf_names(treespec, sig)
     placeholders, constants = [], {}
@@ -376,7 +433,9 @@ def make_call_spec(sig: inspect.Signature | None, args: tuple[Any, ...], kwargs:
             placeholders.append(i)
         else:
             constants[i] = leaf
-    return CallSpec(treespec, placeholders, constants, [names[i] for i in placeholders])
+    return CallSpec(treespec, placeholders, constants, [names[i] for i in placeholders],
+                    tensor_inputs=tuple(isinstance(leaves[i], torch.Tensor)
+                                        for i in placeholders))
 
 
 @dataclasses.dataclass
@@ -406,20 +465,63 @@ class ValueTracer(fx.Tracer):
         # the example values: the hierarchy traces the child there and installs its graph, so
         # the child runs its trace-safe graph (HF skips data-dependent shortcuts for proxies).
         self.on_first_call: Callable[[str, Capture], None] | None = None
+        # get_attr target -> the value tracing sees for it (a vLLM layer's logical weight)
+        self.values: dict[str, Any] = {}
+        # what a leaf submodule runs on while tracing (a vLLM GEMM needs contiguous input)
+        self.leaf_inputs: Callable[..., tuple[tuple[Any, ...], dict[str, Any]]] | None = None
+        self._external: set[int] | None = None  # storages of the inputs and the module's tensors
+        self._computed: set[int] = set()  # storages of every value a node computed
+        self._real_values = False  # example values hold data (not meta): data guards allowed
 
     # -- entry point ------------------------------------------------------------------
     def trace_call(self, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                    spec: CallSpec) -> fx.Graph:
         self._call = (args, kwargs, spec)
+        tensors = _tensors_in((args, kwargs))
+        self._real_values = bool(tensors) and all(_is_real(t) for t in tensors)
         patches = [*((torch, name, _records_proxies(fn)) for name, fn in _ORIGINALS.items()),
                    (torch, "vmap", _traced_vmap(torch.vmap)),
                    (torch.func, "vmap", _traced_vmap(torch.func.vmap))]
+        patches.append((nn.Module, "__setattr__", self._state_write(nn.Module.__setattr__)))
+        hf = sys.modules.get("transformers.utils.import_utils")
+        if self._real_values and hf is not None and hasattr(hf, "is_torch_fx_proxy"):
+            # On real values, HF's eager path: transformers takes a trace-safe path for fx
+            # proxies (an attention mask is always built), which can compute something else
+            # than eager (no mask -> SDPA's is_causal), so its data-dependent shortcuts are
+            # taken as eager takes them, behind data guards.
+            patches.append((hf, "is_torch_fx_proxy", _not_our_proxy(hf.is_torch_fx_proxy)))
         with contextlib.ExitStack() as stack:
             for owner, name, new in patches:
                 old = getattr(owner, name)
                 setattr(owner, name, new)
                 stack.callback(setattr, owner, name, old)
             return self.trace(root)
+
+    def _state_write(self, orig: Callable[..., None]) -> Callable[..., None]:
+        """``Module.__setattr__`` while tracing: a graph does not replay attribute writes.
+
+        HF code stores sizes computed from the input on the module (Swin's window size) and
+        reads them back: a static value is guarded and stored concrete (the graph then holds
+        for inputs that store the same); anything else (a tensor, data) would leave a proxy
+        on the module and be lost at run time, so tracing stops.
+        """
+        tracer = self
+
+        def setattr_(mod: nn.Module, name: str, value: Any) -> None:
+            if not tracer._eager and _has_proxy(value):
+                proxy = value if isinstance(value, fx.Proxy) else None
+                if proxy is None or isinstance(value_of(proxy), torch.Tensor) or not _is_static(
+                        proxy.node):
+                    raise TraceError(
+                        f"it stores a value computed from its input on a module "
+                        f"({type(mod).__name__}.{name} = ..., at {_user_location()}); a graph "
+                        "does not replay such writes, so the module runs as Python")
+                value = tracer.concretize(proxy, "int" if type(value_of(proxy)) is int
+                                          else "bool" if type(value_of(proxy)) is bool
+                                          else "float")
+            orig(mod, name, value)
+
+        return setattr_
 
     def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool,
                              concrete_args: Any = None) -> tuple[Callable[..., Any], list[Any]]:
@@ -431,6 +533,7 @@ class ValueTracer(fx.Tracer):
             info = meta.info(p.node)
             info["value"] = leaves[idx]
             info["static"] = not isinstance(leaves[idx], torch.Tensor)
+            self._computed.update(_storage(t) for t in _tensor_leaves(leaves[idx]))
             proxies.append(p)
 
         def flat_forward(root: nn.Module, *ph: Any) -> Any:
@@ -454,18 +557,34 @@ class ValueTracer(fx.Tracer):
         if kind in ("placeholder", "output"):
             return proxy
         node = proxy.node
+        tensors = _tensors_in((args, kwargs)) if kind != "get_attr" else []
+        versions = [_version(t) for t in tensors]
         try:
             value = self._compute(kind, target, args, kwargs)
         except TraceError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure on example values stops tracing
             raise TraceError(
-                f"{node.format_node()} failed on the example values: "
-                f"{type(e).__name__}: {e}", node=node.name) from e
+                f"{_describe(node)} at {_user_location()} failed on the example values: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                node=node.name) from e
         info = meta.info(node)
+        changed = [t for t, v in zip(tensors, versions) if v is not None and _version(t) != v]
+        if changed and any(_storage(t) in self._external_storages() for t in changed):
+            info["mutates_input"] = _user_location()
         info["value"] = value
+        self._computed.update(_storage(t) for t in _tensor_leaves(value))
         info["static"] = self._static(kind, target, args, kwargs, value)
         return proxy
+
+    def _external_storages(self) -> set[int]:
+        """Storages a graph run does not own: its inputs' and the module's own tensors'."""
+        if self._external is None:
+            args, kwargs, _ = self._call
+            tensors = [*_tensors_in((args, kwargs)), *self.root.parameters(),
+                       *self.root.buffers()]
+            self._external = {_storage(t) for t in tensors}
+        return self._external
 
     def _compute(self, kind: str, target: Any, args: tuple[Any, ...],
                  kwargs: dict[str, Any]) -> Any:
@@ -476,6 +595,8 @@ class ValueTracer(fx.Tracer):
             self_obj, *rest = vargs
             return getattr(self_obj, target)(*rest, **vkwargs)
         if kind == "get_attr":
+            if target in self.values:
+                return self.values[target]
             obj: Any = self.root
             with self.eager():  # plain attribute reads, not proxies
                 for atom in target.split("."):
@@ -484,7 +605,7 @@ class ValueTracer(fx.Tracer):
         if kind == "call_module":
             mod = self.root.get_submodule(target)
             if target not in self.captures:
-                pargs, pkwargs = canonical_call(forward_signature(type(mod)), args, kwargs)
+                pargs, pkwargs = bind_module_call(mod, args, kwargs)
                 cap = Capture(_values(pargs), _values(pkwargs),
                               _symbolic_int_leaves(pargs, pkwargs))
                 self.captures[target] = cap
@@ -493,6 +614,8 @@ class ValueTracer(fx.Tracer):
                     # trace); its calls and attribute reads must not land in this graph.
                     with self.eager():
                         self.on_first_call(target, cap)
+            if self.leaf_inputs is not None:
+                vargs, vkwargs = self.leaf_inputs(mod, vargs, vkwargs)
             with self.eager():
                 return mod(*vargs, **vkwargs)
         raise TraceError(f"unexpected node kind {kind}")
@@ -527,22 +650,27 @@ class ValueTracer(fx.Tracer):
     def concretize(self, proxy: fx.Proxy, kind: str) -> Any:
         node = proxy.node
         value = value_of(proxy)
-        if not _is_static(node):
+        data = not _is_static(node)
+        if data and not (DATA_GUARDS and kind in ("bool", "int", "index")
+                         and self._real_values and _is_real(value)):
             raise TraceError(
-                f"data-dependent control flow: {kind}() of a value computed from tensor data "
-                f"({node.format_node()}) at {_user_location()}; this module stays Python",
-                node=node.name)
+                f"data-dependent control flow at {_user_location()}: {kind}() of a value "
+                f"computed from tensor data ({_describe(node)}); the module runs as Python "
+                "(its submodules are still traced)", node=node.name)
         conv = {"bool": bool, "int": int, "index": operator.index, "float": float,
-                "len": len}[kind]
+                "len": len, "keys": tuple}[kind]
         try:
             result = conv(value)
         except Exception as e:  # noqa: BLE001
             raise TraceError(f"cannot take {kind}() of {node.format_node()}: {e}",
                              node=node.name) from e
-        where = f"guard at {_user_location()}"
+        # A value from tensor data is guarded too (real values only: as eager does, this reads
+        # the data at every call); a call that decides otherwise gets its own graph.
+        where = f"{'data guard' if data else 'guard'} at {_user_location()}"
         g = self.create_proxy("call_function", guard,
                               (proxy, result, "int" if kind == "index" else kind, where), {})
-        meta.info(g.node)["guard"] = {"kind": kind, "expected": result, "where": where}
+        meta.info(g.node)["guard"] = {"kind": kind, "expected": result, "where": where,
+                                      "data": data}
         self.guard_count += 1
         return result
 
@@ -550,23 +678,26 @@ class ValueTracer(fx.Tracer):
         return self.concretize(obj, "bool")
 
     def concretize_len(self, obj: fx.Proxy) -> int:
-        value = value_of(obj)
-        if isinstance(value, (tuple, list, dict)) and not isinstance(value, torch.Size):
-            return len(value)  # structure of a call's output: fixed by the code, not the input
+        # Always a node and a guard, also for a list a call returned: its length can depend
+        # on the input (``torch.split(x, lengths.tolist())``, ``unbind``, ``chunk``), and a
+        # length fixed by the code costs one cheap check.
         length = self.create_proxy("call_function", len, (obj,), {})
+        meta.info(length.node)["static"] = True  # a count of items, never tensor data
         return self.concretize(length, "int")
 
     def iter(self, obj: fx.Proxy) -> Iterator[Any]:
         value = value_of(obj)
         if isinstance(value, dict):
-            return iter([obj[k] for k in value])
+            return iter([obj[k] for k in self.keys(obj)])
         n = self.concretize_len(obj)
         return iter([obj[i] for i in range(n)])
 
     def keys(self, obj: fx.Proxy) -> Any:
         value = value_of(obj)
         if isinstance(value, dict):
-            return list(value.keys())
+            keys = self.create_proxy("call_function", _key_tuple, (obj,), {})
+            meta.info(keys.node)["static"] = True
+            return list(self.concretize(keys, "keys"))
         raise TraceError(f"** on a non-dict value {type(value).__name__}", node=obj.node.name)
 
     # -- module access ----------------------------------------------------------------
@@ -575,7 +706,13 @@ class ValueTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
-        if self._eager or m is self.root:
+        if self._eager:
+            # a module run for its values: what goes in and out may be recorded around the
+            # trace (forward hooks), so it counts as computed by this trace
+            out = forward(*args, **kwargs)
+            self._computed.update(_storage(t) for t in _tensor_leaves((args, kwargs, out)))
+            return out
+        if m is self.root:
             return forward(*args, **kwargs)
         if m not in self.submodule_paths:
             # A module outside the tree (built in forward, kept in a plain list): inline it.
@@ -596,7 +733,12 @@ class ValueTracer(fx.Tracer):
             fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(a)}
             if _has_proxy(fields):
                 # ModelOutput & co built from graph values: rebuild the same type at run
-                # time, not a plain dict.
+                # time, not a plain dict; a ModelOutput keeps its keys' order (code that
+                # sets a field after construction puts it last, and to_tuple() follows it)
+                if isinstance(a, collections.OrderedDict):
+                    keys = tuple(a.keys())
+                    return self.create_node("call_function", _model_output(type(a)),
+                                            (keys, *self.create_arg([a[k] for k in keys])), {})
                 return self.create_node("call_function", type(a), (), self.create_arg(fields))
             # A dataclass holding no graph values (a transformers 5 config): the object itself.
             return self._object_constant(a)
@@ -616,6 +758,13 @@ class ValueTracer(fx.Tracer):
         """One ``fxpass_constant`` node per object met while tracing (see _make_constant)."""
         node = self._constants.get(id(a))
         if node is None:
+            if isinstance(a, torch.Tensor) and _storage(a) in self._computed:
+                raise TraceError(
+                    f"a tensor this trace computed reached the graph outside its calls, at "
+                    f"{_user_location()} (a forward hook, a context variable or a global "
+                    "recorded it: HF's output capturing for output_hidden_states / "
+                    "output_attentions works this way); a graph would return this example's "
+                    "values for every call, so the module runs as Python for such calls")
             node = self.create_node("call_function", _make_constant(a), (), {})
             meta.info(node).update(value=a, static=static)
             self._constants[id(a)] = node
@@ -652,3 +801,160 @@ def _symbolic_int_leaves(args: tuple[Any, ...], kwargs: dict[str, Any]) -> set[i
         else:
             index += 1
     return out
+
+
+_OUTPUT_BUILDERS: dict[type, Callable[..., Any]] = {}
+
+
+def _model_output(cls: type) -> Callable[..., Any]:
+    """A graph target building a ``cls`` ModelOutput with its keys set in a given order."""
+    build = _OUTPUT_BUILDERS.get(cls)
+    if build is None:
+        def build(keys: tuple[str, ...], *values: Any) -> Any:
+            try:
+                out = cls()
+            except TypeError:  # a field without a default: keyword construction
+                return cls(**dict(zip(keys, values)))
+            for k, v in zip(keys, values):
+                if v is not None:  # as construction leaves None fields out of the keys
+                    out[k] = v
+            return out
+
+        build.__name__ = build.__qualname__ = f"build_{cls.__name__}"
+        build.__module__ = __name__
+        _OUTPUT_BUILDERS[cls] = build
+    return build
+
+
+def _is_real(value: Any) -> bool:
+    """A value with data: not on the meta device (nor holding meta tensors)."""
+    if isinstance(value, torch.Tensor):
+        return value.device.type != "meta"
+    return True
+
+
+def _not_our_proxy(orig: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    def is_torch_fx_proxy(x: Any) -> bool:
+        return not isinstance(x, ValueProxy) and orig(x)
+
+    return is_torch_fx_proxy
+
+
+def _key_tuple(d: dict[Any, Any]) -> tuple[Any, ...]:
+    """The keys of a dict, in order (what ``**d`` and iteration specialise on)."""
+    return tuple(d)
+
+
+def _tensor_leaves(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple, dict)) or dataclasses.is_dataclass(value):
+        try:
+            return [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+        except Exception:  # noqa: BLE001 - an unusual container: nothing to track
+            return []
+    return []
+
+
+def _tensors_in(obj: Any) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+
+    def visit(a: Any) -> Any:
+        v = value_of(a) if isinstance(a, fx.Proxy) else a
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (list, tuple)) and isinstance(a, fx.Proxy):
+            out.extend(x for x in v if isinstance(x, torch.Tensor))
+        return a
+
+    map_aggregate(obj, visit)
+    return out
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except Exception:  # noqa: BLE001 - inference tensors keep no version counter
+        return None
+
+
+def _storage(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage()._cdata
+    except Exception:  # noqa: BLE001 - sparse & co: its own identity
+        return id(t)
+
+
+def _describe(node: fx.Node) -> str:
+    """A node as a person reads it: what it calls, not fx's dump."""
+    target = node.target
+    if node.op == "call_module":
+        return f"calling submodule {target!r}"
+    if node.op == "call_method":
+        return f"the method call .{target}()"
+    if node.op == "get_attr":
+        return f"reading attribute {target!r}"
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or target
+    module = getattr(target, "__module__", None)
+    return f"the call {module + '.' if module and module != 'builtins' else ''}{name}()"
+
+
+def clone_values(obj: Any) -> Any:
+    """Copies of example tensors, so in-place ops while tracing leave the caller's intact."""
+    return pytree.tree_map(
+        lambda t: t.clone() if isinstance(t, torch.Tensor) and t.device.type != "meta" else t,
+        obj)
+
+
+def finalize(graph: fx.Graph) -> None:
+    """Replace the example values kept on nodes by small summaries; check the graph.
+
+    Refuses (TraceError) a graph that changes an input, or the module's own tensors, in
+    place before a guard: a call that guard rejects has then already changed them, so it
+    could not be served again by another graph.
+    """
+    mutated: str | None = None
+    for node in graph.nodes:
+        if node.name == "self":  # a submodule named `self` (HF's ClapAudioAttention.self):
+            node._rename("self_module")  # its node would rebind the forward's `self`
+        info = node.meta.get(meta.KEY)
+        if info is None:
+            continue
+        if mutated is None and info.get("mutates_input"):
+            mutated = f"{_describe(node)} at {info['mutates_input']}"
+        elif mutated is not None and info.get("guard"):
+            raise TraceError(
+                f"it changes an input or its own tensors in place ({mutated}) before a "
+                f"specialisation guard ({info['guard']['where']}); a call that guard rejects "
+                "could not be served again, so this module stays Python", node=node.name)
+        value = info.pop("value", None)
+        if isinstance(value, torch.Tensor):
+            info["tensor"] = {
+                "shape": tuple(value.shape),
+                "dtype": value.dtype,
+                "contiguous": value.is_contiguous(),
+            }
+        elif value is not None:
+            info["pytype"] = type(value).__name__
+    graph.lint()
+
+
+def trace_module(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *,
+                 values: dict[str, Any] | None = None,
+                 leaf_inputs: Callable[..., tuple[tuple[Any, ...], dict[str, Any]]] | None = None,
+                 ) -> tuple[fx.Graph, CallSpec]:
+    """One module's graph for one call (its submodules are leaves running as installed).
+
+    Used when an installed graph meets a call it does not cover: integers among the
+    arguments stay graph inputs (guarded where made concrete), so nearby sizes share it.
+    """
+    args, kwargs = bind_module_call(module, args, kwargs)
+    spec = make_call_spec(forward_signature(type(module)), args, kwargs, None)
+    spec.training = module.training
+    tracer = ValueTracer()
+    tracer.values = dict(values or {})
+    tracer.leaf_inputs = leaf_inputs
+    with torch.no_grad():
+        graph = tracer.trace_call(module, clone_values(args), clone_values(kwargs), spec)
+    finalize(graph)
+    return graph, spec

@@ -67,7 +67,7 @@ from fxpass.errors import UsageError
 
 __all__ = ["Budget", "MEASURED", "MEASURED_TP", "FQ_MARGIN_DB", "COST_MARGIN_DB",
            "ASSERT_CLOSE_DEFAULTS", "default_budget", "resolve_budget", "tp_budget",
-           "dtype_name", "QUANT_ORDER"]
+           "dtype_name", "QUANT_ORDER", "lora_budget", "LORA_MEASURED"]
 
 # torch.testing.assert_close's defaults (torch/testing/_comparison.py, _DTYPE_PRECISIONS).
 ASSERT_CLOSE_DEFAULTS: dict[str, tuple[float, float]] = {  # dtype -> (rtol, atol)
@@ -235,3 +235,56 @@ _register(_unquantized("float16", 0.0, 0.0, "unwidened: fp16 runs torch's own F.
 for _dtype in ("float32", "bfloat16", "float16"):
     for _method in ("nf4", "fp4", "int8"):
         _register(_quantized(_dtype, _method))
+
+
+# Tower LoRA (fxpass.lora): vLLM's LoRA layers on the rewritten tower vs the HF tower with the
+# adapter applied by PEFT. Measured with tools/calibrate_lora_budgets.py (4 tiny towers x seeds
+# 0-2, adapters on q / v / first MLP projection with ranks 8 and 4, both modes), worst values:
+#   float32/none: tol_ratio 0.168 at the fp32 budget's base (assert_close defaults), lowest
+#                 SQNR 126.6 dB: the unquantized fp32 budget holds as it is.
+#   bfloat16/none: lowest SQNR 36.5 dB (tol_ratio 1181): vLLM keeps A and alpha/r * B in bf16
+#                 (lora_dtype = the model's) and rounds the rank-r activations to bf16 before
+#                 B, where PEFT upcasts the adapter to fp32; not bit-exact, so an SQNR floor.
+#   float32/nf4: vs fake-quant + PEFT 41.3 dB; vs float + PEFT at a layer 1.59, output 5.67.
+#   bfloat16/nf4: vs fake-quant + PEFT 38.3 dB; layer 1.50, output 5.62.
+LORA_MEASURED: dict[tuple[str, str], dict[str, float]] = {
+    ("float32", "none"): {"tol_ratio": 0.168, "sqnr_db": 126.6},
+    ("bfloat16", "none"): {"sqnr_db": 36.5},
+    ("float32", "nf4"): {"fq_sqnr_db": 41.3, "layer_sqnr_db": 1.59, "output_sqnr_db": 5.67},
+    ("bfloat16", "nf4"): {"fq_sqnr_db": 38.3, "layer_sqnr_db": 1.50, "output_sqnr_db": 5.62},
+}
+_LORA: dict[tuple[str, str], Budget] = {}
+
+
+def _lora_quantized(dtype: str, method: str) -> Budget:
+    base, m = _DEFAULTS[(dtype, method)], LORA_MEASURED[(dtype, method)]
+
+    def lower(x: float | None, y: float) -> float:
+        return y if x is None else min(x, y)
+    return base.replace(
+        exact_sqnr_db=lower(base.exact_sqnr_db, _floor(m["fq_sqnr_db"], FQ_MARGIN_DB)),
+        layer_sqnr_db=lower(base.layer_sqnr_db, _floor(m["layer_sqnr_db"], COST_MARGIN_DB)),
+        output_sqnr_db=lower(base.output_sqnr_db, _floor(m["output_sqnr_db"], COST_MARGIN_DB)),
+        source=f"tower LoRA vs HF + PEFT, {dtype}/{method}: the {method} budget, each floor "
+               f"lowered to the LoRA measurement minus its margin where that is lower "
+               f"({m})")
+
+
+_LORA[("bfloat16", "none")] = Budget(
+    dtype="bfloat16", method="none",
+    exact_sqnr_db=_floor(LORA_MEASURED[("bfloat16", "none")]["sqnr_db"], FQ_MARGIN_DB),
+    source="tower LoRA vs HF + PEFT, bfloat16: vLLM's LoRA arithmetic rounds to bf16 where "
+           "PEFT's fp32 adapter does not; lowest measured SQNR 36.5 dB - 6 dB")
+for _m in ("nf4",):
+    for _d in ("float32", "bfloat16"):
+        _LORA[(_d, _m)] = _lora_quantized(_d, _m)
+
+
+def lora_budget(dtype: torch.dtype | str, method: str = "none") -> Budget:
+    """The budget for a rewritten tower carrying vLLM's LoRA layers, compared with the HF
+    tower carrying the same adapter through PEFT (see ``fxpass.lora``); the plain budget
+    where LoRA changes nothing measurable (float32 unquantized)."""
+    name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    if (name, method) in _LORA:
+        return _LORA[(name, method)]
+    return default_budget(name, method)

@@ -63,15 +63,39 @@ _BUFFER_CALLS = 32  # reference calls kept while the candidate looks for a call 
 
 def rewritten_layers(reference: nn.Module, candidate: nn.Module) -> dict[str, str]:
     """Paths (relative to the tower) of vLLM linear layers in ``candidate`` that stand where
-    ``reference`` has an ``nn.Linear``, with each one's quant method ("none", "nf4", ...)."""
+    ``reference`` has an ``nn.Linear``, with each one's quant method ("none", "nf4", ...).
+
+    With tower LoRA on both sides (``fxpass.lora``), a layer is the LoRA wrapper's path: vLLM's
+    ``...WithLoRA`` around the vLLM linear in the candidate, PEFT's LoRA layer (or the plain
+    ``nn.Linear`` where the adapter has nothing) in the reference; its method is the wrapped
+    base layer's.
+    """
     from fxpass.weights import quant_method_name
 
     ref_modules = dict(reference.named_modules())
     out: dict[str, str] = {}
     for path, mod in candidate.named_modules():
-        if is_vllm_linear(mod) and isinstance(ref_modules.get(path), nn.Linear):
+        base = _lora_base(mod)
+        if base is not None and _linear_or_lora(ref_modules.get(path)):
+            out[path] = quant_method_name(getattr(base, "quant_config", None), base)
+        elif (is_vllm_linear(mod) and isinstance(ref_modules.get(path), nn.Linear)
+              and _lora_base(candidate.get_submodule(path.rpartition(".")[0])
+                             if path.endswith(".base_layer") else None) is None):
             out[path] = quant_method_name(getattr(mod, "quant_config", None), mod)
     return out
+
+
+def _lora_base(mod: nn.Module | None) -> nn.Module | None:
+    """The vLLM linear inside a vLLM LoRA wrapper (``...WithLoRA``), else None."""
+    if mod is None or not type(mod).__name__.endswith("WithLoRA"):
+        return None
+    base = getattr(mod, "base_layer", None)
+    return base if base is not None and is_vllm_linear(base) else None
+
+
+def _linear_or_lora(mod: nn.Module | None) -> bool:
+    """An nn.Linear, or a PEFT LoRA layer around one (``base_layer``)."""
+    return isinstance(mod, nn.Linear) or isinstance(getattr(mod, "base_layer", None), nn.Linear)
 
 
 def fake_quant_reference(reference: nn.Module, methods: dict[str, str],
@@ -93,6 +117,8 @@ def fake_quant_reference(reference: nn.Module, methods: dict[str, str],
                 raise UsageError(f"{path}: no fake-quant reference for quant method {method!r} "
                                  f"(known: {', '.join(BNB_METHODS)})")
             lin = fq.get_submodule(path)
+            if not isinstance(lin, nn.Linear):  # a PEFT LoRA layer: quantize its base
+                lin = lin.base_layer
             style, tp = (shards or {}).get(path, (None, 1))
             if style is None or tp <= 1:
                 lin.weight.data = fake_quantize(lin.weight, method)

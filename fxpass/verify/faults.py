@@ -31,17 +31,19 @@ from torch import nn
 
 from fxpass.errors import UsageError
 
-__all__ = ["FAULT_KINDS", "ENV_VAR", "parse_fault", "plant_fault", "planted"]
+__all__ = ["FAULT_KINDS", "LORA_FAULT_KINDS", "ENV_VAR", "parse_fault", "plant_fault", "planted"]
 
 FAULT_KINDS = ("drop-bias", "transpose", "wrong-weights", "wrong-dtype")
+# Faults of a tower LoRA (``fxpass diff --lora``), planted by ``fxpass.lora.verify``.
+LORA_FAULT_KINDS = ("lora-scale", "lora-transpose", "lora-wrong-layer")
 ENV_VAR = "FXPASS_PLANT_FAULT"
 
 
 def parse_fault(spec: str) -> tuple[str, str]:
     kind, sep, layer = spec.partition(":")
-    if not sep or kind not in FAULT_KINDS or not layer:
+    if not sep or kind not in (*FAULT_KINDS, *LORA_FAULT_KINDS) or not layer:
         raise UsageError(f"planted fault {spec!r}: expected KIND:LAYER with KIND one of "
-                         f"{', '.join(FAULT_KINDS)}")
+                         f"{', '.join((*FAULT_KINDS, *LORA_FAULT_KINDS))}")
     return kind, layer
 
 

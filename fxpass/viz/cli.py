@@ -32,6 +32,9 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--diff", action="store_true",
                         help="run fxpass.verify against the original tower and overlay the "
                              "per-node metrics (SQNR colour scale, first divergence)")
+    parser.add_argument("--lora", default=None, metavar="ADAPTER_DIR",
+                        help="put vLLM's LoRA layers with this PEFT adapter on the rewritten "
+                             "tower and diff it against HF + PEFT (implies --diff)")
     parser.add_argument("--format", choices=("html", "svg", "dot"), default=None,
                         help="output format (default: from OUT's suffix, else html); svg "
                              "needs Graphviz's dot")
@@ -83,8 +86,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.tp < 1:
         raise UsageError(f"--tp must be a positive number of ranks, got {args.tp}")
-    zoo.load_tower(args.model_dir, args.tower)  # a bad path fails here, before any rank
+    if args.tp > 1 and args.lora:
+        raise UsageError("--tp and --lora together are not supported (LoRA on sharded tower "
+                         "layers is not verified); drop one")
     if args.tp > 1:
+        zoo.load_tower(args.model_dir, args.tower)  # a bad path fails here, before any rank
         from fxpass.verify.ranks import run_on_ranks
 
         text, lines = run_on_ranks(_page, args.tp, args, fmt)[0]
@@ -112,6 +118,8 @@ def _page(rank: int, args: argparse.Namespace, fmt: str) -> tuple[str, list[str]
     dtype = getattr(torch, args.dtype) if args.dtype else None
     tower = zoo.load_tower(args.model_dir, args.tower, dtype=dtype)
     inputs = zoo.example_inputs(tower, size_index=args.size_index)
+    if args.lora:
+        args.diff = True
     reference = copy.deepcopy(tower) if args.diff else None
     quant = None
     if args.quant != "none":
@@ -124,16 +132,46 @@ def _page(rank: int, args: argparse.Namespace, fmt: str) -> tuple[str, list[str]
                           else args.tower, load_weights=True, trace_result=tr,
                           tp=args.tp if args.tp > 1 else None)
     verify = None
-    if args.diff:
+    if args.lora:
+        verify = _lora_diff(reference, tower, inputs, args)
+    elif args.diff:
         verify = fxpass.verify(reference, tower, inputs)
     title = (f"fxpass: {args.tower} of {Path(args.model_dir).name} ({args.quant}"
              + (f", tp={args.tp}, rank {rank}" if args.tp > 1 else "") + ")")
+    if args.lora:
+        title += f", LoRA {Path(args.lora).name} vs HF + PEFT"
     kw: dict[str, Any] = {"title": title}
     if fmt != "html":
         kw["view"] = args.view
     text = render(fmt, tr, report, verify, before, **kw)
     lines = [report.summary_line()] + ([verify.summary_line()] if verify is not None else [])
     return text, lines
+
+
+def _lora_diff(original: Any, tower: Any, inputs: Any, args: argparse.Namespace) -> Any:
+    """vLLM's LoRA layers with the adapter on the rewritten ``tower`` vs HF + PEFT."""
+    import fxpass
+    from fxpass.lora.adapter import read_adapter
+    from fxpass.lora.layers import attach_lora
+    from fxpass.lora.verify import peft_reference, tower_check
+    from fxpass.verify.budgets import QUANT_ORDER, lora_budget
+    from fxpass.verify.compare import rewritten_layers
+
+    adapter = read_adapter(args.lora)
+    check = tower_check(original, adapter, args.tower)
+    if check.nowhere or not check.results:
+        raise UsageError("adapter keys land on no layer of the tower (vLLM would ignore them "
+                         "silently):\n" + check.format())
+    reference = peft_reference(original, adapter.path, key_prefix=args.tower)
+    state = attach_lora(tower, adapter.path, key_prefix=args.tower)
+    methods = rewritten_layers(reference, tower)
+    quant = [m for m in methods.values() if m != "none"]
+    method = max(quant, key=QUANT_ORDER.index) if quant else "none"
+    dtype = next(p.dtype for p in original.parameters() if p.is_floating_point())
+    try:
+        return fxpass.verify(reference, tower, inputs, budget=lora_budget(dtype, method))
+    finally:
+        state.remove_hooks()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

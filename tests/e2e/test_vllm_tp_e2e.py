@@ -57,7 +57,7 @@ def _check_sharded(case, quant_class: str) -> None:
         assert set(by_tower) == set(TOWERS), (rank, records)
         for tower in TOWERS:
             rec = by_tower[tower]
-            assert rec["fallback"] is None and rec["guard_fallbacks"] == {}, rec
+            assert rec["fallback"] is None and rec["fallbacks"] == {}, rec
             assert rec["tp_mode"] == {"world_size": 2, "mm_encoder_tp_mode": "weights",
                                       "tp": 2}, rec["tp_mode"]
             tp = rec["report"]["tp"]

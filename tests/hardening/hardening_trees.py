@@ -25,7 +25,12 @@ heads      ``b, n, d = x.shape``; view into heads; transpose; buffer; reshape ba
 tpose      child called on ``x.transpose(0, 1)`` (non-contiguous, last dim dense)
 star       ``*lead, d = x.shape``; child on ``x.reshape(1, -1, d)``; ``reshape(*lead, d)``
 cfg        ``if self.config.flag`` branch between two children
-shape      ``if x.shape[1] > self.threshold`` branch (guarded; logged in DECISIONS)
+shape      ``if x.shape[axis] > self.threshold`` branch on the sequence or the batch (guarded;
+           logged in DECISIONS)
+split      per-segment child calls, segment sizes read from tensor data
+           (``torch.split(x, counts[counts > 0].tolist(), dim=1)``: a data-sized list)
+renamed    caller uses the keyword a ``functools.wraps`` decorator renames (``hidden_state=``)
+defaults   caller omits, spells out or passes positionally the callee's defaulted arguments
 data       ``if x[..., 0].mean() > 0`` branch: the module stays Python
 ops        an interpreter: ``for op in self.ops: if op == ...`` over a generated op list
 kwonly     caller of a block whose forward is ``(self, *, hidden_states, scale)``
@@ -196,14 +201,16 @@ class ConfigBranch(nn.Module):
 
 
 class ShapeBranch(nn.Module):
-    def __init__(self, a: nn.Module, b: nn.Module, threshold: int, tag: int) -> None:
+    def __init__(self, a: nn.Module, b: nn.Module, threshold: int, tag: int,
+                 axis: int = 1) -> None:
         super().__init__()
         self.threshold = threshold
         self.tag = tag
+        self.axis = axis
         self.a, self.b = a, b
 
     def forward(self, x):
-        take_a = x.shape[1] > self.threshold
+        take_a = x.shape[self.axis] > self.threshold
         DECISIONS.append((self.tag, bool(take_a)))
         if take_a:
             return self.a(x)
@@ -219,6 +226,86 @@ class DataBranch(nn.Module):
         if x[..., 0].mean() > 0:  # (not x.mean(): after a layer norm that is ~1e-8)
             return self.a(x)
         return -self.b(-x)
+
+
+class DataSplit(nn.Module):
+    """Per-segment calls of a child, with segment sizes read from tensor data (packed images
+    whose per-image lengths come from a grid tensor)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        col = x[0, :, 0]
+        counts = torch.bincount((col > 0).long() + (col > 0.5).long(), minlength=3)
+        sizes = counts[counts > 0].tolist()
+        return torch.cat([self.inner(p) for p in torch.split(x, sizes, dim=1)], dim=1)
+
+
+def renames(old: str, new: str):
+    """A keyword-renaming decorator in the style of HF's ``deprecate_kwarg``."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(self, *args, **kwargs):
+            if old in kwargs:
+                kwargs[new] = kwargs.pop(old)
+            return fn(self, *args, **kwargs)
+
+        return wrapper
+
+    return deco
+
+
+class RenamedBlock(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    @renames("hidden_state", "hidden_states")
+    def forward(self, hidden_states, scale: float = 1.0):
+        return self.inner(hidden_states) * scale
+
+
+class RenamedCaller(nn.Module):
+    def __init__(self, inner: nn.Module, form: str) -> None:
+        super().__init__()
+        self.block = RenamedBlock(inner)
+        self.form = form
+
+    def forward(self, x):
+        if self.form == "old":
+            return self.block(hidden_state=x)
+        if self.form == "new":
+            return self.block(hidden_states=x, scale=1.0)
+        return self.block(x)
+
+
+class DefaultsBlock(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, scale=None, negate: bool = False):
+        out = self.inner(x)
+        if scale is not None:
+            out = out * scale
+        return -out if negate else out
+
+
+class DefaultsCaller(nn.Module):
+    def __init__(self, inner: nn.Module, form: str) -> None:
+        super().__init__()
+        self.block = DefaultsBlock(inner)
+        self.form = form
+
+    def forward(self, x):
+        if self.form == "omit":
+            return self.block(x)
+        if self.form == "explicit":
+            return self.block(x, scale=None, negate=False)
+        return self.block(x, None, False)
 
 
 class Interp(nn.Module):
@@ -481,7 +568,13 @@ def _extend(children: st.SearchStrategy, plain: st.SearchStrategy | None) -> st.
         st.tuples(st.just("tpose"), children),
         st.tuples(st.just("star"), children),
         st.tuples(st.just("cfg"), children, children, st.booleans()),
-        st.tuples(st.just("shape"), children, children, st.sampled_from([2, 4])),
+        # a shape branch's untaken arm runs for the first time after apply: drawn like a data
+        # branch's arms (see the known limit in test_hypothesis_trees.py)
+        st.tuples(st.just("shape"), arms, arms, st.sampled_from([2, 4])),
+        st.tuples(st.just("shape"), arms, arms, st.just(1), st.just(0)),  # on batch
+        st.tuples(st.just("split"), children),
+        st.tuples(st.just("renamed"), children, st.sampled_from(["old", "new", "pos"])),
+        st.tuples(st.just("defaults"), children, st.sampled_from(["omit", "explicit", "pos"])),
         st.tuples(st.just("data"), arms, arms),
         st.tuples(st.just("kwonly"), children, st.sampled_from([1.0, 0.5])),
         # stays Python (not traced): what it wraps is drawn like a data branch's arms
@@ -549,7 +642,13 @@ def build_block(spec: tuple[Any, ...], d: int) -> nn.Module:
     if kind == "cfg":
         return ConfigBranch(build_block(a[0], d), build_block(a[1], d), a[2])
     if kind == "shape":
-        return ShapeBranch(build_block(a[0], d), build_block(a[1], d), a[2], next(_tags))
+        return ShapeBranch(build_block(a[0], d), build_block(a[1], d), a[2], next(_tags), *a[3:])
+    if kind == "split":
+        return DataSplit(build_block(a[0], d))
+    if kind == "renamed":
+        return RenamedCaller(build_block(a[0], d), a[1])
+    if kind == "defaults":
+        return DefaultsCaller(build_block(a[0], d), a[1])
     if kind == "data":
         return DataBranch(build_block(a[0], d), build_block(a[1], d))
     if kind == "kwonly":

@@ -230,10 +230,10 @@ def _commit_events(monkeypatch, fail_at: int | None) -> list[str]:
     seen: list[str] = []
     active = [False]
 
-    def commit(ctx):
+    def commit(ctx, runtime):
         active[0] = True
         try:
-            return real_commit(ctx)
+            return real_commit(ctx, runtime)
         finally:
             active[0] = False
 

@@ -274,7 +274,7 @@ def test_report_is_json_and_readable():
 
 def test_identical_layers_share_code_but_errors_name_the_module_called():
     tower = zoo.build_tower("gemma4_vision")
-    fxpass.apply(tower, None, load_weights=True)
+    fxpass.apply(tower, None, load_weights=True, strict=True)
     layers = list(tower.encoder.layers)
     assert len(layers) >= 2
     fwds = [installed_graph(layer) for layer in layers]

@@ -63,7 +63,11 @@ def test_inference_mode_masks_are_checked_without_a_version_counter():
 def test_gemma4_vision_attention_gets_the_rule_and_matches_hf_eager():
     tower = zoo.build_tower("gemma4_vision")
     ref = copy.deepcopy(tower)
-    report = fxpass.apply(tower, None, load_weights=True)
+    # traced on a padded input: HF builds a mask, as eager does (unpadded, eager builds none,
+    # and neither does the trace on real values; the layers then get the rule when a padded
+    # call re-specialises them)
+    report = fxpass.apply(tower, None, load_weights=True,
+                          example_inputs=zoo.example_inputs(tower, size_index=1))
     sites = [f.module for f in report.fixes if f.rule == "sdpa-mask"]
     assert sites == [f"encoder.layers.{i}.self_attn" for i in range(2)], report.fixes
     for module in sites:  # each site's graph now calls the replacement

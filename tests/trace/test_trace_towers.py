@@ -123,15 +123,15 @@ def test_warm_trace_replays_the_cold_one_exactly(name):
 def test_meta_memo_changes_nothing_but_the_time(name, monkeypatch):
     """On meta values identical layers run once while walking; the result is the same as
     running every call (the memo turned off)."""
-    from fxpass.trace import hierarchy
+    from fxpass.trace import memo as memo_mod
 
     tower = zoo.build_tower(name, size="default", device="meta")
     hits = []
-    real_rebuild = hierarchy._rebuild
-    monkeypatch.setattr(hierarchy, "_rebuild", lambda *a: hits.append(1) or real_rebuild(*a))
+    real_rebuild = memo_mod._rebuild
+    monkeypatch.setattr(memo_mod, "_rebuild", lambda *a: hits.append(1) or real_rebuild(*a))
     memo = fxpass.trace(tower, cache=None)
     assert hits, "the memo never served a call"
-    monkeypatch.setattr(hierarchy._MetaMemo, "_key", lambda self, *a: None)
+    monkeypatch.setattr(memo_mod.MetaMemo, "_key", lambda self, *a: None)
     plain = fxpass.trace(tower, cache=None)
     assert (memo.untraced, memo.linear_sites, memo.python_linear_uses) == (
         plain.untraced, plain.linear_sites, plain.python_linear_uses)
@@ -140,9 +140,9 @@ def test_meta_memo_changes_nothing_but_the_time(name, monkeypatch):
 
 
 def test_meta_memo_keeps_identity_and_refuses_what_it_cannot_rebuild():
-    from fxpass.trace.hierarchy import _MetaMemo
+    from fxpass.trace.memo import MetaMemo
 
-    memo, mod = _MetaMemo(), nn.Linear(2, 2, device="meta")
+    memo, mod = MetaMemo(), nn.Linear(2, 2, device="meta")
     x = torch.empty(3, 2, device="meta")
     same = lambda m, t: t  # noqa: E731 - returns its input: a hit must return the new input
     assert memo.call(same, mod, (x,), {}) is x

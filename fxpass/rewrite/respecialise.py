@@ -1,0 +1,158 @@
+"""The rewrite stage's side of re-specialisation: graphs traced after ``apply`` get the rules.
+
+When an installed graph meets a call it does not cover, ``graph_runtime`` traces the module
+again for that call. By then its linears are vLLM layers, so this policy
+
+* shows the tracer each vLLM layer's *logical* weight (HF's dtype and ``[out, in]`` shape on
+  a one-element tensor), so ``x.to(self.proj.weight.dtype)`` traces as it did at apply;
+* runs vLLM GEMMs on contiguous inputs while tracing (the graph gets its ``.contiguous()``
+  from the contiguity rule);
+* runs the graph rules on the new graph (no layers are built: the linear swap and fusion
+  happened at apply);
+* guards the Python fallback: a graph fix Python would lose (a weight probe whose layer now
+  reads otherwise) raises ``FallbackError`` naming the module and the fix, and so does a
+  module sharded for tensor parallelism (never traced again either); vLLM GEMMs get
+  positional, contiguous inputs through temporary hooks. (Fused members stay callable by
+  name: ``fusion.FusedSlice``.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxpass.errors import FallbackError, TraceError
+from fxpass.report import Report
+from fxpass.rewrite.base import RewriteContext, is_vllm_linear
+from fxpass.trace import ModuleGraph, Respecialiser, RuntimeStats, Trace
+from fxpass.trace.graph_runtime import graph_notes
+
+
+class RuleRespecialiser(Respecialiser):
+    """Re-specialisation for a model ``apply`` rewrote (one per apply)."""
+
+    def __init__(self, *, quant_config: Any, prefix: str, fuse: bool, strict: bool,
+                 stats: RuntimeStats) -> None:
+        super().__init__(strict=strict, stats=stats)
+        self.quant_config = quant_config
+        self.prefix = prefix
+        self.fuse = fuse
+
+    def trace_values(self, module: nn.Module) -> dict[str, Any]:
+        from fxpass.rewrite.tensor_parallel import runs_sharded
+        from fxpass.trace import installed_graph
+        from fxpass.weights import logical_weight_info
+
+        fwd = installed_graph(module)
+        if fwd is not None and runs_sharded(fwd.graph):
+            # its layers hold one rank's block: a new trace would bake per-rank shapes next
+            # to the full head counts of its Python code (the Python fallback refuses below)
+            raise TraceError("it is sharded for tensor parallelism; it is not traced again")
+        values: dict[str, Any] = {}
+        for name, sub in module.named_modules():
+            if not is_vllm_linear(sub):
+                continue
+            dtype, shape, device = logical_weight_info(sub)
+            values[f"{name}.weight" if name else "weight"] = _stand_in(shape, dtype, device)
+            if getattr(sub, "bias", None) is not None:
+                values[f"{name}.bias" if name else "bias"] = _stand_in(shape[:1], dtype, device)
+        return values
+
+    def leaf_inputs(self, module: nn.Module, args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if is_vllm_linear(module):
+            return _gemm_input(module, args, kwargs)
+        return args, kwargs
+
+    def rewrite(self, module: nn.Module, qualname: str, mg: ModuleGraph) -> ModuleGraph:
+        from fxpass.rewrite.analysis import weight_uses
+        from fxpass.rewrite.pipeline import run_rules
+
+        mg.qualname = ""  # the rules see the module as the model
+        full = f"{self.prefix}.{qualname}" if self.prefix and qualname else (
+            self.prefix or qualname)
+        ctx = RewriteContext(module, Trace(root=module, graphs={"": mg}), self.quant_config,
+                             full, Report(prefix=full), fuse=self.fuse, respecialising=True)
+        for use in weight_uses(ctx):
+            if use.value_users and is_vllm_linear(ctx.module(use.linear)):
+                users = ", ".join(u.format_node() for u in use.value_users[:2])
+                raise TraceError(f"the new graph reads the values of {use.linear}.{use.attr} "
+                                 f"({users}), which a vLLM layer does not keep in HF's layout")
+        _positional_gemm_inputs(ctx)
+        run_rules(ctx)
+        mg.settle()
+        mg.graph.lint()
+        mg.qualname = qualname
+        return mg
+
+    @contextlib.contextmanager
+    def python_forward(self, module: nn.Module, qualname: str, graphs: list[fx.Graph],
+                       why: str) -> Iterator[None]:
+        from fxpass.rewrite.tensor_parallel import runs_sharded
+
+        where = f"module {qualname or '<root>'!r} ({type(module).__name__})"
+        if any(runs_sharded(g) for g in graphs):
+            raise FallbackError(
+                f"{where} needs its Python forward for this call ({why}), but it is sharded "
+                "for tensor parallelism: its Python code would see each rank's block of heads / "
+                "channels with the full counts (a wrong answer or an error). Call it as it was "
+                "traced, or shard it as replicated (tp=None; inside vLLM: FXPASS_DISABLE=1, or "
+                "mm_encoder_tp_mode='data' where the model supports it)")
+        for rec in graph_notes(graphs, "probes"):
+            layer = module.get_submodule(rec["linear"])
+            actual = _read_probe(getattr(layer, rec["attr"]), rec["what"], rec["args"])
+            if actual != rec["value"]:
+                raise FallbackError(
+                    f"{where} needs its Python forward for this call ({why}), but its graph "
+                    f"folds {rec['linear']}.{rec['attr']}.{rec['what']} to {rec['value']!r} and "
+                    f"Python would read {actual!r} off the {type(layer).__name__} (quantized or "
+                    "emptied after loading): a wrong answer. Call it as it was traced, or "
+                    "leave this module unquantized")
+        # what the graphs did for vLLM's GEMMs (a positional, contiguous input), for every
+        # vLLM layer Python may call here
+        hooks = [sub.register_forward_pre_hook(_gemm_input, with_kwargs=True)
+                 for sub in module.modules() if is_vllm_linear(sub)]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+
+
+def _positional_gemm_inputs(ctx: RewriteContext) -> None:
+    """``self.linear(input=x)`` calls a vLLM layer as ``linear(x)`` (at apply, the linear
+    rule does this when it swaps the layer)."""
+    from fxpass.rewrite.linear import _positional_input
+
+    for mg in ctx.graphs():
+        for node in mg.nodes_of("call_module"):
+            if (not node.args and set(node.kwargs) == {"input"}
+                    and is_vllm_linear(ctx.module(str(node.target)))):
+                name = node.name
+                mg.edit(("linear", "positional input", name),
+                        lambda graph, name=name: _positional_input(name, graph))
+
+
+def _stand_in(shape: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor with HF's weight metadata on one element of storage."""
+    return torch.empty((), dtype=dtype, device=device).expand(tuple(shape))
+
+
+def _read_probe(tensor: torch.Tensor, what: str, args: tuple[Any, ...]) -> Any:
+    value = getattr(tensor, what)
+    return value(*args) if callable(value) else value
+
+
+def _gemm_input(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+               ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """nn.Linear's call forms as vLLM's linear takes them: ``input=`` positional, contiguous."""
+    if not args and "input" in kwargs:
+        kwargs = dict(kwargs)
+        args = (kwargs.pop("input"),)
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        args = (args[0].contiguous(), *args[1:])
+    return args, kwargs
