@@ -254,8 +254,9 @@ class Propagator:
             except (Refuse, NeedsRow):
                 raise
             except Exception as e:  # noqa: BLE001 - an op this analysis cannot follow
-                if self._inputs_rep(node):
-                    av = REP
+                if self._inputs_rep(node) and node.name not in self.roles \
+                        and node.op != "call_module":
+                    av = REP  # whatever it is, it computes the same on every rank
                 else:
                     raise Refuse(f"{self._at(node)}: cannot follow the sharded value "
                                  f"({type(e).__name__}: {e})") from e
@@ -435,13 +436,12 @@ class Propagator:
 
     def _enter(self, node: fx.Node, mg: Any, module: Any, role: str | None = None) -> AV:
         """Propagate into a child's traced graph, its placeholders fed from this call."""
-        from fxpass.trace.tracer import canonical_call, forward_signature
+        from fxpass.trace.tracer import bind_module_call
 
         if self.depth > 6:
             raise Refuse(f"{self._at(node)}: sharded value nested too deep in submodules")
         try:
-            args, kwargs = canonical_call(forward_signature(type(module)),
-                                          _plain(node.args), _plain(node.kwargs))
+            args, kwargs = bind_module_call(module, _plain(node.args), _plain(node.kwargs))
         except TypeError as e:
             raise Refuse(f"{self._at(node)}: cannot bind the call to its forward ({e})") from e
         leaves = pytree.tree_flatten((tuple(args), dict(kwargs)))[0]

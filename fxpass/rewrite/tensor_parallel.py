@@ -30,6 +30,7 @@ why it stayed replicated) is in ``report.tp``.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 from typing import Any
 
@@ -378,6 +379,8 @@ class _Planner:
             return f"{where} returns a sharded value and no traced graph calls it"
         for parent, call in callers:
             for user in call.users:
+                if user.op == "call_function" and user.target is builtins.len:
+                    continue  # the tuple's length: the same on every rank
                 index = user.args[1] if (user.op == "call_function" and user.args
                                          and getattr(user.target, "__name__", "") == "getitem"
                                          ) else None
