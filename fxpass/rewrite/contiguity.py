@@ -57,6 +57,8 @@ def _insert_contiguous(graph: fx.Graph, site: str, input_name: str) -> None:
     with graph.inserting_before(node):
         c = graph.call_method("contiguous", (inp,))
     meta.info(c)["inserted_by"] = "contiguity"
+    if tensor := meta.get(inp, "tensor"):  # the same tensor, contiguous (later analyses read it)
+        meta.info(c)["tensor"] = {**tensor, "contiguous": True}
     node.replace_input_with(inp, c)
 
 

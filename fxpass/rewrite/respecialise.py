@@ -42,16 +42,35 @@ class RuleRespecialiser(Respecialiser):
         self.prefix = prefix
         self.fuse = fuse
 
-    def trace_values(self, module: nn.Module) -> dict[str, Any]:
-        from fxpass.rewrite.tensor_parallel import runs_sharded
+    def specialise(self, module: nn.Module, qualname: str, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+        """A module that owns tensor-parallel pairs is traced again as its unsharded self
+        (its sharded layers stood in for by full-size ``nn.Linear`` of zeros: its inputs are
+        replicated, only shapes matter), then the sharding analysis runs on the new graph
+        with the layers' roles
+        (:func:`fxpass.rewrite.tensor_parallel.reshard`): the graph serves each rank's block,
+        or the trace is refused (TraceError: the Python fallback refuses too)."""
+        from fxpass.rewrite.tensor_parallel import StandIns, owns_pairs, runs_sharded
         from fxpass.trace import installed_graph
-        from fxpass.weights import logical_weight_info
 
         fwd = installed_graph(module)
-        if fwd is not None and runs_sharded(fwd.graph):
-            # its layers hold one rank's block: a new trace would bake per-rank shapes next
-            # to the full head counts of its Python code (the Python fallback refuses below)
-            raise TraceError("it is sharded for tensor parallelism; it is not traced again")
+        if fwd is None or not runs_sharded(fwd.graph):
+            return super().specialise(module, qualname, args, kwargs)
+        if not owns_pairs(fwd.graph):
+            # fed a sharded value by its caller: a new trace would see per-rank shapes with
+            # the full head counts of its Python code (the Python fallback refuses below)
+            raise TraceError("it is fed a value sharded for tensor parallelism; it is not "
+                             "traced again")
+        self._stand_ins = StandIns(module)
+        try:
+            return super().specialise(module, qualname, args, kwargs)
+        finally:
+            self._stand_ins.restore()
+            self._stand_ins = None
+
+    def trace_values(self, module: nn.Module) -> dict[str, Any]:
+        from fxpass.weights import logical_weight_info
+
         values: dict[str, Any] = {}
         for name, sub in module.named_modules():
             if not is_vllm_linear(sub):
@@ -72,6 +91,12 @@ class RuleRespecialiser(Respecialiser):
         from fxpass.rewrite.analysis import weight_uses
         from fxpass.rewrite.pipeline import run_rules
 
+        stand_ins = getattr(self, "_stand_ins", None)
+        if stand_ins is not None:  # traced as the unsharded module: shard the new graph
+            from fxpass.rewrite.tensor_parallel import reshard
+
+            stand_ins.restore()
+            reshard(module, mg)
         mg.qualname = ""  # the rules see the module as the model
         full = f"{self.prefix}.{qualname}" if self.prefix and qualname else (
             self.prefix or qualname)

@@ -139,7 +139,12 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     if not isinstance(node, fx.Node):
         return None
     t = meta.get(node, "tensor")
-    return tuple(t["shape"]) if t else None
+    if t:
+        return tuple(t["shape"])
+    if node.op == "call_method" and node.target in ("contiguous", "clone", "detach") \
+            and node.args:  # inserted by a rule after tracing: its input's shape
+        return _shape(node.args[0])
+    return None
 
 
 def _fmt(node: fx.Node) -> str:
@@ -198,6 +203,7 @@ _ELEMENTWISE_METHODS = frozenset({
     "nan_to_num", "relu", "exp2", "log1p", "expm1", "__add__", "__mul__", "__sub__",
     "__truediv__", "__radd__", "__rmul__", "__rsub__", "__rtruediv__", "__neg__",
 })
+_INPLACE_METHODS = frozenset({"mul_", "add_", "sub_", "div_"})
 # the data is the first argument; the rest only say dtype / device / memory format
 _CAST_METHODS = frozenset({"float", "half", "bfloat16", "double", "to", "type_as", "type",
                            "contiguous", "clone", "detach", "cpu", "cuda", "int", "long",
@@ -510,6 +516,11 @@ class Propagator:
             if name in _CAST_METHODS:
                 return self._cast(node)
             if name in _ELEMENTWISE_METHODS:
+                return self._elementwise(node)
+            if name in _INPLACE_METHODS:  # the fuse rules' in-place forms, on fresh tensors
+                if self._av_of(node.args[0]).kind != "S":
+                    raise Refuse(f"{self._at(node)}: writes a sharded value into a replicated "
+                                 "one in place")
                 return self._elementwise(node)
             handler = _METHOD_HANDLERS.get(name)
         else:

@@ -34,6 +34,7 @@ import builtins
 import dataclasses
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -197,6 +198,114 @@ class TensorParallel:
                     if n.target == fused_q.rpartition(".")[2])
         p.graph.annotate(node.name, "tp", {
             "style": style, "tp": ctx.tp, "members": [s.linear for s in group]})
+
+
+def owns_pairs(graph: fx.Graph) -> bool:
+    """True for a graph that calls sharded layers itself and is fed replicated values."""
+    infos = [n.meta.get("fxpass", {}) for n in graph.nodes]
+    return any("tp" in i for i in infos) and not any("tp_in" in i for i in infos)
+
+
+class StandIns:
+    """The sharded vLLM layers under ``module`` replaced by full-size ``nn.Linear`` of zeros
+    (HF's logical shape and dtype, the layer's device), until :meth:`restore` (idempotent):
+    tracing the module then follows its unsharded code path with full shapes."""
+
+    def __init__(self, module: nn.Module) -> None:
+        from fxpass.errors import TraceError
+        from fxpass.weights import logical_weight_info, tp_style
+
+        self.swapped: list[tuple[nn.Module, str, nn.Module]] = []
+        todo = []
+        for path, sub in module.named_modules():
+            if not path or not is_vllm_linear(sub) or tp_style(sub) is None:
+                continue
+            if len(getattr(sub, "output_sizes", None) or [1]) > 1:
+                raise TraceError(f"{path} is a fused tensor-parallel layer; a module holding "
+                                 "one is not traced again")
+            dtype, shape, device = logical_weight_info(sub)
+            stand_in = nn.Linear(shape[1], shape[0], bias=getattr(sub, "bias", None) is not None,
+                                 device=device, dtype=dtype)
+            with torch.no_grad():  # only shapes matter while tracing; zeros stay finite
+                for p in stand_in.parameters():
+                    p.zero_()
+            parent, _, child = path.rpartition(".")
+            todo.append((module.get_submodule(parent) if parent else module, child, stand_in))
+        for parent, child, stand_in in todo:
+            self.swapped.append((parent, child, getattr(parent, child)))
+            setattr(parent, child, stand_in)
+
+    def restore(self) -> None:
+        while self.swapped:
+            parent, child, layer = self.swapped.pop()
+            setattr(parent, child, layer)
+
+
+def reshard(module: nn.Module, mg: ModuleGraph) -> None:
+    """Shard a graph traced again for a module that owns tensor-parallel pairs: the sharding
+    analysis with each call's role taken from the layer it calls (column / row), the graph's
+    constants that bake a full head count rewritten; TraceError (with the reason) where the
+    new graph cannot run on each rank's block."""
+    from fxpass.errors import TraceError
+    from fxpass.trace import installed_graph
+    from fxpass.trace.tracer import is_constant
+    from fxpass.weights import tp_style
+
+    def resolve(node: fx.Node, parent: Any) -> tuple[str, Any]:
+        q = f"{parent.qualname}.{node.target}" if parent.qualname else str(node.target)
+        try:
+            sub = module.get_submodule(q)
+        except AttributeError:
+            return "opaque", q
+        if isinstance(sub, nn.Linear) or is_vllm_linear(sub):
+            return "linear", q
+        fwd = installed_graph(sub)
+        if fwd is not None:
+            return "graph", (ModuleGraph(q, type(sub).__name__, fwd.graph, fwd.spec), sub)
+        return "opaque", f"{q} ({type(sub).__name__})"
+
+    saved, mg.qualname = mg.qualname, ""
+    try:
+        roles: dict[str, str] = {}
+        styles: dict[str, str] = {}
+        tp = 1
+        for node in mg.nodes_of("call_module"):
+            kind, payload = resolve(node, mg)
+            layer = None
+            if kind == "linear":
+                layer = module.get_submodule(payload)
+            elif kind == "graph":
+                sub_mg, _ = payload
+                inner = [n for n in sub_mg.graph.nodes if n.op == "call_module"]
+                if len(inner) == 1 and resolve(inner[0], sub_mg)[0] == "linear":
+                    layer = module.get_submodule(resolve(inner[0], sub_mg)[1])
+            style = tp_style(layer) if layer is not None and is_vllm_linear(layer) else None
+            if style is not None:
+                roles[node.name] = style
+                styles[node.name] = type(layer).__name__
+                tp = layer.tp_size
+        if any(n.op == "call_function" and is_constant(n.target) for n in mg.graph.nodes):
+            raise TraceError("the new graph holds tensors made while tracing (on meta)")
+        try:
+            analysis = Propagator(mg, tp, roles, resolve).run()
+        except NeedsRow as e:
+            raise TraceError(f"tensor parallel: a sharded value reaches {e.node}") from e
+        except Refuse as e:
+            raise TraceError(f"tensor parallel: {e}") from e
+        if has_sharded(analysis.output):
+            raise TraceError("tensor parallel: the new graph returns a sharded value")
+        by_name = {n.name: n for n in mg.graph.nodes}
+        for edit in analysis.edits:
+            node = by_name[edit.node]
+            node.args, node.kwargs = _replace_at((node.args, node.kwargs), edit.path, edit.new)
+        for name, style in styles.items():
+            by_name[name].meta.setdefault("fxpass", {})["tp"] = {"style": style, "tp": tp}
+        for q, name, av in analysis.module_outputs:
+            if q == "" and name in by_name:
+                by_name[name].meta.setdefault("fxpass", {})["tp_out"] = spec(av)
+        mg.graph.lint()
+    finally:
+        mg.qualname = saved
 
 
 def runs_sharded(graph: fx.Graph) -> bool:

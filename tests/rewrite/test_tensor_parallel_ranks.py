@@ -270,3 +270,15 @@ def test_tensor_parallel_failures_leave_the_model_untouched(ranks, step):
         assert got["error"] is not None and f"injected into {step}" in got["error"], got
         assert got["unchanged_output"]
         assert got["clean_apply_sharded"] == 14 and got["clean_max_abs"] <= ATOL, got
+
+
+def test_sharded_attention_traced_again_for_a_masked_call(ranks):
+    """Gemma4 vision traced without padding takes HF's no-mask shortcut; a padded input gives
+    its attention a mask: the sharded attention is traced again as its unsharded self and
+    re-sharded (fxpass.rewrite.tensor_parallel.reshard), never run as Python; the results
+    above (size 1 has padding) hold on both ranks."""
+    for r in ranks:
+        entry = r["gemma4_vision/plain"]
+        spec = entry.get("specialisations", {})
+        assert any(m.endswith("self_attn") for m in spec), entry.get("specialisations")
+        assert not any(m.endswith("self_attn") for m in entry.get("fallbacks", {}))

@@ -73,6 +73,10 @@ def towers(out: dict[str, Any]) -> None:
                         r, o = _first(ref(**x)), _first(cand(**x))
                         entry["max_abs"][str(s)] = float((r - o).abs().max())
                         entry.setdefault("shapes", {})[str(s)] = list(o.shape)
+                rt = report.runtime.to_dict() if report.runtime is not None else {}
+                for kind in ("specialisations", "fallbacks"):
+                    for mod, n in (rt.get(kind) or {}).items():
+                        entry.setdefault(kind, {})[mod] = entry.get(kind, {}).get(mod, 0) + n
                 for mode in ("propagated", "isolated"):
                     vr = fxpass.verify(ref, cand, inputs, mode=mode, progress=False)
                     d = vr.to_dict()
