@@ -257,8 +257,18 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
 
         inputs = _example_inputs(model)
         tp, record.tp_mode = engine_tp()
-        report = fxpass.apply(model, quant_config, prefix=prefix, load_weights=False,
-                              example_inputs=inputs, tp=tp if tp > 1 else None)
+        # Sharded, trace in eval mode, as vLLM runs the towers: a graph traced in training
+        # mode would be traced again at the first call, and a sharded module is re-traced
+        # only where it owns its pairs (see fxpass.rewrite.respecialise)
+        modes = {m: m.training for m in model.modules()} if tp > 1 else {}
+        if tp > 1:
+            model.eval()
+        try:
+            report = fxpass.apply(model, quant_config, prefix=prefix, load_weights=False,
+                                  example_inputs=inputs, tp=tp if tp > 1 else None)
+        finally:
+            for m, training in modes.items():
+                m.training = training
     except Exception as e:  # noqa: BLE001 - never break the model: vLLM's walk takes over
         reason = f"{type(e).__name__}: {e}".strip()
         record.fallback = reason

@@ -61,12 +61,14 @@ class RuleRespecialiser(Respecialiser):
             # the full head counts of its Python code (the Python fallback refuses below)
             raise TraceError("it is fed a value sharded for tensor parallelism; it is not "
                              "traced again")
-        self._stand_ins = StandIns(module)
+        stand_ins = StandIns(module)
+        pending = self.__dict__.setdefault("_stand_ins", {})  # nested traces: one per module
+        pending[id(module)] = stand_ins
         try:
             return super().specialise(module, qualname, args, kwargs)
         finally:
-            self._stand_ins.restore()
-            self._stand_ins = None
+            stand_ins.restore()
+            pending.pop(id(module), None)
 
     def trace_values(self, module: nn.Module) -> dict[str, Any]:
         from fxpass.weights import logical_weight_info
@@ -91,7 +93,7 @@ class RuleRespecialiser(Respecialiser):
         from fxpass.rewrite.analysis import weight_uses
         from fxpass.rewrite.pipeline import run_rules
 
-        stand_ins = getattr(self, "_stand_ins", None)
+        stand_ins = self.__dict__.get("_stand_ins", {}).get(id(module))
         if stand_ins is not None:  # traced as the unsharded module: shard the new graph
             from fxpass.rewrite.tensor_parallel import reshard
 

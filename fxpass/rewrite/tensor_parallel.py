@@ -134,6 +134,9 @@ class TensorParallel:
                 mg.annotate(node, "tp_in", spec(av))
         for parent, call in p.callers:  # the module's own output, as its callers see it
             parent.annotate(call, "tp_out", spec(p.analysis.output))
+        if p.callers:  # and on its graph's output (a new trace of it must return the same)
+            out = next(n for n in p.graph.graph.nodes if n.op == "output")
+            p.graph.annotate(out.name, "tp_out", spec(p.analysis.output))
         for group in fused:
             self._fuse(ctx, p, group)
         for edit in p.analysis.edits:
@@ -292,8 +295,14 @@ def reshard(module: nn.Module, mg: ModuleGraph) -> None:
             raise TraceError(f"tensor parallel: a sharded value reaches {e.node}") from e
         except Refuse as e:
             raise TraceError(f"tensor parallel: {e}") from e
-        if has_sharded(analysis.output):
-            raise TraceError("tensor parallel: the new graph returns a sharded value")
+        fwd = installed_graph(module)
+        before = None
+        if fwd is not None:  # what the callers were checked against at apply
+            out = next(n for n in fwd.graph.nodes if n.op == "output")
+            before = out.meta.get("fxpass", {}).get("tp_out")
+        if has_sharded(analysis.output) and spec(analysis.output) != before:
+            raise TraceError("tensor parallel: the new graph returns a sharded value its "
+                             "callers were not checked for")
         by_name = {n.name: n for n in mg.graph.nodes}
         for edit in analysis.edits:
             node = by_name[edit.node]
