@@ -110,6 +110,8 @@ def inspect_model(model) -> dict[str, Any]:
     from torch import nn
     from vllm.model_executor.layers.linear import LinearBase
 
+    from fxpass.trace import installed_graph
+
     out: dict[str, Any] = {"class": type(model).__name__, "towers": {}}
     for tower_name in ("vision_tower", "audio_tower"):
         tower = getattr(model, tower_name, None)
@@ -118,9 +120,7 @@ def inspect_model(model) -> dict[str, Any]:
         info: dict[str, Any] = {"vllm_linears": {}, "nn_linears": [], "graph_modules": []}
         for name, mod in tower.named_modules():
             full = f"{tower_name}.{name}" if name else tower_name
-            fwd = mod.__dict__.get("forward")
-            if fwd is not None and type(getattr(fwd, "__func__", None)).__name__.endswith(
-                    "Forward"):
+            if installed_graph(mod) is not None:
                 info["graph_modules"].append(full)
             if isinstance(mod, LinearBase):
                 w = getattr(mod, "weight", None)
