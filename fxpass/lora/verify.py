@@ -24,7 +24,7 @@ from torch import nn
 
 from fxpass.errors import UsageError
 from fxpass.lora.adapter import Adapter, _holder, read_adapter
-from fxpass.lora.check import AdapterCheck, check_adapter
+from fxpass.lora.check import AdapterCheck
 
 __all__ = ["LORA_FAULT_KINDS", "LoRAVerifyResult", "peft_reference", "plant_lora_fault",
            "tower_check", "verify_lora"]

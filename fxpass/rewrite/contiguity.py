@@ -51,13 +51,13 @@ def _known_contiguous(ctx: RewriteContext, mg: "object", node: fx.Node) -> bool:
     return False
 
 
-def _insert_contiguous(graph: fx.Graph, site: str, input_name: str) -> None:
-    node = next(n for n in graph.nodes if n.name == site)
+def _insert_contiguous(graph: fx.Graph, node: fx.Node, input_name: str) -> None:
+    """``node(input)`` -> ``node(input.contiguous())``."""
     inp = next(a for a in node.all_input_nodes if a.name == input_name)
     with graph.inserting_before(node):
         c = graph.call_method("contiguous", (inp,))
     meta.info(c)["inserted_by"] = "contiguity"
-    if tensor := meta.get(inp, "tensor"):  # the same tensor, contiguous (later analyses read it)
+    if tensor := meta.get(inp, "tensor"):
         meta.info(c)["tensor"] = {**tensor, "contiguous": True}
     node.replace_input_with(inp, c)
 
@@ -92,22 +92,13 @@ class Contiguity:
         input_name = m.input.name
         if not m.why:  # a precaution: no fix listed, counted
             mg = m.site.graph
-            mg.edit((self.name, "check", m.site.name, input_name),
-                    lambda graph: _insert_contiguous(graph, m.site.name, input_name))
+            site = m.site.name
+            mg.edit((self.name, "check", site, input_name), lambda graph: _insert_contiguous(
+                graph, next(n for n in graph.nodes if n.name == site), input_name))
             ctx.edited.add(mg.qualname)
             ctx.report.contiguity_checks += 1
             return
 
-        def insert(graph: fx.Graph, node: fx.Node) -> None:
-            inp = next(a for a in node.all_input_nodes if a.name == input_name)
-            with graph.inserting_before(node):
-                c = graph.call_method("contiguous", (inp,))
-            meta.info(c)["inserted_by"] = self.name
-            if tensor := meta.get(inp, "tensor"):
-                meta.info(c)["tensor"] = {**tensor, "contiguous": True}
-            node.replace_input_with(inp, c)
-            # kept for the Python fallback (graph_runtime): it must not lose this fix
-            meta.info(graph.output_node()).setdefault("contiguous", []).append(node.target)
-
         ctx.fix(self.name, m.site,
-                f"{m.site.node.target}: {m.why} ({input_name}); inserted .contiguous()", insert)
+                f"{m.site.node.target}: {m.why} ({input_name}); inserted .contiguous()",
+                lambda graph, node: _insert_contiguous(graph, node, input_name))

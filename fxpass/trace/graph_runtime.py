@@ -434,13 +434,18 @@ class GraphForward:
                 inputs = [leaves[i] for i in self.spec.placeholders]
                 if (all(_same(leaves[i], c) for i, c in self.spec.constants.items())
                         and _kinds_match(inputs, self.spec)):
-                    try:
-                        return self.fn(module, *inputs)
-                    except GuardError as e:
-                        if self.strict or not _raised_by_own_guard(e, self.fn):
-                            raise
-                        return self._miss(module, args, kwargs, _first_line(e))
+                    return self._run(module, inputs, args, kwargs)
         return self._call_slow(module, args, kwargs)
+
+    def _run(self, module: nn.Module, inputs: list[Any], args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> Any:
+        """The primary graph on ``inputs``; a miss at one of its own guards goes on below."""
+        try:
+            return self.fn(module, *inputs)
+        except GuardError as e:
+            if self.strict or not _raised_by_own_guard(e, self.fn):
+                raise
+            return self._miss(module, args, kwargs, _first_line(e))
 
     def _call_slow(self, module: nn.Module, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> Any:
@@ -460,12 +465,7 @@ class GraphForward:
             if self._plans is None:
                 self._plans = {}
             self._plans[(len(args), tuple(kwargs))] = plan
-        try:
-            return self.fn(module, *inputs)
-        except GuardError as e:
-            if self.strict or not _raised_by_own_guard(e, self.fn):
-                raise
-            return self._miss(module, args, kwargs, _first_line(e))
+        return self._run(module, inputs, args, kwargs)
 
     def _where(self, module: nn.Module) -> str:
         return f"module {self.qualname or '<root>'!r} ({type(module).__name__})"

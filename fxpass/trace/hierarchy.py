@@ -360,6 +360,13 @@ class _Walker:
                 captures = tracer.captures
             except Exception as e:  # noqa: BLE001 - any failure keeps the module as Python
                 reason = _reason(e)
+                cls = type(module)
+                if cls.__module__.startswith("torch.nn.") and not isinstance(e, TraceError):
+                    # torch's own code checks isinstance(x, Tensor), which fx proxies fail
+                    reason = (f"{cls.__module__}.{cls.__qualname__} is torch's own module and "
+                              f"does not trace with fx proxies ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); it runs as is, and what its "
+                              "code does to its linears is checked on the example run")
                 graph = None
         linear_uses: dict[str, str] = {}
         eager_error = None

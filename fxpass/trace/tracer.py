@@ -57,10 +57,6 @@ _METADATA_FUNCTIONS = frozenset(
 # Reading these makes a Python value out of tensor data.
 _DATA_METHODS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__"})
 
-# Data guards (a branch on tensor data specialised and checked at every call) are off: a
-# data-dependent branch keeps its module Python, as before; kept for measurement.
-DATA_GUARDS = False
-
 _FXPASS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
@@ -471,7 +467,7 @@ class ValueTracer(fx.Tracer):
         self.leaf_inputs: Callable[..., tuple[tuple[Any, ...], dict[str, Any]]] | None = None
         self._external: set[int] | None = None  # storages of the inputs and the module's tensors
         self._computed: set[int] = set()  # storages of every value a node computed
-        self._real_values = False  # example values hold data (not meta): data guards allowed
+        self._real_values = False  # example values hold data (not meta)
 
     # -- entry point ------------------------------------------------------------------
     def trace_call(self, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -487,8 +483,8 @@ class ValueTracer(fx.Tracer):
         if self._real_values and hf is not None and hasattr(hf, "is_torch_fx_proxy"):
             # On real values, HF's eager path: transformers takes a trace-safe path for fx
             # proxies (an attention mask is always built), which can compute something else
-            # than eager (no mask -> SDPA's is_causal), so its data-dependent shortcuts are
-            # taken as eager takes them, behind data guards.
+            # than eager (no mask -> SDPA's is_causal); taking its data-dependent shortcut as
+            # eager does keeps the deciding module Python (its submodules are traced).
             patches.append((hf, "is_torch_fx_proxy", _not_our_proxy(hf.is_torch_fx_proxy)))
         with contextlib.ExitStack() as stack:
             for owner, name, new in patches:
@@ -650,9 +646,7 @@ class ValueTracer(fx.Tracer):
     def concretize(self, proxy: fx.Proxy, kind: str) -> Any:
         node = proxy.node
         value = value_of(proxy)
-        data = not _is_static(node)
-        if data and not (DATA_GUARDS and kind in ("bool", "int", "index")
-                         and self._real_values and _is_real(value)):
+        if not _is_static(node):
             raise TraceError(
                 f"data-dependent control flow at {_user_location()}: {kind}() of a value "
                 f"computed from tensor data ({_describe(node)}); the module runs as Python "
@@ -664,13 +658,10 @@ class ValueTracer(fx.Tracer):
         except Exception as e:  # noqa: BLE001
             raise TraceError(f"cannot take {kind}() of {node.format_node()}: {e}",
                              node=node.name) from e
-        # A value from tensor data is guarded too (real values only: as eager does, this reads
-        # the data at every call); a call that decides otherwise gets its own graph.
-        where = f"{'data guard' if data else 'guard'} at {_user_location()}"
+        where = f"guard at {_user_location()}"
         g = self.create_proxy("call_function", guard,
                               (proxy, result, "int" if kind == "index" else kind, where), {})
-        meta.info(g.node)["guard"] = {"kind": kind, "expected": result, "where": where,
-                                      "data": data}
+        meta.info(g.node)["guard"] = {"kind": kind, "expected": result, "where": where}
         self.guard_count += 1
         return result
 

@@ -60,8 +60,9 @@ def _check_fxpass_towers(case, checkpoint, quant_method: str) -> None:
         assert sorted(report["replaced"]) == sorted(linears)
         assert sorted(report["graph_rewrites"]) == sorted(linears)
         assert report["plain_swaps"] == {} and report["skipped"] == {}
-        assert tower in info["graph_modules"], "the tower's forward is not a traced graph"
-        assert len(info["graph_modules"]) > 10
+        # the towers' submodules run their graphs (a root whose mask HF builds through its
+        # data-dependent "nothing padded" shortcut runs as Python, as eager decides)
+        assert len(info["graph_modules"]) > 10, info["graph_modules"]
         for name, layer in linears.items():
             assert layer["class"] == "ReplicatedLinear"
             assert layer["prefix"] == name  # the checkpoint-style prefix loaders match on
