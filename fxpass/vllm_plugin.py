@@ -257,12 +257,12 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
 
         inputs = _example_inputs(model)
         tp, record.tp_mode = engine_tp()
-        # Sharded, trace in eval mode, as vLLM runs the towers: a graph traced in training
-        # mode would be traced again at the first call, and a sharded module is re-traced
-        # only where it owns its pairs (see fxpass.rewrite.respecialise)
-        modes = {m: m.training for m in model.modules()} if tp > 1 else {}
-        if tp > 1:
-            model.eval()
+        # Traced in eval mode, as vLLM runs the towers (from_config leaves them in training
+        # mode): a graph traced in training mode would be traced again at the first call,
+        # and a sharded module is re-traced only where it owns its pairs (see
+        # fxpass.rewrite.respecialise)
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
         try:
             report = fxpass.apply(model, quant_config, prefix=prefix, load_weights=False,
                                   example_inputs=inputs, tp=tp if tp > 1 else None)
