@@ -14,7 +14,8 @@ import torch.fx
 
 from fxpass.errors import GuardError
 
-_CONVERT = {"bool": bool, "int": int, "float": float, "len": len, "index": int, "keys": tuple}
+_CONVERT = {"bool": bool, "int": int, "float": float, "len": len, "index": int, "keys": tuple,
+            "none": lambda v: v is None}
 
 
 def guard(value: Any, expected: Any, kind: str, where: str) -> None:

@@ -230,10 +230,21 @@ class ValueProxy(fx.Proxy):
     def value(self) -> Any:
         return meta.info(self.node)["value"]
 
-    def __getattr__(self, k: str) -> "ValueAttribute":
+    def __getattr__(self, k: str) -> "ValueAttribute | None":
         if k.startswith("__") and k.endswith("__"):
             raise AttributeError(k)
+        if getattr(meta.info(self.node).get("value"), k, _NOT_NONE) is None:
+            # `out.attentions is None` must hold in traced code as in eager: a guarded None
+            attr = ValueAttribute(self, k)
+            return self.tracer.none(attr.node)
         return ValueAttribute(self, k)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs and not callable(meta.info(self.node).get("value")):
+            # `if callable(cond): cond = cond()` (HF's torch_compilable_check): every proxy
+            # looks callable; calling a non-callable value gives the value back
+            return self
+        return super().__call__(*args, **kwargs)
 
     def __iter__(self) -> Iterator[Any]:
         return self.tracer.iter(self)
@@ -479,6 +490,8 @@ class ValueTracer(fx.Tracer):
                    (torch, "vmap", _traced_vmap(torch.vmap)),
                    (torch.func, "vmap", _traced_vmap(torch.func.vmap))]
         patches.append((nn.Module, "__setattr__", self._state_write(nn.Module.__setattr__)))
+        for name in ("_check", "_check_with"):  # torch._check(cond, ...) on a traced bool
+            patches.append((torch, name, self._checked(getattr(torch, name))))
         hf = sys.modules.get("transformers.utils.import_utils")
         if self._real_values and hf is not None and hasattr(hf, "is_torch_fx_proxy"):
             # On real values, HF's eager path: transformers takes a trace-safe path for fx
@@ -492,6 +505,20 @@ class ValueTracer(fx.Tracer):
                 setattr(owner, name, new)
                 stack.callback(setattr, owner, name, old)
             return self.trace(root)
+
+    def _checked(self, orig: Callable[..., None]) -> Callable[..., None]:
+        """``torch._check`` / ``_check_with`` given a traced condition: the condition is made
+        concrete (guarded), as eager checks it, then checked."""
+        tracer = self
+
+        @functools.wraps(orig)
+        def check(*args: Any, **kwargs: Any) -> None:
+            args = tuple(tracer.to_bool(a) if isinstance(a, ValueProxy) else a for a in args)
+            kwargs = {k: tracer.to_bool(v) if isinstance(v, ValueProxy) else v
+                      for k, v in kwargs.items()}
+            return orig(*args, **kwargs)
+
+        return check
 
     def _state_write(self, orig: Callable[..., None]) -> Callable[..., None]:
         """``Module.__setattr__`` while tracing: a graph does not replay attribute writes.
@@ -571,7 +598,22 @@ class ValueTracer(fx.Tracer):
         info["value"] = value
         self._computed.update(_storage(t) for t in _tensor_leaves(value))
         info["static"] = self._static(kind, target, args, kwargs, value)
+        if value is None and kind in ("call_module", "call_method") or (
+                value is None and kind == "call_function"
+                and target not in (builtins.getattr, guard, operator.setitem)
+                and not is_constant(target)):
+            return self.none(node)  # `x is None` in traced code, as in eager
         return proxy
+
+    def none(self, node: fx.Node) -> None:
+        """A None computed by the graph, handed to Python as None (``is None`` checks), with a
+        guard that it is None at run time too."""
+        where = f"guard at {_user_location()}"
+        g = self.create_node("call_function", guard, (node, True, "none", where), {})
+        meta.info(g).update(guard={"kind": "none", "expected": True, "where": where},
+                            static=True)
+        self.guard_count += 1
+        return None
 
     def _external_storages(self) -> set[int]:
         """Storages a graph run does not own: its inputs' and the module's own tensors'."""
@@ -829,6 +871,9 @@ def _not_our_proxy(orig: Callable[[Any], bool]) -> Callable[[Any], bool]:
         return not isinstance(x, ValueProxy) and orig(x)
 
     return is_torch_fx_proxy
+
+
+_NOT_NONE = object()
 
 
 def _key_tuple(d: dict[Any, Any]) -> tuple[Any, ...]:
