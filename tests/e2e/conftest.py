@@ -10,6 +10,7 @@ test asks for one, two at a time (the machine has two cores; each engine uses on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -191,9 +192,25 @@ class Cases:
         self._variants: dict[str, Future] = {}
         self._variant_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="e2e-ckpt")
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="e2e-case")
+        # one core per engine; a tensor-parallel engine runs two workers (one core each), so
+        # it takes both (next to another engine its workers starve: vLLM's shared-memory
+        # broadcast stalls)
+        self._cores = threading.Semaphore(2)
+        self._both = threading.Lock()
         self._futures: dict[str, Future] = {n: self._pool.submit(self._run, n) for n in CASES}
 
     def _run(self, name: str) -> Case:
+        cores = 2 if CASES[name][3].get("tensor_parallel_size", 1) > 1 else 1
+        with self._both if cores == 2 else contextlib.nullcontext():
+            for _ in range(cores):
+                self._cores.acquire()
+        try:
+            return self._run_case(name)
+        finally:
+            for _ in range(cores):
+                self._cores.release()
+
+    def _run_case(self, name: str) -> Case:
         quant, disable, batches, extra_spec, extra_env = CASES[name]
         out = self.root / name
         out.mkdir(parents=True, exist_ok=True)
