@@ -988,28 +988,25 @@ def _h_pad(p: Propagator, node: fx.Node) -> AV:
     return p._keep(node, av, av.dim)
 
 
-def _h_unfold(p: Propagator, node: fx.Node) -> AV:
-    x, av = p._data(node)
-    shape = _shape(x)
-    dim = _dim_arg(node, 1, "dimension")
-    if av.kind != "S" or shape is None or not isinstance(dim, int):
-        raise Refuse(f"{p._at(node)}: cannot follow the sharded dim")
-    if _norm(dim, len(shape)) == av.dim:
-        raise Refuse(f"{p._at(node)}: unfolds the sharded dim")
-    p._only_data_sharded(node)
-    return p._keep(node, av, av.dim)
+def _along_other_dims(verb: str, dim_name: str) -> Callable[[Propagator, fx.Node], AV]:
+    """A handler for an op taking one dim (argument 1): fine along any dim but the sharded one."""
+
+    def handler(p: Propagator, node: fx.Node) -> AV:
+        x, av = p._data(node)
+        shape = _shape(x)
+        dim = _dim_arg(node, 1, dim_name)
+        if av.kind != "S" or shape is None or not isinstance(dim, int):
+            raise Refuse(f"{p._at(node)}: cannot follow the sharded dim")
+        if _norm(dim, len(shape)) == av.dim:
+            raise Refuse(f"{p._at(node)}: {verb} the sharded dim")
+        p._only_data_sharded(node)
+        return p._keep(node, av, av.dim)
+
+    return handler
 
 
-def _h_narrow(p: Propagator, node: fx.Node) -> AV:
-    x, av = p._data(node)
-    shape = _shape(x)
-    dim = _dim_arg(node, 1, "dim")
-    if av.kind != "S" or shape is None or not isinstance(dim, int):
-        raise Refuse(f"{p._at(node)}: cannot follow the sharded dim")
-    if _norm(dim, len(shape)) == av.dim:
-        raise Refuse(f"{p._at(node)}: narrows the sharded dim")
-    p._only_data_sharded(node)
-    return p._keep(node, av, av.dim)
+_h_unfold = _along_other_dims("unfolds", "dimension")
+_h_narrow = _along_other_dims("narrows", "dim")
 
 
 def _h_repeat_interleave(p: Propagator, node: fx.Node) -> AV:
