@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from fxpass.errors import UsageError
 from fxpass.lora.adapter import demo_targets, parse_key, read_adapter
