@@ -51,6 +51,13 @@ class Report:
     tp_sharded_fraction: float = 0.0
     already_applied: bool = False
     weights_loaded: bool = False
+    # "apply": traced on example inputs inside apply; "first call": apply had none, so the
+    # linears were swapped at init and the graphs come from the model's first real call
+    traced_at: str = "apply"
+    # for traced_at == "first call": state ("armed" until the first call, then "traced", or
+    # "python" when that trace failed: the tower runs as vLLM's walk left it), the call's
+    # form, its wall time (trace + rewrite + the call through the graphs) and any error
+    first_call: dict[str, Any] = dataclasses.field(default_factory=dict)
     timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
     # live: graphs traced after apply (calls the first graphs did not cover) and calls served
     # by Python, per module (fxpass.trace.RuntimeStats)
@@ -104,6 +111,8 @@ class Report:
             "tp": self.tp_dict(),
             "already_applied": self.already_applied,
             "weights_loaded": self.weights_loaded,
+            "traced_at": self.traced_at,
+            "first_call": dict(self.first_call),
             "timings_s": {k: round(v, 6) for k, v in self.timings_s.items()},
             "runtime": (self.runtime.to_dict() if self.runtime is not None else
                         {"specialisations": {}, "fallbacks": {}, "reasons": {}}),
@@ -123,6 +132,18 @@ class Report:
                f"({c['tp_column']} column, {c['tp_row']} row), {c['tp_replicated']} "
                f"replicated ({self.tp_sharded_fraction:.0%} of the tower's parameter bytes "
                "sharded)" if self.tp > 1 else ""))
+        state = self.first_call.get("state")
+        if self.traced_at == "first call" and not self.already_applied:
+            if state == "armed":
+                head = (f"{c['replaced']} linears -> vLLM at init, {c['skipped']} skipped; no "
+                        "example inputs, so the graphs (and their fixes) come at the first call")
+            elif state == "python":
+                head = (f"{head}; tracing the first call failed, so the tower runs as Python "
+                        f"with its swapped layers (as vLLM's walk leaves it): "
+                        f"{self.first_call.get('error', '')}")
+            else:
+                head += (f"; linears swapped at init, graphs traced at the first call "
+                         f"({self.first_call.get('elapsed_s', 0.0) * 1000:.1f} ms)")
         return f"fxpass[{self.prefix or '<root>'}]: {head}, {total * 1000:.1f} ms"
 
     def __str__(self) -> str:

@@ -47,6 +47,8 @@ __all__ = [
     "tower_config",
     "build_tower",
     "example_inputs",
+    "has_input_builder",
+    "input_builders",
     "build_tiny_gemma4",
     "write_tiny_gemma4_checkpoint",
     "load_tower",
@@ -339,6 +341,20 @@ _INPUT_BUILDERS: dict[str, InputBuilder] = {
     "SiglipVisionModel": _pixel_inputs,
     "CLIPVisionModel": _pixel_inputs,
 }
+
+
+def input_builders() -> tuple[str, ...]:
+    """The tower classes the built-in input table knows by name."""
+    return tuple(_INPUT_BUILDERS)
+
+
+def has_input_builder(tower: nn.Module) -> bool:
+    """True when the built-in table has a builder for this tower's class (or a base class)
+    and it has a ``.config``: ``fxpass.apply`` without inputs then traces on them at once.
+    The generic pixel rule of :func:`example_inputs` is a guess, not a known builder: a tower
+    only it fits is traced at its first real call instead."""
+    return getattr(tower, "config", None) is not None and any(
+        cls.__name__ in _INPUT_BUILDERS for cls in type(tower).__mro__)
 
 
 def _float_param(module: nn.Module) -> Tensor | None:

@@ -9,26 +9,15 @@ failure anywhere leaves the model as it was.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Iterator, Protocol
 
 import torch.fx as fx
 from torch import nn
 
 from fxpass import meta
+from fxpass.layers import is_vllm_linear  # noqa: F401 - re-exported for the rules
 from fxpass.report import Fix, Report
 from fxpass.trace import ModuleGraph, Trace
-
-
-def is_vllm_linear(module: nn.Module) -> bool:
-    """A vLLM LinearBase layer, without importing vLLM."""
-    return _is_vllm_linear_type(type(module))
-
-
-@functools.lru_cache(maxsize=None)
-def _is_vllm_linear_type(cls: type) -> bool:
-    return any(c.__name__ == "LinearBase" and c.__module__.startswith("vllm.")
-               for c in cls.__mro__)
 
 
 class Site:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.utils._pytree
@@ -31,9 +31,9 @@ from fxpass.trace import (
     Trace,
     TreeIndex,
     install,
-    installed_graph,
     trace,
 )
+from fxpass.trace.graph_runtime import is_graph_forward
 from fxpass.trace.graph_runtime import _Family
 
 
@@ -45,6 +45,14 @@ def _mark_unsafe(ctx: RewriteContext) -> None:
                 use.linear,
                 f"graph {use.site.graph.qualname or '<root>'} reads its {use.attr} values "
                 f"outside its call ({users}); a vLLM layer does not keep them in HF's layout")
+    for name, mod in ctx.modules.items():
+        if isinstance(mod, nn.MultiheadAttention) and isinstance(mod.out_proj, nn.Linear):
+            # known without a graph (apply may have none yet): torch's own module
+            ctx.unsafe.setdefault(
+                f"{name}.out_proj" if name else "out_proj",
+                "its owner is torch's nn.MultiheadAttention, whose forward reads "
+                "out_proj.weight / .bias without calling it (F.multi_head_attention_forward); "
+                "a vLLM layer does not keep them in HF's layout")
     for name, other in tied_linears(ctx.modules).items():
         ctx.unsafe.setdefault(name, f"its weight is shared with {other} (tied weights)")
     for name, why in getattr(ctx.trace, "python_linear_uses", {}).items():
@@ -54,14 +62,21 @@ def _mark_unsafe(ctx: RewriteContext) -> None:
 def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
           load_weights: bool = False, fuse: bool = False, example_inputs: Any = None,
           strict: bool = False, trace_result: Trace | None = None,
-          tp: int | None = None) -> Report:
+          tp: int | None = None, first_call: bool | None = None,
+          on_first_call: Callable[[Report], None] | None = None) -> Report:
     """Rewrite every nn.Linear of ``model`` to a vLLM ReplicatedLinear, in place.
 
     ``prefix`` is the model's checkpoint prefix (``vision_tower``): layers are built with
     ``"<prefix>.<qualified name>"`` so quant skip lists and loaders match. ``load_weights``
     moves the model's current tensors into the new layers (quantizing in flight); leave it
     False in vLLM's model init, where the loader fills them. ``example_inputs`` are the
-    tracing inputs (default: built for known HF towers). ``tp=N`` (N > 1) shards the
+    tracing inputs, as a real call would pass them (kwargs dict, args tuple or (args,
+    kwargs)). Without them (and for a tower the built-in input table of ``fxpass.zoo`` does
+    not know, or with ``first_call=True``) the graphs come from the model's first real call:
+    apply swaps the linears at once (``report.traced_at == "first call"``), and the first
+    forward traces with its real arguments, runs the graph rules, installs the graphs and
+    computes its result through them (``fxpass.rewrite.first_call``; ``on_first_call(report)``
+    runs after it). ``first_call=False`` insists on tracing now. ``tp=N`` (N > 1) shards the
     column -> row linear pairs the graphs show over this process's vLLM tensor-parallel
     group of N ranks (inside vLLM: the engine's; outside: ``fxpass.vllm_runtime(tp=N, ...)``
     in each rank's process), every rank applying to the same tower; the rest stays
@@ -79,11 +94,14 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
         raise UsageError(f"prefix must be a str, got {type(prefix).__name__}")
     if tp is not None and (not isinstance(tp, int) or isinstance(tp, bool) or tp < 1):
         raise UsageError(f"tp must be a positive int or None, got {tp!r}")
+    if first_call and (example_inputs is not None or trace_result is not None):
+        raise UsageError("fxpass.apply: first_call=True traces at the model's first real "
+                         "call; do not pass example_inputs or trace_result with it")
     report = Report(prefix=prefix, tp=tp or 1)
     t0 = time.perf_counter()
     index = TreeIndex.of(model)
     modules = index.paths
-    if any(installed_graph(m) is not None for m in modules.values()):
+    if any(is_graph_forward(m.__dict__.get("forward")) for m in modules.values()):
         report.already_applied = True
         for name, mod in model.named_modules():
             if isinstance(mod, nn.Linear):
@@ -95,7 +113,13 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
     has_linears = any(isinstance(m, nn.Linear) for m in modules.values())
     if load_weights and has_linears:
         _check_loadable(model)
-    if trace_result is None:
+    deferred = False
+    if trace_result is None and example_inputs is None and has_linears:
+        example_inputs, deferred = _inputs_or_first_call(model, first_call, fuse=fuse, tp=tp)
+    if deferred:  # the linear rule alone matches on an empty trace: the walk's swap
+        trace_result = Trace(root=model)
+        report.traced_at = "first call"
+    elif trace_result is None:
         if has_linears:
             try:
                 trace_result = trace(model, example_inputs, index=index)
@@ -106,7 +130,8 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
                                    f"{type(e).__name__}: {e}; the model was not changed") from e
         else:
             trace_result = Trace(root=model)
-    _check_examples_ran(model, trace_result)
+    if not deferred:
+        _check_examples_ran(model, trace_result)
     report.untraced = dict(trace_result.untraced)
     report.timings_s["trace"] = time.perf_counter() - t0
 
@@ -153,8 +178,41 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
     _commit(ctx, runtime)
     report.replaced = [ctx.full_name(q) for q in ctx.new_layers if q not in ctx.fused]
     report.replaced += [ctx.full_name(m) for members in ctx.fused.values() for m in members]
+    if deferred:
+        from fxpass.rewrite.first_call import FirstCall, arm
+
+        report.plain_swaps = {}  # which linears the graphs show: known at the first call
+        arm(model, FirstCall(report, runtime, quant_config, prefix, strict=strict,
+                             swapped={q: ctx.full_name(q) for q in ctx.new_layers},
+                             on_traced=on_first_call))
     report.timings_s["commit"] = time.perf_counter() - t3
     return report
+
+
+def _inputs_or_first_call(model: nn.Module, first_call: bool | None, *, fuse: bool,
+                          tp: int | None) -> tuple[Any, bool]:
+    """(example inputs, False) from the built-in input table, or (None, True): trace at the
+    first call. Fusion and sharding build their layers from the graph before the weights
+    load, so they need the inputs now."""
+    from fxpass import zoo
+
+    known = zoo.has_input_builder(model)
+    if first_call is None:
+        first_call = not known
+    if first_call:
+        needs = "fuse=True" if fuse else f"tp={tp}" if tp is not None and tp > 1 else None
+        if needs:
+            raise UsageError(
+                f"fxpass.apply({type(model).__name__}, {needs}) builds its layers from the "
+                "graph before the weights load, so it cannot wait for the first call; pass "
+                "example_inputs= as a real call of the forward would")
+        return None, True
+    if not known:
+        raise UsageError(
+            f"fxpass.apply(first_call=False): no example inputs known for "
+            f"{type(model).__name__} (the built-in table: {', '.join(zoo.input_builders())}); "
+            "pass example_inputs= as a real call would, or let apply trace at the first call")
+    return zoo.example_inputs(model), False
 
 
 def _check_tp_group(tp: int) -> None:

@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
 
+from fxpass.layers import is_linear
 from fxpass.trace.graph_runtime import _same
 from fxpass.trace.tracer import Capture, CallSpec, ValueTracer
 
@@ -99,10 +100,10 @@ class _Entry:
     _weight_reads: tuple[str, ...] | None = None
 
     def linear_children(self, module: nn.Module) -> frozenset[str]:
-        """The captured calls that are nn.Linear calls (sites, not modules to visit)."""
+        """The captured calls that are linear calls (sites, not modules to visit)."""
         if self._linear_children is None:
             self._linear_children = frozenset(
-                rel for rel in self.captures if isinstance(module.get_submodule(rel), nn.Linear))
+                rel for rel in self.captures if is_linear(module.get_submodule(rel)))
         return self._linear_children
 
     def weight_reads(self, module: nn.Module) -> tuple[str, ...]:
@@ -113,7 +114,7 @@ class _Entry:
                 if node.op == "get_attr" and "." in node.target:
                     owner, _, attr = node.target.rpartition(".")
                     if (attr in ("weight", "bias")
-                            and isinstance(module.get_submodule(owner), nn.Linear)):
+                            and is_linear(module.get_submodule(owner))):
                         owners.append(owner)
             self._weight_reads = tuple(owners)
         return self._weight_reads

@@ -29,6 +29,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import inspect
 import itertools
 import linecache
 import logging
@@ -644,15 +645,30 @@ def _same(a: Any, b: Any) -> bool:
 _MARK = "__fxpass_graph_forward__"
 
 
-def install(module: nn.Module, gf: GraphForward) -> None:
-    """Make ``gf`` the module's forward: a plain function bound to it (see module docs)."""
+def install(module: nn.Module, gf: Callable[..., Any]) -> None:
+    """Make ``gf`` the module's forward: a plain function bound to it (see module docs).
+
+    ``gf`` is a GraphForward, or another fxpass forward called as ``gf(module, *args,
+    **kwargs)`` (the first-call trace armed on a root apply had no inputs for).
+    """
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         return gf(self, *args, **kwargs)
 
     setattr(forward, _MARK, gf)
     forward.__qualname__ = f"{type(module).__qualname__}.forward (fxpass graph)"
+    sig = _class_forward_signature(type(module))
+    if sig is not None:  # inspect.signature(module.forward) as before (HF and users read it)
+        forward.__signature__ = sig  # type: ignore[attr-defined]
     module.forward = types.MethodType(forward, module)
+
+
+@functools.lru_cache(maxsize=None)
+def _class_forward_signature(cls: type) -> inspect.Signature | None:
+    try:
+        return inspect.signature(cls.forward)
+    except (TypeError, ValueError):
+        return None
 
 
 def installed_graph(module: nn.Module) -> GraphForward | None:
@@ -661,13 +677,21 @@ def installed_graph(module: nn.Module) -> GraphForward | None:
 
 
 def _graph_forward(fwd: Any) -> GraphForward | None:
+    gf = fxpass_forward(fwd)
+    return gf if isinstance(gf, GraphForward) else None
+
+
+def fxpass_forward(fwd: Any) -> Any:
+    """The fxpass object behind an installed forward (a GraphForward or an armed first-call
+    trace), or None for anything else."""
     if isinstance(fwd, types.MethodType):
         return getattr(fwd.__func__, _MARK, None)
     return None
 
 
 def is_graph_forward(fwd: Any) -> bool:
-    return _graph_forward(fwd) is not None
+    """Installed by fxpass (a graph, or the first-call trace waiting for its call)."""
+    return fxpass_forward(fwd) is not None
 
 
 def foreign_forward(module: nn.Module) -> bool:

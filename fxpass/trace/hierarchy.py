@@ -26,6 +26,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from fxpass.errors import TraceError, UsageError
+from fxpass.layers import is_linear
 from fxpass.trace.cache import (
     DEFAULT_CACHE,
     TraceCache,
@@ -207,10 +208,12 @@ def _eager_captures(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
 
 
 class _Walker:
-    def __init__(self, result: Trace, cache: TraceCache | None, index: TreeIndex) -> None:
+    def __init__(self, result: Trace, cache: TraceCache | None, index: TreeIndex,
+                 policy: Respecialiser | None = None) -> None:
         self.result = result
         self.cache = cache
         self.index = index
+        self.policy = policy  # what the tracer sees of vLLM layers already in the tree
         self.visited: set[str] = set()
         self.installed: list[nn.Module] = []  # graphs installed while walking, removed after
         self.keys = index.keys  # structure keys by module id, for this walk
@@ -321,7 +324,7 @@ class _Walker:
     def _visit_child(self, parent: nn.Module, parent_q: str, rel: str, cap: Capture) -> None:
         child = parent.get_submodule(rel)
         child_q = f"{parent_q}.{rel}" if parent_q else rel
-        if isinstance(child, nn.Linear):
+        if is_linear(child):
             return
         if child_q in self.visited:
             frame = self.frames[-1] if self.frames else None
@@ -347,6 +350,9 @@ class _Walker:
                kwargs: dict[str, Any], symbolic: set[int]) -> _Entry:
         tracer = ValueTracer()
         tracer.on_first_call = functools.partial(self._visit_child, module, qualname)
+        if self.policy is not None:
+            tracer.values = self.policy.trace_values(module)
+            tracer.leaf_inputs = self.policy.leaf_inputs
         spec = make_call_spec(forward_signature(type(module)), args, kwargs, symbolic)
         spec.training = module.training
         reason = None
@@ -395,9 +401,12 @@ def _reason(e: BaseException) -> str:
 
 def _normalise_inputs(module: nn.Module, example_inputs: Any) -> Inputs:
     if example_inputs is None:
-        from fxpass.zoo import example_inputs as build  # known HF tower types
-
-        example_inputs = build(module)
+        raise UsageError(
+            f"fxpass.trace({type(module).__name__}) needs example inputs: pass "
+            "example_inputs= as a real call of its forward would (a kwargs dict, an args tuple "
+            "or an (args, kwargs) pair; fxpass.zoo.example_inputs(tower) builds them for the "
+            "built-in towers), or use fxpass.apply(model, quant_config), which traces at the "
+            "model's first real call when it has none")
     if isinstance(example_inputs, dict):
         return (), dict(example_inputs)
     if isinstance(example_inputs, torch.Tensor):
@@ -413,12 +422,16 @@ def _normalise_inputs(module: nn.Module, example_inputs: Any) -> Inputs:
 
 
 def trace(module: nn.Module, example_inputs: Any = None, *,
-          cache: TraceCache | None = DEFAULT_CACHE, index: TreeIndex | None = None) -> Trace:
+          cache: TraceCache | None = DEFAULT_CACHE, index: TreeIndex | None = None,
+          policy: Respecialiser | None = None) -> Trace:
     """Trace ``module`` into one fx graph per traceable submodule (see module docstring).
 
-    ``example_inputs``: kwargs dict, args tuple, or ``(args, kwargs)``; None builds them for
-    known HF tower types. Pass ``cache=None`` to trace everything afresh. ``index``: a
-    ``TreeIndex.of(module)`` taken just before, by a caller that walked the tree already.
+    ``example_inputs``: kwargs dict, args tuple, or ``(args, kwargs)``, as a real call would
+    pass them (required: the trace stage knows no model). Pass ``cache=None`` to trace
+    everything afresh. ``index``: a ``TreeIndex.of(module)`` taken just before, by a caller
+    that walked the tree already. ``policy``: what the tracer sees of vLLM layers already in
+    the tree (their logical weights, their GEMM inputs): the rewrite stage's, when a tower
+    whose linears were swapped at init is traced at its first real call.
     """
     if not isinstance(module, nn.Module):
         raise UsageError(f"fxpass.trace expects an nn.Module, got {type(module).__name__}")
@@ -436,7 +449,7 @@ def trace(module: nn.Module, example_inputs: Any = None, *,
     distinct = {id(m): m for m in index.paths.values()}.values()
     saved = {m: m.__dict__.pop("forward") for m in distinct
              if is_graph_forward(m.__dict__.get("forward"))}
-    walker = _Walker(result, cache, index)
+    walker = _Walker(result, cache, index, policy)
     try:
         walker.visit(module, "", args, kwargs, set())
     finally:

@@ -279,10 +279,36 @@ def test_example_inputs_of_the_wrong_kind():
         fxpass.apply(_tower(), example_inputs="pixel_values")
 
 
-def test_no_example_inputs_for_an_unknown_model():
-    with pytest.raises(UsageError, match=r"^no example inputs known for Tower \(known: "
-                                         r".*\); pass inputs explicitly$"):
-        fxpass.apply(_tower())
+def test_no_example_inputs_for_an_unknown_model_when_insisting_on_tracing_now():
+    """Without inputs apply traces at the first call; first_call=False refuses that."""
+    same = Unchanged(_tower())
+    with pytest.raises(UsageError, match=r"^fxpass\.apply\(first_call=False\): no example "
+                                         r"inputs known for Tower \(the built-in table: "
+                                         r"Gemma4VisionModel, .*\); pass example_inputs= as "
+                                         r"a real call would, or let apply trace at the "
+                                         r"first call$"):
+        fxpass.apply(same.model, first_call=False)
+    same.check()
+
+
+@pytest.mark.parametrize("kw, needs", [({"fuse": True}, "fuse=True"), ({"tp": 2}, "tp=2")])
+def test_fuse_or_tp_cannot_wait_for_the_first_call(kw, needs):
+    same = Unchanged(_tower())
+    with pytest.raises(UsageError, match=rf"^fxpass\.apply\(Tower, {needs}\) builds its "
+                                         r"layers from the graph before the weights load, "
+                                         r"so it cannot wait for the first call; pass "
+                                         r"example_inputs="):
+        fxpass.apply(same.model, **kw)
+    same.check()
+
+
+def test_first_call_with_example_inputs_is_a_contradiction():
+    same = Unchanged(_tower())
+    with pytest.raises(UsageError, match=r"^fxpass\.apply: first_call=True traces at the "
+                                         r"model's first real call; do not pass "
+                                         r"example_inputs or trace_result with it$"):
+        fxpass.apply(same.model, first_call=True, example_inputs=(X,))
+    same.check()
 
 
 def test_meta_tower_stays_allowed():

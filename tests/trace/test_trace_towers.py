@@ -70,15 +70,23 @@ def test_module_tree_unchanged(traced):
 
 def test_gemma4_vision_attention_and_layers_are_graphs():
     tower = zoo.build_tower("gemma4_vision")
-    t = fxpass.trace(tower)
+    t = fxpass.trace(tower, zoo.example_inputs(tower))
     for name, mod in tower.named_modules():
         if type(mod).__name__ in ("Gemma4VisionAttention", "Gemma4VisionEncoderLayer"):
             assert name in t.graphs and name not in t.untraced
 
 
+def test_trace_without_inputs_says_how_to_pass_them():
+    """The trace stage knows no model: no inputs is a usage error naming the ways out."""
+    tower = zoo.build_tower("gemma4_vision")
+    with pytest.raises(fxpass.UsageError, match=r"fxpass.trace\(Gemma4VisionModel\) needs "
+                       r"example inputs.*kwargs dict.*first real call"):
+        fxpass.trace(tower)
+
+
 def test_identical_layers_traced_once():
     tower = zoo.build_tower("gemma4_vision")
-    t = fxpass.trace(tower, cache=TraceCache())
+    t = fxpass.trace(tower, zoo.example_inputs(tower), cache=TraceCache())
     layers = [n for n, m in tower.named_modules() if type(m).__name__ == "Gemma4VisionEncoderLayer"]
     assert len(layers) >= 2
     assert t.graphs[layers[0]].reused_from is None
@@ -89,7 +97,7 @@ def test_identical_layers_traced_once():
 
 def test_default_size_vision_on_meta_traces_layers():
     tower = zoo.build_tower("gemma4_vision", size="default", device="meta")
-    t = fxpass.trace(tower)
+    t = fxpass.trace(tower, zoo.example_inputs(tower))
     linears = {n for n, m in tower.named_modules() if isinstance(m, nn.Linear)}
     assert set(t.linear_sites) == linears
     # The root strips padding with a boolean mask: its output shape depends on data, which
@@ -129,10 +137,11 @@ def test_meta_memo_changes_nothing_but_the_time(name, monkeypatch):
     hits = []
     real_rebuild = memo_mod._rebuild
     monkeypatch.setattr(memo_mod, "_rebuild", lambda *a: hits.append(1) or real_rebuild(*a))
-    memo = fxpass.trace(tower, cache=None)
+    x = zoo.example_inputs(tower)
+    memo = fxpass.trace(tower, x, cache=None)
     assert hits, "the memo never served a call"
     monkeypatch.setattr(memo_mod.MetaMemo, "_key", lambda self, *a: None)
-    plain = fxpass.trace(tower, cache=None)
+    plain = fxpass.trace(tower, x, cache=None)
     assert (memo.untraced, memo.linear_sites, memo.python_linear_uses) == (
         plain.untraced, plain.linear_sites, plain.python_linear_uses)
     code = {q: mg.graph.python_code("self").src for q, mg in memo.graphs.items()}
