@@ -11,6 +11,17 @@ and rewritten by ``fxpass.apply(tower, quant_config, prefix=prefix, load_weights
 with the same quant config and prefix, so vLLM's own loaders (default, bitsandbytes, ...)
 fill the new ``ReplicatedLinear`` layers afterwards exactly as they fill the walk's.
 
+No example inputs
+    Model init has none, so ``apply`` swaps the linears at once and traces each tower at
+    its first real call (the profile run's dummy batch or the first request); the graphs and
+    their fixes hold from that call on (``fxpass.rewrite.first_call``). The report is logged
+    twice: at init (what was swapped) and after the first call (graphs, fixes, timing). Only
+    tensor-parallel sharding (``mm_encoder_tp_mode="weights"`` at TP > 1) must know the graph
+    before the loader runs: a tower the built-in input table of ``fxpass.zoo`` knows is
+    traced at init on its inputs; any other tower stays replicated (first-call tracing).
+    A module with no linear layers (vLLM's ``StageMissingLayer`` for a modality switched
+    off) is not a failure: it is logged at DEBUG only.
+
 Switching it off
     ``FXPASS_DISABLE=1`` (also ``true``/``yes``/``on``) in the environment of the vLLM process:
     :func:`register` then patches nothing and every call goes to vLLM's own
@@ -255,8 +266,13 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
     try:
         import fxpass
 
-        inputs = _example_inputs(model)
         tp, record.tp_mode = engine_tp()
+        inputs = _example_inputs(model) if tp > 1 else None
+        if tp > 1 and inputs is None:
+            record.tp_mode["tp"] = tp = 1
+            record.tp_mode["why_replicated"] = (
+                "sharding is planned from the graph before vLLM's loader fills the layers, "
+                "and the built-in input table does not know this tower")
         # Traced in eval mode, as vLLM runs the towers (from_config leaves them in training
         # mode): a graph traced in training mode would be traced again at the first call,
         # and a sharded module is re-traced only where it owns its pairs (see
@@ -264,8 +280,13 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
         modes = {m: m.training for m in model.modules()}
         model.eval()
         try:
+            # No example inputs in vLLM's model init: the graphs come from the tower's first
+            # real call (the profile run's dummy batch or a request). Sharding cannot wait:
+            # at TP > 1 a tower the input table knows is traced now.
             report = fxpass.apply(model, quant_config, prefix=prefix, load_weights=False,
-                                  example_inputs=inputs, tp=tp if tp > 1 else None)
+                                  example_inputs=inputs, tp=tp if tp > 1 else None,
+                                  first_call=inputs is None,
+                                  on_first_call=_log_first_call)
         finally:
             for m, training in modes.items():
                 m.training = training
@@ -279,16 +300,34 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
         return original(model, quant_config, prefix=prefix)
     record.report = report
     _patch_lora_manager()
+    if not report.replaced and not report.skipped:
+        # nothing to rewrite (vLLM's StageMissingLayer for a modality switched off): not news
+        logger.debug("fxpass[%s]: %s has no linear layers; nothing to rewrite",
+                     prefix or "<root>", type(model).__name__)
+        return None
     logger.info("%s", report.summary_line())
     if record.tp_mode.get("world_size", 1) > 1 and record.tp_mode.get("tp", 1) == 1:
-        logger.info("fxpass[%s]: mm_encoder_tp_mode=%s: the tower stays replicated on each of "
-                    "the %d tensor-parallel ranks", prefix or "<root>",
-                    record.tp_mode.get("mm_encoder_tp_mode"), record.tp_mode["world_size"])
-    if logger.isEnabledFor(logging.DEBUG):
-        table = str(report).splitlines()[1:]  # line 0 is the summary just logged
-        if table:
-            logger.debug("fxpass[%s] report:\n%s", prefix or "<root>", "\n".join(table))
+        why = record.tp_mode.get("why_replicated") or (
+            f"mm_encoder_tp_mode={record.tp_mode.get('mm_encoder_tp_mode')}")
+        logger.info("fxpass[%s]: the tower stays replicated on each of the %d tensor-parallel "
+                    "ranks: %s", prefix or "<root>", record.tp_mode["world_size"], why)
+    if report.traced_at != "first call":
+        _log_table(report)
     return None
+
+
+def _log_first_call(report: Any) -> None:
+    """The report once the first call traced the tower: the summary at INFO, the table at
+    DEBUG."""
+    logger.info("%s", report.summary_line())
+    _log_table(report)
+
+
+def _log_table(report: Any) -> None:
+    if logger.isEnabledFor(logging.DEBUG):
+        table = str(report).splitlines()[1:]  # line 0 is the summary logged at INFO
+        if table:
+            logger.debug("fxpass[%s] report:\n%s", report.prefix or "<root>", "\n".join(table))
 
 
 def tp_for(world_size: int, mode: str | None) -> int:
@@ -388,19 +427,21 @@ def check_lora_adapter(manager: Any, lora: Any) -> list[dict[str, Any]]:
 
 
 def _example_inputs(tower: Any) -> Any:
-    """The tracing call: the zoo's inputs for the tower's config.
+    """Inputs for a tower sharded at init (TP > 1): the built-in table's, or None.
 
     Positional or keyword makes no difference: fxpass binds calls to the forward's signature
     (vLLM calls ``audio_tower(features, mask)`` where the zoo uses keywords).
     """
     import torch
 
-    from fxpass.zoo import example_inputs
+    from fxpass import zoo
 
+    if not zoo.has_input_builder(tower):
+        return None
     # vLLM builds towers under `with torch.device(<target>)`; the zoo draws its random inputs
     # with a CPU generator, then moves them to the tower's device itself.
     with torch.device("cpu"):
-        return example_inputs(tower)
+        return zoo.example_inputs(tower)
 
 
 __all__ = ["ENV_DISABLE", "TowerRecord", "check_lora_adapter", "disabled", "engine_tp",

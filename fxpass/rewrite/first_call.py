@@ -1,25 +1,27 @@
-"""Tracing at the model's first real call, for a tower ``apply`` had no example inputs for.
+"""Tracing at a tower's first real call, for a tower ``apply`` had no example inputs for.
 
-vLLM's model init never has example inputs; it has the real call a moment later (the profile
-run's dummy batch, then requests). So, as torch.compile does, ``apply`` without inputs:
+vLLM's model init never has example inputs; it has the real calls a moment later (the
+profile run's dummy batch, then requests). So, as torch.compile does, ``apply`` without
+inputs:
 
 1. at init, swaps every ``nn.Linear`` for its vLLM layer at once (``pipeline.apply`` with an
    empty Trace: the linear rule alone matches), so vLLM's loaders fill them exactly as they
-   fill the walk's, and arms a :class:`FirstCall` forward on the root;
-2. at the first call (:meth:`FirstCall.__call__`), traces the tower with that call's real
-   arguments, the vLLM layers as leaves that show the tracer HF's logical weights (the
-   re-specialisation policy, :class:`~fxpass.rewrite.respecialise.RuleRespecialiser`), runs
-   the graph rules, installs the graphs and only then computes the call through them, so the
-   weight-probe and contiguity fixes already hold for it. Later calls of other structures
-   re-specialise like any graph's.
+   fill the walk's, and arms a first-call forward on every module above a swapped linear;
+2. at the first call of an armed module (the root, or a part the caller calls directly:
+   vLLM's Gemma4 calls ``vision_tower.patch_embedder`` and ``vision_tower.encoder``, never the
+   root), traces that module's subtree with the call's real arguments, the vLLM layers as
+   leaves that show the tracer HF's logical weights (the re-specialisation policy,
+   :class:`~fxpass.rewrite.respecialise.RuleRespecialiser`), runs the graph rules, installs
+   the graphs and only then computes the call through them, so the weight-probe and
+   contiguity fixes already hold for it. Later calls of other structures re-specialise like
+   any graph's; an enclosing module called later is traced with its whole subtree.
 
 A graph that reads a vLLM layer's weight values stays Python (its module runs as the walk
-leaves it); a call the model itself rejects installs nothing (the module's own error is
-raised, and the next call is the first call again). If tracing or the rules fail, nothing is
-installed either: the tower runs its Python forward from then on (the walk's state, with
-vLLM GEMM inputs made positional and contiguous), and the report and a warning say why. The
-trace never runs inside dynamo or a CUDA-graph capture: such a call runs Python, and the
-next one is the first call.
+leaves it). A call the module itself rejects installs nothing: its own error is raised and
+the next call is a first call again. If tracing or the rules fail, nothing is installed for
+that subtree: it runs its Python forward from then on (the walk's state, with vLLM GEMM
+inputs made positional and contiguous), and the report and a warning say why. Nothing is
+traced inside dynamo or a CUDA-graph capture: such a call runs Python.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from typing import Any, Callable
 from torch import nn
 
 from fxpass.errors import FxpassError, RewriteError
-from fxpass.report import Report
+from fxpass.layers import is_linear
+from fxpass.report import Fix, Report
 from fxpass.rewrite.base import RewriteContext, is_vllm_linear
 from fxpass.trace import GraphForward, TreeIndex, install, trace
 from fxpass.trace.graph_runtime import _Family, _why_no_trace, fxpass_forward
@@ -40,8 +43,17 @@ from fxpass.trace.graph_runtime import _Family, _why_no_trace, fxpass_forward
 logger = logging.getLogger("fxpass")
 
 
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _inside(name: str, path: str) -> bool:
+    return not path or name == path or name.startswith(path + ".")
+
+
 class FirstCall:
-    """The forward armed on a root whose graphs come from its first real call."""
+    """What the armed forwards of one ``apply`` share: the report they complete, the
+    rewrite policy, and what the traced entry points learnt (root-relative names)."""
 
     def __init__(self, report: Report, runtime: Any, quant_config: Any, prefix: str, *,
                  swapped: dict[str, str], strict: bool = False,
@@ -54,37 +66,50 @@ class FirstCall:
         self.strict = strict
         self.on_traced = on_traced
         self.lock = threading.RLock()
-        self.python = False  # the first-call trace failed: Python serves every call
+        self.sites: dict[str, str] = {}  # linear -> the graph that calls it
+        self.untraced: dict[str, str] = {}
+        self.fixes: list[Fix] = []
+        self.plain: dict[str, str] = {}  # linear -> why no graph calls it
+        self.traced: dict[str, float] = {}  # entry path -> seconds (trace + rewrite + call)
 
-    def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if self.python:
-            return self._python_call(module, args, kwargs, "the first-call trace failed")
+    # ------------------------------------------------------------------------------------
+    def call(self, armed: "Armed", module: nn.Module, args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> Any:
+        if armed.python:
+            return self._python_call(module, args, kwargs, "its first-call trace failed")
         blocked = _why_no_trace()
         if blocked:
             return self._python_call(module, args, kwargs, blocked)
         with self.lock:
-            if fxpass_forward(module.__dict__.get("forward")) is not self:
+            if fxpass_forward(module.__dict__.get("forward")) is not armed:
                 return module.forward(*args, **kwargs)  # another thread traced it meanwhile
-            del module.__dict__["forward"]
+            disarmed = _disarm(module)
             t0 = time.perf_counter()
             try:
-                traced = self._trace_and_install(module, args, kwargs)
+                traced = self._trace_and_install(armed.path, module, args, kwargs)
             except Exception as e:  # noqa: BLE001 - the model keeps working (the walk's state)
-                self._failed(module, e)
+                armed.python = True
+                install(module, armed)
+                self._failed(armed.path, module, e)
                 if self.strict:
                     raise RewriteError(
                         f"fxpass: tracing {type(module).__name__} at its first call failed: "
                         f"{type(e).__name__}: {e}") from e
-                return self._python_call(module, args, kwargs, "the first-call trace failed")
-            if not traced:  # the model rejects this call: its own error, armed again
-                install(module, self)
+                return self._python_call(module, args, kwargs, "its first-call trace failed")
+            if not traced:  # the module rejects this call: its own error, armed again
+                for sub, a in disarmed:
+                    install(sub, a)
                 return self._python_call(module, args, kwargs, "")
             t1 = time.perf_counter()
             out = module.forward(*args, **kwargs)
             done = time.perf_counter()
-            self.report.first_call.update(
-                state="traced", elapsed_s=done - t0, trace_and_rewrite_s=t1 - t0,
-                graph_call_s=done - t1)
+            self.traced[armed.path] = done - t0
+            fc = self.report.first_call
+            fc.update(state="traced", entries={p or "<root>": round(s, 6)
+                                               for p, s in self.traced.items()},
+                      elapsed_s=sum(self.traced.values()))
+            fc["trace_and_rewrite_s"] = fc.get("trace_and_rewrite_s", 0.0) + (t1 - t0)
+            fc["graph_call_s"] = fc.get("graph_call_s", 0.0) + (done - t1)
         if self.on_traced is not None:
             try:
                 self.on_traced(self.report)
@@ -92,10 +117,10 @@ class FirstCall:
                 logger.debug("fxpass: first-call callback failed: %s", e)
         return out
 
-    # ------------------------------------------------------------------------------------
-    def _trace_and_install(self, module: nn.Module, args: tuple[Any, ...],
+    def _trace_and_install(self, path: str, module: nn.Module, args: tuple[Any, ...],
                            kwargs: dict[str, Any]) -> bool:
-        """Trace, rewrite and install; False when the model itself rejects the call."""
+        """Trace ``module`` (at ``path``) on this call, rewrite and install; False when the
+        module itself rejects the call."""
         from fxpass.rewrite.analysis import weight_uses
         from fxpass.rewrite.pipeline import run_rules
         from fxpass.rewrite.respecialise import _gemm_input, _positional_gemm_inputs
@@ -113,8 +138,8 @@ class FirstCall:
         if "" in tr.eager_errors and "" in tr.untraced:
             return False
         t1 = time.perf_counter()
-        scratch = Report(prefix=self.prefix)
-        ctx = RewriteContext(module, tr, self.quant_config, self.prefix, scratch,
+        scratch = Report(prefix=_join(self.prefix, path))
+        ctx = RewriteContext(module, tr, self.quant_config, _join(self.prefix, path), scratch,
                              modules=index.paths, respecialising=True)
         # A graph reading a vLLM layer's weight values would read vLLM's storage (packed,
         # emptied after loading): that module runs as Python, as the walk leaves it.
@@ -135,12 +160,12 @@ class FirstCall:
             mg.settle()
             if mg.qualname in ctx.edited:
                 mg.graph.lint()
-        t2 = time.perf_counter()
         installed: list[nn.Module] = []
         try:
             families: dict[int, _Family] = {}
             for qualname, mg in tr.graphs.items():
                 sub = index.paths[qualname]
+                mg.qualname = _join(path, qualname)  # root-relative, for errors and stats
                 family = families.setdefault(id(mg.graph), _Family())
                 install(sub, GraphForward(mg, self.runtime, family))
                 installed.append(sub)
@@ -148,37 +173,53 @@ class FirstCall:
             for sub in installed:
                 sub.__dict__.pop("forward", None)
             raise
-        self._record(ctx, tr, scratch, t1 - t0, t2 - t1)
+        self._record(path, ctx, tr, scratch, t1 - t0, time.perf_counter() - t1)
         return True
 
-    def _record(self, ctx: RewriteContext, tr: Any, scratch: Report, trace_s: float,
-                rewrite_s: float) -> None:
+    def _record(self, path: str, ctx: RewriteContext, tr: Any, scratch: Report,
+                trace_s: float, rewrite_s: float) -> None:
+        """Merge what tracing ``path`` learnt into the report (it replaces what an earlier
+        trace of a module inside it said)."""
         from fxpass.rewrite.linear import _why_no_graph
 
+        self.sites = {k: v for k, v in self.sites.items() if not _inside(k, path)}
+        self.sites.update({_join(path, k): _join(path, v) for k, v in tr.linear_sites.items()})
+        self.untraced = {k: v for k, v in self.untraced.items() if not _inside(k, path)}
+        self.untraced.update({_join(path, k): v for k, v in tr.untraced.items()})
+        self.fixes = [f for f in self.fixes if not _inside(f.module, path)]
+        self.fixes += [Fix(f.rule, _join(path, f.module), f.node, _join(path, f.detail))
+                       for f in scratch.fixes]
         report = self.report
-        report.untraced = dict(tr.untraced)
-        report.fixes = list(scratch.fixes)
-        report.contiguity_checks = scratch.contiguity_checks
-        report.refusals = list(scratch.refusals)
-        report.graph_rewrites = [full for q, full in self.swapped.items()
-                                 if q in tr.linear_sites]
-        report.plain_swaps = {full: _why_no_graph(ctx, q).replace(
-            "the example inputs", "the first call") for q, full in self.swapped.items()
-            if q not in tr.linear_sites}
-        report.first_call.update(trace_s=trace_s, rewrite_s=rewrite_s, graphs=len(tr.graphs),
-                                 cache_hits=tr.cache_hits)
+        report.untraced = dict(self.untraced)
+        report.fixes = list(self.fixes)
+        report.contiguity_checks += scratch.contiguity_checks
+        report.refusals += scratch.refusals
+        report.graph_rewrites = [full for q, full in self.swapped.items() if q in self.sites]
+        for q, full in self.swapped.items():
+            if q in self.sites:
+                self.plain.pop(q, None)
+            elif _inside(q, path):
+                rel = q[len(path) + 1:] if path else q
+                self.plain[q] = _why_no_graph(ctx, rel).replace("the example inputs",
+                                                                "the first call")
+            elif q not in self.plain:
+                self.plain[q] = ("no module above it has been called yet (its graph comes "
+                                 "at its first call)")
+        report.plain_swaps = {self.swapped[q]: why for q, why in self.plain.items()}
+        fc = report.first_call
+        fc["trace_s"] = fc.get("trace_s", 0.0) + trace_s
+        fc["rewrite_s"] = fc.get("rewrite_s", 0.0) + rewrite_s
+        fc["graphs"] = fc.get("graphs", 0) + len(tr.graphs)
 
-    def _failed(self, module: nn.Module, e: BaseException) -> None:
-        self.python = True
-        install(module, self)
+    def _failed(self, path: str, module: nn.Module, e: BaseException) -> None:
         reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        where = _join(self.prefix, path) or type(module).__name__
         self.report.first_call.update(state="python", error=reason)
-        where = self.prefix or type(module).__name__
+        self.report.first_call.setdefault("failed", {})[path or "<root>"] = reason
         if not isinstance(e, FxpassError):
             logger.debug("fxpass: first-call trace of %s failed", where, exc_info=e)
-        logger.warning("fxpass[%s]: tracing the first call failed, so the tower runs as "
-                       "Python with its swapped vLLM layers (as vLLM's walk leaves it): %s",
-                       where, reason)
+        logger.warning("fxpass[%s]: tracing its first call failed, so it runs as Python with "
+                       "its swapped vLLM layers (as vLLM's walk leaves it): %s", where, reason)
 
     def _python_call(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                      why: str) -> Any:
@@ -186,15 +227,49 @@ class FirstCall:
             return type(module).forward(module, *args, **kwargs)
 
 
-def arm(model: nn.Module, first_call: FirstCall) -> None:
-    """Install the first-call trace as the root's forward (a plain bound function)."""
-    install(model, first_call)
-    first_call.report.first_call["state"] = "armed"
+class Armed:
+    """The forward armed on one module: its first call traces its subtree."""
+
+    def __init__(self, first_call: FirstCall, path: str) -> None:
+        self.first_call = first_call
+        self.path = path  # root-relative
+        self.python = False  # its first-call trace failed: Python serves its calls
+
+    def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.first_call.call(self, module, args, kwargs)
 
 
-def armed(model: nn.Module) -> FirstCall | None:
-    fc = fxpass_forward(model.__dict__.get("forward"))
-    return fc if isinstance(fc, FirstCall) else None
+def _disarm(module: nn.Module) -> list[tuple[nn.Module, Armed]]:
+    out = []
+    for sub in module.modules():
+        armed = fxpass_forward(sub.__dict__.get("forward"))
+        if isinstance(armed, Armed):
+            del sub.__dict__["forward"]
+            out.append((sub, armed))
+    return out
 
 
-__all__ = ["FirstCall", "arm", "armed"]
+def arm(model: nn.Module, first_call: FirstCall) -> int:
+    """Arm every module above a swapped linear (the root included); returns how many."""
+    paths = dict(model.named_modules())
+    targets: set[str] = set()
+    for q in first_call.swapped:
+        parts = q.split(".")
+        targets.update(".".join(parts[:i]) for i in range(len(parts)))
+    count = 0
+    for path in sorted(targets, key=lambda p: (p.count("."), p)):
+        module = paths.get(path)
+        if module is None or is_linear(module) or "forward" in module.__dict__:
+            continue
+        install(module, Armed(first_call, path))
+        count += 1
+    first_call.report.first_call.update(state="armed", armed_modules=count)
+    return count
+
+
+def armed(model: nn.Module) -> Armed | None:
+    a = fxpass_forward(model.__dict__.get("forward"))
+    return a if isinstance(a, Armed) else None
+
+
+__all__ = ["Armed", "FirstCall", "arm", "armed"]

@@ -176,6 +176,21 @@ def _bnb_sqnr(layer, full: str) -> float | None:
     return math.inf if err == 0 else 10 * math.log10(float((r ** 2).sum()) / err)
 
 
+def graph_modules(model) -> dict[str, list[str]]:
+    """Per tower, the modules running an fxpass graph now (after generation: the towers
+    are traced at their first call, which may come after model init)."""
+    from fxpass.trace import installed_graph
+
+    out: dict[str, list[str]] = {}
+    for tower_name in ("vision_tower", "audio_tower"):
+        tower = getattr(model, tower_name, None)
+        if tower is not None:
+            out[tower_name] = [f"{tower_name}.{n}" if n else tower_name
+                               for n, m in tower.named_modules()
+                               if installed_graph(m) is not None]
+    return out
+
+
 def plugin_records(model) -> list[dict[str, Any]]:
     """The fxpass plugin's records of the process holding ``model`` (a TP worker's own)."""
     import fxpass.vllm_plugin as plugin
@@ -368,7 +383,7 @@ def main(spec_path: str) -> None:
         kwargs: dict[str, Any] = dict(
             model=spec["model"], dtype="bfloat16", max_model_len=512, enforce_eager=True,
             max_num_seqs=4, max_num_batched_tokens=512, seed=0,
-            limit_mm_per_prompt={"image": 1, "audio": 1, "video": 0},
+            limit_mm_per_prompt=spec.get("limit_mm") or {"image": 1, "audio": 1, "video": 0},
         )
         if spec.get("quantization"):
             kwargs["quantization"] = spec["quantization"]
@@ -422,11 +437,12 @@ def main(spec_path: str) -> None:
             res.setdefault("vision_calls_by_batch", {})[label] = [
                 mark, len(CAPTURES.get("vision_out", []))]
             rec.step(f"generated:{label}")
-        # guard fallbacks counted during generation
+        # guard fallbacks counted during generation, first-call traces
         res["plugin_records"] = [r.to_dict() for r in plugin.records()]
         if tp > 1:
             res["plugin_records_ranks"] = llm.apply_model(plugin_records)
             res["plugin_records"] = res["plugin_records_ranks"][0]
+        res["graph_modules_after"] = llm.apply_model(graph_modules)[0]
         torch.save(CAPTURES, out / "captures.pt")
         rec.flush()
         if lora and spec.get("hf_compare"):

@@ -61,7 +61,15 @@ def test_wrapper_keyed_adapter_is_reported_by_the_plugin(lora_case):
         assert e["needed_module"] == e["module"] + ".linear"
         assert "Gemma4ClippableLinear" in e["reason"]
     assert records["audio_tower"]["lora_nowhere"] == []
+    # audio switched off: vLLM handed the plugin its StageMissingLayer, with nothing to
+    # rewrite; not a failure, so nothing above DEBUG and no walk fallback
+    audio = records["audio_tower"]
+    assert audio["tower"] == "StageMissingLayer" and audio["fallback"] is None
+    assert audio["report"]["replaced"] == []
     log = lora_case.log
+    assert not [ln for ln in log.splitlines() if "fxpass[audio_tower]" in ln
+                and (" WARNING " in ln or " INFO " in ln)]
+    assert "walks it instead" not in log
     assert ("fxpass[vision_tower]: LoRA adapter 2 has weights for "
             "vision_tower.encoder.layers.0.self_attn.q_proj, which lands on no layer") in log
     assert "key it as vision_tower.encoder.layers.0.self_attn.q_proj.linear.lora_A" in log

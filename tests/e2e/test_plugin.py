@@ -135,12 +135,13 @@ def test_failed_rewrite_falls_back_to_vllm_walk(tmp_path, monkeypatch, plugin_st
     plugin.register()
     model_mod = importlib.import_module("fakevllm_d.model")
     utils = sys.modules["fakevllm_d.utils"]
-    tower = nn.Sequential(nn.Linear(4, 4))  # no example inputs known: fxpass.apply raises
+    tower = nn.Sequential(nn.Linear(4, 4))  # a quant config fxpass cannot build layers with
     model_mod.build(tower, "QUANT", "vision_tower")
     assert utils.CALLS == [(tower, "QUANT", "vision_tower")]  # the walk ran, same arguments
     (rec,) = plugin.records()
     assert rec.prefix == "vision_tower" and rec.report is None
-    assert "UsageError" in rec.fallback and "no example inputs" in rec.fallback
+    assert rec.fallback.startswith("QuantConfigError: vision_tower.0:"), rec.fallback
+    assert isinstance(tower[0], nn.Linear)  # apply is atomic: the walk got the tower as it was
     warnings = [r for r in plugin_log if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "vision_tower" in warnings[0].getMessage()
     assert rec.to_dict()["fallback"] == rec.fallback
@@ -195,8 +196,68 @@ def test_records_count_specialisations_and_fallbacks(vllm_rt, plugin_log):
     assert not [r for r in plugin_log if r.levelno >= logging.WARNING]  # the plugin's logger
 
 
+def test_a_tower_nobody_named_is_traced_at_its_first_call(vllm_rt, plugin_state, plugin_log):
+    """No input table in the vLLM path: swapped at init, graphs from the first real call,
+    the report logged at init and again after that call."""
+
+    class Unknown(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 4)
+
+        def forward(self, pixel_values, scale=2.0):
+            h = self.proj(pixel_values.transpose(1, 2)).to(self.out.weight.dtype)
+            return self.out(torch.relu(h) * scale)
+
+    torch.manual_seed(0)
+    tower = Unknown().eval()
+    ref = copy.deepcopy(tower)
+    plugin._original = lambda *a, **k: pytest.fail("fell back to vLLM's walk")
+    plugin.replace_linear(tower, None, prefix="vision_tower")
+    (rec,) = plugin.records()
+    assert rec.fallback is None and rec.report.traced_at == "first call"
+    assert rec.report.first_call["state"] == "armed"
+    from fxpass.weights import load_linear_weights
+
+    for name in ("proj", "out"):  # what vLLM's loader does after model init
+        old = ref.get_submodule(name)
+        load_linear_weights(tower.get_submodule(name), old.weight, old.bias, None)
+    x = torch.randn(2, 8, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(x), ref(x), atol=1e-5, rtol=0)
+    report = rec.report
+    assert report.first_call["state"] == "traced"
+    assert sorted(report.graph_rewrites) == ["vision_tower.out", "vision_tower.proj"]
+    # proj's input is a transpose (oneDNN's GEMM would reject it): a .contiguous() first
+    assert [f.rule for f in report.fixes] == ["weight-probes", "contiguity"]
+    info = [r.getMessage() for r in plugin_log if r.levelno == logging.INFO]
+    assert len(info) == 2 and "come at the first call" in info[0], info
+    assert "graphs traced at the first call" in info[1], info
+    assert rec.to_dict()["report"]["first_call"]["state"] == "traced"
+
+
+def test_a_module_without_linears_is_not_news(vllm_rt, plugin_state, plugin_log):
+    """vLLM hands the plugin a StageMissingLayer for a modality switched off
+    (limit_mm_per_prompt={"audio": 0}): nothing to rewrite, nothing above DEBUG."""
+
+    from vllm.model_executor.models.utils import StageMissingLayer
+
+    from fxpass import zoo
+
+    # vLLM's placeholder keeps the built tower out of the module tree (and reads through to it)
+    missing = StageMissingLayer("audio", zoo.build_tower("gemma4_audio"))
+    plugin._original = lambda *a, **k: pytest.fail("fell back to vLLM's walk")
+    plugin.replace_linear(missing, None, prefix="audio_tower")
+    (rec,) = plugin.records()
+    assert rec.fallback is None and rec.report.replaced == []
+    assert [r for r in plugin_log if r.levelno >= logging.INFO] == []
+    assert any("has no linear layers" in r.getMessage() for r in plugin_log)
+
+
 def test_audio_tower_traced_in_vllm_call_convention(vllm_rt, plugin_state):
-    """vLLM calls the audio tower positionally; the zoo's inputs are keywords: same graph."""
+    """vLLM calls the audio tower positionally (the zoo's inputs are keywords): its first
+    call is traced as it comes, the contiguity fix included."""
     from vllm.model_executor.layers.linear import ReplicatedLinear
 
     from fxpass import zoo
@@ -217,3 +278,5 @@ def test_audio_tower_traced_in_vllm_call_convention(vllm_rt, plugin_state):
         out = tower(inputs["input_features"], inputs["attention_mask"])  # as gemma4_mm does
     assert out.last_hidden_state.shape[0] == 1
     assert rec.fallbacks == {}
+    assert rec.report.first_call["state"] == "traced"
+    assert [f.module for f in rec.report.contiguity] == ["layers.0.lconv1d.linear_end"]

@@ -55,6 +55,10 @@ def _check_fxpass_towers(case, checkpoint, quant_method: str) -> None:
         report = rec["report"]
         info = model["towers"][tower]
         linears = info["vllm_linears"]
+        # no example inputs in the vLLM path: the linears were swapped at model init, the
+        # graphs came from the tower's first real call (vLLM's own)
+        assert report["traced_at"] == "first call"
+        assert report["first_call"]["state"] == "traced", report["first_call"]
         # every linear of the tower is a vLLM layer, and fxpass placed each one in a graph
         assert info["nn_linears"] == []
         assert sorted(report["replaced"]) == sorted(linears)
@@ -62,7 +66,8 @@ def _check_fxpass_towers(case, checkpoint, quant_method: str) -> None:
         assert report["plain_swaps"] == {} and report["skipped"] == {}
         # the towers' submodules run their graphs (a root whose mask HF builds through its
         # data-dependent "nothing padded" shortcut runs as Python, as eager decides)
-        assert len(info["graph_modules"]) > 10, info["graph_modules"]
+        graphs = res["graph_modules_after"][tower]
+        assert len(graphs) > 10, graphs
         for name, layer in linears.items():
             assert layer["class"] == "ReplicatedLinear"
             assert layer["prefix"] == name  # the checkpoint-style prefix loaders match on
@@ -181,9 +186,13 @@ def test_report_in_vllm_log(engine_cases):
     on = _case(engine_cases, "bnb_on")  # runs with VLLM_LOGGING_LEVEL=DEBUG
     lines = on.log.splitlines()
     for tower in TOWERS:
-        # one line per tower at INFO: the report's summary line
+        # at INFO: the report's summary line at init (the swap), then after each first call
+        # of a part of the tower (the graphs, their fixes and the first calls' time); vLLM
+        # calls the vision tower's patch_embedder and encoder, the audio tower itself
         info = [ln for ln in lines if " INFO " in ln and f"fxpass[{tower}]: " in ln]
-        assert len(info) == 1 and "linears -> vLLM" in info[0], info
+        assert len(info) == (3 if tower == "vision_tower" else 2), info
+        assert "linears -> vLLM at init" in info[0] and "come at the first call" in info[0]
+        assert "graphs traced at the first call" in info[1], info
         # the table at DEBUG: one row per replaced layer, with how and the quant type
         assert any(" DEBUG " in ln and f"fxpass[{tower}] report:" in ln for ln in lines)
     rows = [ln for ln in lines if " DEBUG " in ln and "mlp.down_proj.linear" in ln]

@@ -271,3 +271,42 @@ def test_a_graph_reading_a_swapped_layers_values_stays_python():
         torch.testing.assert_close(model(X), ref(X), atol=1e-5, rtol=0)
     assert "reads the values of q.bias" in report.untraced[""]
     assert set(report.plain_swaps) == {"q", "k"}
+
+
+def _vllm_vision_call(tower, x):
+    """How vLLM's gemma4_mm runs the vision tower: patch_embedder, then encoder, never the
+    root (vllm/model_executor/models/gemma4_mm.py)."""
+    pv, pp = x["pixel_values"], x["pixel_position_ids"]
+    pad = (pp == -1).all(dim=-1)
+    emb = tower.patch_embedder(pv, pp, pad)
+    out = tower.encoder(inputs_embeds=emb, attention_mask=~pad, pixel_position_ids=pp)
+    return out.last_hidden_state
+
+
+def test_parts_called_directly_are_traced_at_their_own_first_call():
+    ref = zoo.build_tower("gemma4_vision").eval()
+    model = copy.deepcopy(ref)
+    report = fxpass.apply(model, bnb_config("nf4"), prefix="vision_tower", load_weights=True,
+                          first_call=True)
+    eager = copy.deepcopy(ref)
+    x = zoo.example_inputs(ref, size_index=1)
+    now = fxpass.apply(eager, bnb_config("nf4"), prefix="vision_tower", load_weights=True,
+                       example_inputs=x)
+    with torch.no_grad():
+        got = _vllm_vision_call(model, x)
+        # the same graphs as apply on example inputs gives these parts: the same numbers
+        assert torch.equal(got, _vllm_vision_call(eager, x))
+    assert set(report.first_call["entries"]) == {"patch_embedder", "encoder"}
+    assert installed_graph(model.patch_embedder) is not None
+    assert installed_graph(model.encoder.layers[0].self_attn) is not None
+    assert installed_graph(model) is None  # the root was never called
+    assert sorted(report.graph_rewrites) == sorted(now.graph_rewrites)
+    assert [f.detail for f in report.probes] == [
+        "patch_embedder.input_proj.weight.dtype -> torch.float32"]
+    # the root called later traces with its whole subtree: the same answer as apply's graphs
+    x2 = zoo.example_inputs(ref, size_index=2, batch=2)
+    with torch.no_grad():
+        assert torch.equal(_first(model(**x2)), _first(eager(**x2)))
+    assert set(report.first_call["entries"]) == {"patch_embedder", "encoder", "<root>"}
+    assert [f.detail for f in report.probes] == [
+        "patch_embedder.input_proj.weight.dtype -> torch.float32"]

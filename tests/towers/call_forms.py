@@ -1,17 +1,22 @@
 """A rewritten tower against its original, called every way the catalogue knows.
 
-``check(entry)`` builds the tower, applies ``fxpass.apply(..., load_weights=True)`` with the
-keyword call at size 0, batch 1 as the example, then makes every call form (positional,
-keyword, omitted and explicit defaults, branches the example did not take, submodules called
-directly) at every size, batch 1 and 2, on both, and compares: the same answer within the
-unquantized budget, or the same exception. Used by ``tests/rewrite/test_tower_call_forms.py``
-and by ``tools/call_forms_table.py`` (the README's table).
+``check(entry)`` builds the tower, applies ``fxpass.apply(..., load_weights=True)`` with no
+example inputs (the graphs come from the first call, as inside vLLM; ``first_call=False``:
+the keyword call at size 0, batch 1 as the example instead), then makes every call form
+(positional, keyword, omitted and explicit defaults, branches the first call did not take,
+submodules called directly) at every size, batch 1 and 2, on both, and compares: the same
+answer within the unquantized budget, or the same exception. ``check_nf4(entry)`` applies
+with bitsandbytes nf4 (no inputs either) and compares the output's SQNR against the original
+with that of a fake-quantized copy of the original (the same weights quantized and
+dequantized, run by HF's own code). Used by ``tests/rewrite/test_tower_call_forms.py`` and by
+``tools/call_forms_table.py`` (the README's table).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -32,6 +37,7 @@ class Result:
     linears: int = 0
     specialisations: int = 0
     python_calls: int = 0
+    first_call_ms: float = 0.0  # trace + rewrite + the first call through the graphs
     untraced: dict[str, str] = dataclasses.field(default_factory=dict)
     python_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
     site_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -45,17 +51,17 @@ def _outcome(call: cat.Call, module: torch.nn.Module) -> Any:
         return e
 
 
-def check(entry: cat.Tower) -> Result:
+def check(entry: cat.Tower, *, first_call: bool = True) -> Result:
     import fxpass
 
     res = Result(entry.name)
     ref = entry.build(0)
     model = copy.deepcopy(ref)
-    report = fxpass.apply(model, None, load_weights=True, example_inputs=entry.inputs(ref, 0, 1))
-    res.linears = len(report.replaced) + len(report.skipped)
-    res.graph_sites = len(report.graph_rewrites)
-    res.site_reasons = {**report.plain_swaps, **report.skipped}
-    res.untraced = dict(report.untraced)
+    if first_call:
+        report = fxpass.apply(model, None, load_weights=True, first_call=True)
+    else:
+        report = fxpass.apply(model, None, load_weights=True,
+                              example_inputs=entry.inputs(ref, 0, 1))
     for size in range(entry.sizes):
         for batch in (1, 2):
             for call in entry.calls(ref, size, batch):
@@ -75,8 +81,60 @@ def check(entry: cat.Tower) -> Result:
                 res.worst = max(res.worst, diff)
                 if diff > ATOL:
                     res.wrong.append(f"{where}: max abs diff {diff:.2e}")
+    if first_call and report.first_call.get("state") != "traced":
+        res.wrong.append(f"the first call did not trace the tower: {report.first_call}")
+    res.first_call_ms = report.first_call.get("elapsed_s", 0.0) * 1000
+    res.linears = len(report.replaced) + len(report.skipped)
+    res.graph_sites = len(report.graph_rewrites)
+    res.site_reasons = {**report.plain_swaps, **report.skipped}
+    res.untraced = dict(report.untraced)
     rt = report.runtime
     res.specialisations = sum(rt.specialisations.values())
     res.python_calls = sum(rt.fallbacks.values())
     res.python_reasons = {m: r["fallback"] for m, r in rt.reasons.items() if "fallback" in r}
     return res
+
+
+@dataclasses.dataclass
+class Nf4Result:
+    tower: str
+    sqnr_db: float  # the nf4 tower's output against the original's
+    fake_quant_db: float  # the fake-quantized original's output against the original's
+    methods: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def gap_db(self) -> float:
+        if math.isinf(self.sqnr_db) and math.isinf(self.fake_quant_db):
+            return 0.0
+        return abs(self.sqnr_db - self.fake_quant_db)
+
+
+def _float_leaves(out: Any) -> torch.Tensor:
+    leaves = [v.double().flatten() for _, v in cat._leaves(out)
+              if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()]
+    return torch.cat(leaves)
+
+
+def sqnr_db(ref: Any, got: Any) -> float:
+    r, g = _float_leaves(ref), _float_leaves(got)
+    err = float(((r - g) ** 2).sum())
+    return math.inf if err == 0 else 10 * math.log10(float((r ** 2).sum()) / err)
+
+
+def check_nf4(entry: cat.Tower) -> Nf4Result:
+    """nf4 through fxpass (no example inputs) against HF's code on fake-quantized weights."""
+    import fxpass
+    from fxpass.verify import fake_quant_reference
+    from fxpass.weights import bnb_config
+
+    ref = entry.build(0)
+    model = copy.deepcopy(ref)
+    report = fxpass.apply(model, bnb_config("nf4"), load_weights=True, first_call=True)
+    prefix = report.prefix
+    methods = {n.removeprefix(f"{prefix}.") if prefix else n: m
+               for n, m in report.quant_methods.items()}
+    fake = fake_quant_reference(ref, methods)
+    call = entry.calls(ref, 0, 2)[0]  # the keyword call, batch 2
+    with torch.no_grad():
+        want, got, fq = call(ref), call(model), call(fake)
+    return Nf4Result(entry.name, sqnr_db(want, got), sqnr_db(want, fq), methods)
