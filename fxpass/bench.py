@@ -11,7 +11,9 @@ reported as ratios (machines are noisy; ratios measured together are what carry 
 * weight bytes of each variant and the peak memory a forward allocates;
 * ``fxpass.verify`` cost relative to one forward of the original (when verify is available);
 * the per-call overhead of an installed graph forward that hits its guards, against the
-  module's own forward, for a layer-shaped call (tensor, ``(cos, sin)`` tuple, defaults).
+  module's own forward, for a layer-shaped call (tensor, ``(cos, sin)`` tuple, defaults);
+* the first call's extra time after ``apply`` without example inputs (it traces and rewrites
+  the tower) against a warm forward, on default-size Gemma4 vision and audio towers.
 
 ``--quick`` shrinks every size so the suite can prove the benchmark runs (no figures from it).
 Run: ``.venv/bin/python tools/bench.py [--quick] [--json out.json]``.
@@ -259,6 +261,54 @@ def verify_cost(quick: bool, repeats: int) -> dict[str, Any]:
             "passed": bool(report.passed)}
 
 
+def first_call_overhead(quick: bool, repeats: int) -> dict[str, Any]:
+    """What tracing at the first call costs (apply without example inputs, as in vLLM): the
+    first forward against a warm one of the same tower, on the default-size Gemma4 vision
+    and audio towers (fp32, random weights), each repeat on a fresh copy."""
+    import fxpass
+    from fxpass import zoo
+    from fxpass.trace import DEFAULT_CACHE
+
+    size = "tiny" if quick else "default"
+    out: dict[str, Any] = {}
+    for name in ("gemma4_vision", "gemma4_audio"):
+        torch.manual_seed(0)
+        base = zoo.build_tower(name, size=size).eval()
+        x = (_vision_inputs(base, 36 if quick else 256) if name == "gemma4_vision"
+             else zoo.example_inputs(base, size_index=2))
+        firsts, warms, traces, cold = [], [], [], None
+        for i in range(max(1, repeats // 2)):
+            model = copy.deepcopy(base)
+            if i == 0:
+                DEFAULT_CACHE.clear()  # the first repeat: a process's first tower (cold)
+            report = fxpass.apply(model, None, load_weights=True, first_call=True)
+            gc.collect()
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                model(**x)
+                first = time.perf_counter() - t0
+                warm = _median_time(lambda: model(**x), 3, warmup=0)
+            if i == 0:
+                cold = first
+            else:
+                firsts.append(first)
+            warms.append(warm)
+            traces.append(report.first_call.get("trace_and_rewrite_s", 0.0))
+            del model
+        warm_s = statistics.median(warms)
+        first_s = statistics.median(firsts) if firsts else cold
+        out[name] = {
+            "layers": base.config.num_hidden_layers, "hidden": base.config.hidden_size,
+            "warm_s": warm_s, "first_s": first_s, "first_cold_s": cold,
+            "extra_s": first_s - warm_s, "extra_cold_s": cold - warm_s,
+            "first_over_warm": first_s / warm_s,
+            "trace_and_rewrite_s": statistics.median(traces),
+        }
+        del base
+        gc.collect()
+    return out
+
+
 class _LayerCall(nn.Module):
     """A call shaped as HF encoder layers are called; its body is one op, so the time
     around it is what a graph forward adds."""
@@ -305,6 +355,7 @@ def run(quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
             "forward": forward_latency(quick, repeats),
             "verify": verify_cost(quick, repeats),
             "graph_call": graph_call_overhead(quick, repeats),
+            "first_call": first_call_overhead(quick, repeats),
         }
     return result
 
@@ -340,6 +391,17 @@ def table(result: dict[str, Any]) -> str:
     for form, r in result.get("graph_call", {}).items():
         lines.append(f"graph forward call ({form}): {r['graph_us']:.1f} us vs the module's own "
                      f"forward {r['module_us']:.1f} us: {r['overhead_us']:+.1f} us per call")
+    fc = result.get("first_call") or {}
+    if fc:
+        lines += ["", "first call after apply without example inputs (trace + rewrite + the "
+                      "call through the graphs) vs a warm forward, fp32"]
+    for name, r in fc.items():
+        lines.append(
+            f"  {name:<14} {r['layers']} layers, hidden {r['hidden']}: warm "
+            f"{r['warm_s'] * 1e3:.1f} ms, first {r['first_s'] * 1e3:.1f} ms "
+            f"(+{r['extra_s'] * 1e3:.1f} ms, {r['first_over_warm']:.1f}x; trace + rewrite "
+            f"{r['trace_and_rewrite_s'] * 1e3:.1f} ms), first in a fresh trace cache "
+            f"{r['first_cold_s'] * 1e3:.1f} ms (+{r['extra_cold_s'] * 1e3:.1f} ms)")
     v = result.get("verify")
     if v:
         lines += ["", f"verify: {v['verify_s'] * 1e3:.1f} ms = {v['verify_over_forward']:.2f}x one "

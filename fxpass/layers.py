@@ -17,12 +17,27 @@ def is_vllm_linear(module: nn.Module) -> bool:
     return _is_vllm_linear_type(type(module))
 
 
+def is_vllm_gemm(module: nn.Module) -> bool:
+    """A vLLM linear layer, or vLLM's LoRA wrapper around one (``...LinearWithLoRA``, put in
+    place by vLLM's LoRA manager after model init): what runs vLLM's GEMM on its input."""
+    cls = type(module)
+    return _is_vllm_linear_type(cls) or _is_vllm_lora_linear_type(cls)
+
+
 def is_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` or a vLLM linear layer: a call site, never a module to trace into."""
-    return isinstance(module, nn.Linear) or _is_vllm_linear_type(type(module))
+    """An ``nn.Linear``, a vLLM linear layer or vLLM's LoRA wrapper around one: a call site,
+    never a module to trace into (tracing into a LoRA wrapper would bake in the adapters
+    active while tracing)."""
+    return isinstance(module, nn.Linear) or is_vllm_gemm(module)
 
 
 @functools.lru_cache(maxsize=None)
 def _is_vllm_linear_type(cls: type) -> bool:
     return any(c.__name__ == "LinearBase" and c.__module__.startswith("vllm.")
+               for c in cls.__mro__)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_vllm_lora_linear_type(cls: type) -> bool:
+    return any(c.__name__ == "BaseLinearLayerWithLoRA" and c.__module__.startswith("vllm.")
                for c in cls.__mro__)

@@ -21,5 +21,8 @@ def test_quick_benchmark_runs_and_reports_ratios():
         assert set(cell["speedup_vs_hf"]) == {"hf", "walk", "fxpass", "fxpass_fused"}
         assert all(v > 0 for v in cell["peak_forward_bytes"].values())
     assert result["verify"]["passed"] is True
+    for name in ("gemma4_vision", "gemma4_audio"):
+        r = result["first_call"][name]
+        assert r["first_s"] > 0 and r["warm_s"] > 0 and r["trace_and_rewrite_s"] > 0
     text = bench.table(result)
-    assert "pass time" in text and "verify:" in text
+    assert "pass time" in text and "verify:" in text and "first call after apply" in text

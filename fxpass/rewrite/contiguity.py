@@ -18,7 +18,8 @@ import dataclasses
 import torch.fx as fx
 
 from fxpass import meta
-from fxpass.rewrite.base import RewriteContext, Site, is_vllm_linear
+from fxpass.layers import is_vllm_gemm
+from fxpass.rewrite.base import RewriteContext, Site
 
 LAYOUT_METHODS = frozenset({"transpose", "permute", "t", "expand", "narrow", "movedim",
                             "swapaxes", "swapdims", "unfold", "as_strided", "diagonal"})
@@ -47,7 +48,7 @@ def _known_contiguous(ctx: RewriteContext, mg: "object", node: fx.Node) -> bool:
         return True
     if node.op == "call_module":
         q = f"{mg.qualname}.{node.target}" if mg.qualname else str(node.target)
-        return is_vllm_linear(ctx.layer_after(q))
+        return is_vllm_gemm(ctx.layer_after(q))
     return False
 
 
@@ -72,7 +73,7 @@ class Contiguity:
                 if not node.args:
                     continue
                 site = Site(mg, node)
-                if not is_vllm_linear(ctx.layer_after(site.full_target())):
+                if not is_vllm_gemm(ctx.layer_after(site.full_target())):
                     continue
                 inp = node.args[0]
                 if isinstance(inp, fx.Node):

@@ -34,7 +34,7 @@ from typing import Any, Callable
 from torch import nn
 
 from fxpass.errors import FxpassError, RewriteError
-from fxpass.layers import is_linear
+from fxpass.layers import is_linear, is_vllm_gemm
 from fxpass.report import Fix, Report
 from fxpass.rewrite.base import RewriteContext, is_vllm_linear
 from fxpass.trace import GraphForward, TreeIndex, install, trace
@@ -129,7 +129,7 @@ class FirstCall:
         index = TreeIndex.of(module)
         # Python parts of the tower (modules that do not trace) call the vLLM layers directly
         hooks = [sub.register_forward_pre_hook(_gemm_input, with_kwargs=True)
-                 for sub in index.paths.values() if is_vllm_linear(sub)]
+                 for sub in index.paths.values() if is_vllm_gemm(sub)]
         try:
             tr = trace(module, (args, kwargs), index=index, policy=self.runtime)
         finally:

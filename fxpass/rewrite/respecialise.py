@@ -26,6 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxpass.errors import FallbackError, TraceError
+from fxpass.layers import is_vllm_gemm
 from fxpass.report import Report
 from fxpass.rewrite.base import RewriteContext, is_vllm_linear
 from fxpass.trace import ModuleGraph, Respecialiser, RuntimeStats, Trace
@@ -85,7 +86,7 @@ class RuleRespecialiser(Respecialiser):
 
     def leaf_inputs(self, module: nn.Module, args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        if is_vllm_linear(module):
+        if is_vllm_gemm(module):
             return _gemm_input(module, args, kwargs)
         return args, kwargs
 
@@ -142,7 +143,7 @@ class RuleRespecialiser(Respecialiser):
         # what the graphs did for vLLM's GEMMs (a positional, contiguous input), for every
         # vLLM layer Python may call here
         hooks = [sub.register_forward_pre_hook(_gemm_input, with_kwargs=True)
-                 for sub in module.modules() if is_vllm_linear(sub)]
+                 for sub in module.modules() if is_vllm_gemm(sub)]
         try:
             yield
         finally:
@@ -158,7 +159,7 @@ def _positional_gemm_inputs(ctx: RewriteContext) -> None:
     for mg in ctx.graphs():
         for node in mg.nodes_of("call_module"):
             if (not node.args and set(node.kwargs) == {"input"}
-                    and is_vllm_linear(ctx.module(str(node.target)))):
+                    and is_vllm_gemm(ctx.module(str(node.target)))):
                 name = node.name
                 mg.edit(("linear", "positional input", name),
                         lambda graph, name=name: _positional_input(name, graph))

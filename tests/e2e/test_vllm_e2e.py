@@ -195,7 +195,8 @@ def test_report_in_vllm_log(engine_cases):
         assert "graphs traced at the first call" in info[1], info
         # the table at DEBUG: one row per replaced layer, with how and the quant type
         assert any(" DEBUG " in ln and f"fxpass[{tower}] report:" in ln for ln in lines)
-    rows = [ln for ln in lines if " DEBUG " in ln and "mlp.down_proj.linear" in ln]
+    rows = [ln for ln in lines if " DEBUG " in ln and "mlp.down_proj.linear" in ln
+            and "vllm_plugin.py" in ln]
     assert rows and "graph" in rows[0], rows
     off = _case(engine_cases, "bnb_off")
     assert "linears -> vLLM" not in off.log

@@ -1,7 +1,9 @@
 """Never worse than the walk, on HF towers nobody tuned for: every catalogue tower
 (tests/towers/catalogue.py: the four named ones and 60+ others built from shrunk default
-configs), rewritten by fxpass.apply and called as HF users call it, gives the original's
-answer within the unquantized budget, or the original's exception."""
+configs), rewritten by fxpass.apply with no example inputs (the graphs come from its first
+call, as inside vLLM) and called as HF users call it, gives the original's answer within the
+unquantized budget, or the original's exception; under bnb nf4 its output is as close to the
+original as HF's own code on the same fake-quantized weights."""
 
 from __future__ import annotations
 
@@ -15,6 +17,12 @@ import catalogue as cat
 
 pytestmark = pytest.mark.usefixtures("vllm_rt")
 
+NF4_GAP_DB = 0.5  # nf4 through fxpass vs the fake-quant reference, output SQNR
+MIN_TOWERS = 24
+MIN_GRAPH_SITES = 0.95
+
+_results: dict[str, call_forms.Result] = {}
+
 
 @pytest.fixture(autouse=True)
 def quiet_and_one_thread(caplog):
@@ -25,12 +33,59 @@ def quiet_and_one_thread(caplog):
     torch.set_num_threads(before)
 
 
+def _result(name: str) -> call_forms.Result:
+    if name not in _results:
+        _results[name] = call_forms.check(cat.by_name(name))
+    return _results[name]
+
+
 @pytest.mark.parametrize("name", [t.name for t in cat.TOWERS])
 def test_rewritten_tower_answers_every_call_form_as_the_original(name):
-    res = call_forms.check(cat.by_name(name))
+    res = _result(name)
     assert res.wrong == [], "\n".join(res.wrong)
     assert {"keyword", "positional", "omitted_defaults", "explicit_defaults",
             "submodule"} <= res.forms
+    assert res.first_call_ms > 0  # the graphs came from the first call
     # every linear site sits in a graph, or has a reason a person can read
     assert res.graph_sites == res.linears or all(
         len(why) > 20 for why in res.site_reasons.values()), res.site_reasons
+
+
+@pytest.mark.parametrize("name", cat.NAMED)
+def test_named_towers_traced_on_example_inputs_too(name):
+    """apply with example inputs (traced at once) answers the same call forms."""
+    res = call_forms.check(cat.by_name(name), first_call=False)
+    assert res.wrong == [], "\n".join(res.wrong)
+    assert res.graph_sites == res.linears or all(
+        len(why) > 20 for why in res.site_reasons.values()), res.site_reasons
+
+
+# Towers whose Python code (a module that does not trace) reads a linear's weight dtype or
+# values: with no example inputs the linear is swapped at init, before any graph shows the
+# read, so under nf4 that code reads vLLM's packed uint8 weight and raises exactly as after
+# vLLM's walk (never worse). apply with example inputs keeps such a linear nn.Linear.
+NF4_AS_THE_WALK = {
+    "Siglip2VisionModel": "embeddings (data-dependent resize) reads patch_embedding.weight.dtype",
+    "WavLMModel": "attention passes q/k/v weights to F.multi_head_attention_forward",
+}
+
+
+@pytest.mark.parametrize("name", [t.name for t in cat.TOWERS])
+def test_nf4_tower_matches_the_fake_quant_reference(name):
+    res = call_forms.check_nf4(cat.by_name(name))
+    assert "nf4" in res.methods.values(), res.methods
+    if name in NF4_AS_THE_WALK:
+        assert res.as_the_walk, (res.error, res.walk_error)
+        return
+    assert res.error is None, res.error
+    assert res.gap_db <= NF4_GAP_DB, (res.sqnr_db, res.fake_quant_db)
+
+
+def test_sweep_covers_enough_towers_and_sites():
+    """The acceptance bar of the sweep: >= 24 tower classes, >= 95% of linear sites inside
+    graphs across them."""
+    results = [_result(t.name) for t in cat.TOWERS]
+    assert len(results) >= MIN_TOWERS
+    sites = sum(r.graph_sites for r in results)
+    linears = sum(r.linears for r in results)
+    assert sites >= MIN_GRAPH_SITES * linears, (sites, linears)

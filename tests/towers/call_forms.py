@@ -101,12 +101,20 @@ class Nf4Result:
     sqnr_db: float  # the nf4 tower's output against the original's
     fake_quant_db: float  # the fake-quantized original's output against the original's
     methods: dict[str, str] = dataclasses.field(default_factory=dict)
+    # when the nf4 tower raised: its error, and what vLLM's walk + the same weights raised
+    error: str | None = None
+    walk_error: str | None = None
 
     @property
     def gap_db(self) -> float:
         if math.isinf(self.sqnr_db) and math.isinf(self.fake_quant_db):
             return 0.0
         return abs(self.sqnr_db - self.fake_quant_db)
+
+    @property
+    def as_the_walk(self) -> bool:
+        """It raised, and vLLM's walk raises the same on the same call (never worse)."""
+        return self.error is not None and self.error == self.walk_error
 
 
 def _float_leaves(out: Any) -> torch.Tensor:
@@ -136,5 +144,31 @@ def check_nf4(entry: cat.Tower) -> Nf4Result:
     fake = fake_quant_reference(ref, methods)
     call = entry.calls(ref, 0, 2)[0]  # the keyword call, batch 2
     with torch.no_grad():
-        want, got, fq = call(ref), call(model), call(fake)
-    return Nf4Result(entry.name, sqnr_db(want, got), sqnr_db(want, fq), methods)
+        want, fq = call(ref), call(fake)
+        got = _outcome(call, model)
+    if not isinstance(got, Exception):
+        return Nf4Result(entry.name, sqnr_db(want, got), sqnr_db(want, fq), methods)
+    walked = _walk(ref, bnb_config("nf4"))
+    walk = _outcome(call, walked)
+    return Nf4Result(entry.name, math.nan, sqnr_db(want, fq), methods, error=_text(got),
+                     walk_error=_text(walk) if isinstance(walk, Exception) else None)
+
+
+def _text(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:300]
+
+
+def _walk(ref: torch.nn.Module, quant_config: Any) -> torch.nn.Module:
+    """What vLLM's module walk does to a copy of ``ref``: every nn.Linear becomes a
+    ReplicatedLinear with the quant config (built and loaded with fxpass's layer builder and
+    loader, which give the layer vLLM's loader would fill)."""
+    from fxpass.weights import build_vllm_linear, load_linear_weights
+
+    model = copy.deepcopy(ref)
+    for name, lin in [(n, m) for n, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear)]:
+        layer = build_vllm_linear(lin, quant_config, name)
+        load_linear_weights(layer, lin.weight, lin.bias, quant_config)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    return model

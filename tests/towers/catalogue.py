@@ -222,6 +222,10 @@ def _gemma4_clip_bounds(tower: nn.Module) -> None:
 
 
 HINTS: dict[str, Hint] = {
+    "ConvNextModel": Hint(
+        why="the default layer scale (1e-6) scales each block's MLP output to ~1e-6 of the "
+            "residual: its linears would not show in the output (nf4 or not); 1.0 here",
+        config={"layer_scale_init_value": 1.0}),
     "Gemma4VisionModel": Hint(
         why="inputs are pre-patchified (pixel_values (B, N, 3*p*p) + pixel_position_ids, "
             "padding at -1); clipped linears turned on (default off) so their clamps are "
