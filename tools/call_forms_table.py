@@ -1,12 +1,14 @@
 """Print the README's table: every catalogue tower rewritten by fxpass and called every way.
 
-For each tower of tests/towers/catalogue.py: apply (load_weights, fp32, the keyword call at
-size 0 batch 1 as the example), then every call form at every size, batch 1 and 2, compared
-with the original (tests/towers/call_forms.py). Columns: calls made, worst max abs diff,
-wrong answers / errors the original does not raise (must be 0), linear sites inside graphs,
-graphs traced after apply, calls Python served, and why Python served them.
+For each tower of tests/towers/catalogue.py: apply with no example inputs (load_weights,
+fp32: the graphs come from the first call, as inside vLLM), then every call form at every
+size, batch 1 and 2, compared with the original (tests/towers/call_forms.py); then once
+with bnb nf4 against HF's code on fake-quantized weights. Columns: calls made, worst max abs
+diff, wrong answers / errors the original does not raise (must be 0), linear sites inside
+graphs, the first call's time (trace + rewrite + the call), graphs traced after the first,
+calls Python served and why, and the nf4 output SQNR vs the fake-quant reference's.
 
-  .venv/bin/python tools/call_forms_table.py            # ~1-2 min on 2 cores
+  .venv/bin/python tools/call_forms_table.py            # ~3-4 min on 2 cores
 """
 
 from __future__ import annotations
@@ -43,20 +45,37 @@ def main() -> int:
     import fxpass
 
     rows = []
+    totals = {"calls": 0, "wrong": 0, "sites": 0, "linears": 0, "nf4_ok": 0, "nf4_walk": 0}
+    reasons: dict[str, str] = {}
     with fxpass.vllm_runtime():
         for entry in cat.TOWERS:
             r = call_forms.check(entry)
+            q = call_forms.check_nf4(entry)
             why = sorted({_why(t) for t in r.python_reasons.values()})
+            nf4 = (f"{q.sqnr_db:.1f} / {q.fake_quant_db:.1f}" if q.error is None else
+                   "walk's error" if q.as_the_walk else f"ERROR {q.error[:60]}")
+            totals["calls"] += r.calls
+            totals["wrong"] += len(r.wrong)
+            totals["sites"] += r.graph_sites
+            totals["linears"] += r.linears
+            totals["nf4_ok"] += q.error is None and q.gap_db <= 0.5
+            totals["nf4_walk"] += q.as_the_walk
+            reasons.update({f"{r.tower}: {k}": v for k, v in r.site_reasons.items()})
             rows.append(f"| {r.tower} | {r.calls} | {r.worst:.1e} | {len(r.wrong)} | "
-                        f"{r.graph_sites}/{r.linears} | {r.specialisations} | {r.python_calls} | "
-                        f"{', '.join(why)} |")
+                        f"{r.graph_sites}/{r.linears} | {r.first_call_ms:.0f} ms | "
+                        f"{r.specialisations} | {r.python_calls} | {', '.join(why)} | {nf4} |")
             print(rows[-1], file=sys.stderr, flush=True)
-    total = [len(rows)]
-    print("| tower | calls | worst abs diff | wrong | linear sites in graphs | new graphs | "
-          "Python calls | why Python |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| tower | calls | worst abs diff | wrong | linear sites in graphs | first call | "
+          "new graphs | Python calls | why Python | nf4 SQNR dB / fake-quant |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"\n{total[0]} towers")
+    print(f"\n{len(rows)} towers, {totals['calls']} calls, {totals['wrong']} wrong; linear "
+          f"sites in graphs {totals['sites']}/{totals['linears']} "
+          f"({totals['sites'] / totals['linears']:.1%}); nf4 within 0.5 dB of fake-quant: "
+          f"{totals['nf4_ok']}, the walk's own error: {totals['nf4_walk']}")
+    print("\nLinear sites outside graphs:")
+    for k, v in reasons.items():
+        print(f"- {k}: {v}")
     return 0
 
 
