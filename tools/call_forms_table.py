@@ -45,7 +45,8 @@ def main() -> int:
     import fxpass
 
     rows = []
-    totals = {"calls": 0, "wrong": 0, "sites": 0, "linears": 0, "nf4_ok": 0, "nf4_walk": 0}
+    totals = {"calls": 0, "wrong": 0, "walk": 0, "sites": 0, "linears": 0, "nf4_ok": 0,
+              "nf4_walk": 0}
     reasons: dict[str, str] = {}
     with fxpass.vllm_runtime():
         for entry in cat.TOWERS:
@@ -56,12 +57,15 @@ def main() -> int:
                    "walk's error" if q.as_the_walk else f"ERROR {q.error[:60]}")
             totals["calls"] += r.calls
             totals["wrong"] += len(r.wrong)
+            totals["walk"] += len(r.as_the_walk)
             totals["sites"] += r.graph_sites
             totals["linears"] += r.linears
             totals["nf4_ok"] += q.error is None and q.gap_db <= 0.5
             totals["nf4_walk"] += q.as_the_walk
             reasons.update({f"{r.tower}: {k}": v for k, v in r.site_reasons.items()})
-            rows.append(f"| {r.tower} | {r.calls} | {r.worst:.1e} | {len(r.wrong)} | "
+            wrong = f"{len(r.wrong)}" + (f" ({len(r.as_the_walk)} the walk's error)"
+                                         if r.as_the_walk else "")
+            rows.append(f"| {r.tower} | {r.calls} | {r.worst:.1e} | {wrong} | "
                         f"{r.graph_sites}/{r.linears} | {r.first_call_ms:.0f} ms | "
                         f"{r.specialisations} | {r.python_calls} | {', '.join(why)} | {nf4} |")
             print(rows[-1], file=sys.stderr, flush=True)
@@ -69,7 +73,8 @@ def main() -> int:
           "new graphs | Python calls | why Python | nf4 SQNR dB / fake-quant |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"\n{len(rows)} towers, {totals['calls']} calls, {totals['wrong']} wrong; linear "
+    print(f"\n{len(rows)} towers, {totals['calls']} calls, {totals['wrong']} wrong, "
+          f"{totals['walk']} raising what vLLM's walk raises; linear "
           f"sites in graphs {totals['sites']}/{totals['linears']} "
           f"({totals['sites'] / totals['linears']:.1%}); nf4 within 0.5 dB of fake-quant: "
           f"{totals['nf4_ok']}, the walk's own error: {totals['nf4_walk']}")
