@@ -521,6 +521,53 @@ def logical_weight_info(layer: nn.Module) -> tuple[torch.dtype, torch.Size, torc
     return dtype, shape, layer.weight.device
 
 
+def dense_linear(layer: nn.Module) -> tuple[nn.Linear | None, str]:
+    """An ``nn.Linear`` computing with what a loaded replicated vLLM layer holds, or (None,
+    why not).
+
+    For HF code that reads a linear's weight itself (``weight.dtype``, the values handed to
+    ``F.multi_head_attention_forward``), which a vLLM layer's storage does not serve.
+    bitsandbytes: the weight dequantized from its packed storage (the fake-quant numerics,
+    in the params dtype); unquantized: the weight as stored, when vLLM kept it (vLLM-CPU
+    empties it after loading: None then, as nothing can give it back).
+    """
+    from fxpass.layers import is_vllm_linear
+
+    if not is_vllm_linear(layer) or tp_style(layer) is not None:
+        return None, "not a replicated vLLM linear layer"
+    dtype, shape, device = logical_weight_info(layer)
+    weight = layer.weight
+    with torch.no_grad():
+        bnb = _bnb_linear_method(layer)
+        states = getattr(weight, "bnb_quant_state", None)
+        if bnb is not None:
+            if not states or len(states) != 1:
+                return None, "its bitsandbytes weight has no single quant state to dequantize"
+            if bnb.quant_config.load_in_8bit:
+                from bitsandbytes.functional import int8_vectorwise_dequant
+
+                dense = int8_vectorwise_dequant(weight.data.view(torch.int8), states[0])
+            else:
+                from bitsandbytes.functional import dequantize_4bit
+
+                dense = dequantize_4bit(weight.data, states[0])
+        elif getattr(layer, "quant_method", None) is not None and type(
+                layer.quant_method).__name__ != "UnquantizedLinearMethod":
+            return None, f"no way back from {type(layer.quant_method).__name__}'s storage"
+        elif weight.numel() == shape.numel():
+            dense = weight.data
+        else:
+            return None, ("vLLM-CPU emptied its weight after loading (it lives in a oneDNN "
+                          "handle), so it cannot be read back")
+        linear = nn.Linear(shape[1], shape[0], bias=getattr(layer, "bias", None) is not None,
+                           device="meta")
+        linear.weight = nn.Parameter(dense.reshape(shape).to(device=device, dtype=dtype),
+                                     requires_grad=False)
+        if linear.bias is not None:
+            linear.bias = nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
+    return linear, ""
+
+
 # --------------------------------------------------------------------------- fused layers
 
 

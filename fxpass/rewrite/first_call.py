@@ -126,23 +126,31 @@ class FirstCall:
         from fxpass.rewrite.respecialise import _gemm_input, _positional_gemm_inputs
 
         t0 = time.perf_counter()
-        index = TreeIndex.of(module)
-        # Python parts of the tower (modules that do not trace) call the vLLM layers directly
-        hooks = [sub.register_forward_pre_hook(_gemm_input, with_kwargs=True)
-                 for sub in index.paths.values() if is_vllm_gemm(sub)]
-        try:
-            tr = trace(module, (args, kwargs), index=index, policy=self.runtime)
-        finally:
-            for h in hooks:
-                h.remove()
+        tr, index = self._trace(module, args, kwargs)
+        # HF code that reads a swapped layer's weight itself (Python a graph does not cover,
+        # or a graph reading its values) would read vLLM's storage: such a layer goes back to
+        # nn.Linear holding the weight it computes with (dequantized under bitsandbytes),
+        # then the subtree is traced again with it.
+        back = self._weight_readers(module, tr, index)
+        if back:
+            self._unswap(path, module, back)
+            tr, index = self._trace(module, args, kwargs)
         if "" in tr.eager_errors and "" in tr.untraced:
             return False
         t1 = time.perf_counter()
         scratch = Report(prefix=_join(self.prefix, path))
         ctx = RewriteContext(module, tr, self.quant_config, _join(self.prefix, path), scratch,
                              modules=index.paths, respecialising=True)
-        # A graph reading a vLLM layer's weight values would read vLLM's storage (packed,
-        # emptied after loading): that module runs as Python, as the walk leaves it.
+        # Python code calling a vLLM layer with a keyword or a non-contiguous input (vLLM's
+        # GEMM takes neither): the layer keeps the graphs' positional, contiguous input
+        for linear, why in tr.python_linear_uses.items():
+            layer = index.paths.get(linear)
+            if layer is not None and is_vllm_gemm(layer) and "calls it" in why and not getattr(
+                    layer, "_fxpass_gemm_input", False):
+                layer.register_forward_pre_hook(_gemm_input, with_kwargs=True)
+                layer._fxpass_gemm_input = True
+        # A graph still reading a vLLM layer's weight values (no way back to nn.Linear) would
+        # read vLLM's storage: that module runs as Python, as the walk leaves it.
         for use in weight_uses(ctx):
             q = use.site.graph.qualname
             if use.value_users and q in tr.graphs and is_vllm_linear(ctx.module(use.linear)):
@@ -175,6 +183,71 @@ class FirstCall:
             raise
         self._record(path, ctx, tr, scratch, t1 - t0, time.perf_counter() - t1)
         return True
+
+    def _trace(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+               ) -> tuple[Any, TreeIndex]:
+        from fxpass.rewrite.respecialise import _gemm_input
+
+        index = TreeIndex.of(module)
+        # Python parts of the tower (modules that do not trace) call the vLLM layers directly
+        hooks = [sub.register_forward_pre_hook(_gemm_input, with_kwargs=True)
+                 for sub in index.paths.values() if is_vllm_gemm(sub)]
+        try:
+            return trace(module, (args, kwargs), index=index, policy=self.runtime), index
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _weight_readers(self, module: nn.Module, tr: Any, index: TreeIndex
+                        ) -> dict[str, tuple[nn.Linear, str]]:
+        """Swapped layers whose weight HF code reads itself, each with a dense nn.Linear
+        that serves the read and why (only those that can go back)."""
+        from fxpass.rewrite.analysis import weight_uses
+        from fxpass.weights import dense_linear
+
+        why: dict[str, str] = {}
+        for linear, use in tr.python_linear_uses.items():
+            if ".weight" in use:
+                why[linear] = use
+        ctx = RewriteContext(module, tr, self.quant_config, self.prefix, Report(),
+                             modules=index.paths, respecialising=True)
+        for use in weight_uses(ctx):
+            if use.value_users and use.attr == "weight":
+                users = ", ".join(u.format_node() for u in use.value_users[:2])
+                why.setdefault(use.linear, f"graph {use.site.graph.qualname or '<root>'} reads "
+                                           f"its weight values ({users})")
+        out = {}
+        for linear, reason in why.items():
+            layer = index.paths.get(linear)
+            if layer is None or not is_vllm_linear(layer):
+                continue
+            dense, no = dense_linear(layer)
+            if dense is not None:
+                out[linear] = (dense, reason)
+            else:
+                self.report.first_call.setdefault("kept", {})[
+                    _join(self.prefix, linear)] = f"{reason}; it cannot go back: {no}"
+        return out
+
+    def _unswap(self, path: str, module: nn.Module,
+                back: dict[str, tuple[nn.Linear, str]]) -> None:
+        report = self.report
+        for linear, (dense, why) in back.items():
+            parent, _, child = linear.rpartition(".")
+            setattr(module.get_submodule(parent), child, dense)
+            q = _join(path, linear)
+            full = self.swapped.pop(q, _join(self.prefix, q))
+            self.plain.pop(q, None)
+            self.sites.pop(q, None)
+            if full in report.graph_rewrites:
+                report.graph_rewrites.remove(full)
+            report.plain_swaps.pop(full, None)
+            if full in report.replaced:
+                report.replaced.remove(full)
+            report.quant_methods.pop(full, None)
+            report.skipped[full] = (
+                f"{why}; back to nn.Linear at the first call, holding the weight its vLLM "
+                "layer computed with (bitsandbytes: dequantized)")
 
     def _record(self, path: str, ctx: RewriteContext, tr: Any, scratch: Report,
                 trace_s: float, rewrite_s: float) -> None:

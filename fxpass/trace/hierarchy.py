@@ -140,13 +140,15 @@ def _eager_captures(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     """
     captures: dict[str, Capture] = {}
     paths = {m: n for n, m in module.named_modules() if n}
-    linears = {m: n for m, n in paths.items() if isinstance(m, nn.Linear)}
+    # nn.Linear, and vLLM layers already swapped in (a tower traced at its first call)
+    linears = {m: n for m, n in paths.items() if is_linear(m)}
     reads: dict[str, set[str]] = {}
     depth = [0]
     quiet = [0]  # >0 while a child is being visited (its own tracing reads don't count)
     raw_keywords: dict[str, tuple[str, ...]] = {}
     orig_call = nn.Module.__call__
-    prev_getattribute = nn.Linear.__dict__.get("__getattribute__")
+    classes = {type(m) for m in linears} | {nn.Linear}
+    prev = {cls: cls.__dict__.get("__getattribute__") for cls in classes}
 
     def call(mod: nn.Module, *a: Any, **kw: Any) -> Any:
         path = paths.get(mod)
@@ -166,19 +168,25 @@ def _eager_captures(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         finally:
             depth[0] -= path is not None
 
-    def linear_getattribute(mod: nn.Module, name: str) -> Any:
-        if name[0] != "_" and depth[0] == 0 and not quiet[0]:
-            path = linears.get(mod)
-            if path is not None:
-                reads.setdefault(path, set()).add(name)
-        if prev_getattribute is not None:
-            return prev_getattribute(mod, name)
-        return super(nn.Linear, mod).__getattribute__(name)
+    def getattribute_for(cls: type) -> Callable[[nn.Module, str], Any]:
+        before = prev[cls]
+
+        def linear_getattribute(mod: nn.Module, name: str) -> Any:
+            if name[0] != "_" and depth[0] == 0 and not quiet[0]:
+                path = linears.get(mod)
+                if path is not None:
+                    reads.setdefault(path, set()).add(name)
+            if before is not None:
+                return before(mod, name)
+            return super(cls, mod).__getattribute__(name)
+
+        return linear_getattribute
 
     error = None
     nn.Module.__call__ = call  # type: ignore[method-assign]
     if linears:
-        nn.Linear.__getattribute__ = linear_getattribute  # type: ignore[method-assign]
+        for cls in classes:
+            cls.__getattribute__ = getattribute_for(cls)  # type: ignore[method-assign]
     try:
         with torch.no_grad():
             module(*clone_values(args), **clone_values(kwargs))
@@ -187,10 +195,11 @@ def _eager_captures(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     finally:
         nn.Module.__call__ = orig_call  # type: ignore[method-assign]
         if linears:
-            if prev_getattribute is None:
-                del nn.Linear.__getattribute__
-            else:
-                nn.Linear.__getattribute__ = prev_getattribute  # type: ignore[method-assign]
+            for cls, before in prev.items():
+                if before is None:
+                    del cls.__getattribute__
+                else:
+                    cls.__getattribute__ = before  # type: ignore[method-assign]
     uses = {path: f"reads {', '.join(f'.{n}' for n in sorted(names))} off it"
             for path, names in reads.items()}
     for path, cap in captures.items():

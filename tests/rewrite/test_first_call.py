@@ -310,3 +310,38 @@ def test_parts_called_directly_are_traced_at_their_own_first_call():
     assert set(report.first_call["entries"]) == {"patch_embedder", "encoder", "<root>"}
     assert [f.detail for f in report.probes] == [
         "patch_embedder.input_proj.weight.dtype -> torch.float32"]
+
+
+class DataDependentEmbed(nn.Module):
+    """Siglip2-style: a module that stays Python (a data-dependent branch) and reads its
+    linear's weight dtype itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: no graph for this module
+            x = x * 1.0
+        return self.out(torch.relu(self.patch(x.to(self.patch.weight.dtype))))
+
+
+def test_a_weight_read_by_python_goes_back_to_nn_linear_under_nf4():
+    """Swapped at init, read by Python code the first call shows: back to nn.Linear holding
+    its dequantized nf4 weight (the fake-quant numerics), not vLLM's packed uint8."""
+    from fxpass.verify import fake_quant_reference
+
+    torch.manual_seed(0)
+    ref = DataDependentEmbed().eval()
+    model = copy.deepcopy(ref)
+    report = fxpass.apply(model, bnb_config("nf4"), prefix="t", load_weights=True)
+    fake = fake_quant_reference(ref, {"patch": "nf4", "out": "nf4"})
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        got = model(x.abs())
+        torch.testing.assert_close(got, fake(x.abs()), atol=2e-2, rtol=0)
+    assert type(model.patch) is nn.Linear and is_vllm_linear(model.out)
+    assert "reads .weight off it" in report.skipped["t.patch"]
+    assert "back to nn.Linear at the first call" in report.skipped["t.patch"]
+    assert report.replaced == ["t.out"]
