@@ -136,6 +136,7 @@ class FirstCall:
             self._unswap(path, module, back)
             tr, index = self._trace(module, args, kwargs)
         if "" in tr.eager_errors and "" in tr.untraced:
+            self._rejected(path, tr.eager_errors[""])
             return False
         t1 = time.perf_counter()
         scratch = Report(prefix=_join(self.prefix, path))
@@ -283,6 +284,18 @@ class FirstCall:
         fc["trace_s"] = fc.get("trace_s", 0.0) + trace_s
         fc["rewrite_s"] = fc.get("rewrite_s", 0.0) + rewrite_s
         fc["graphs"] = fc.get("graphs", 0) + len(tr.graphs)
+
+    def _rejected(self, path: str, error: str) -> None:
+        """The module raised on this call (its own error, or one of vLLM's layers as after
+        the walk): nothing installed, armed again; the report says so."""
+        self.report.first_call.setdefault("rejected", {})[path or "<root>"] = error
+        why = (f"every call of {path or '<root>'} so far raised ({error}); it stays armed "
+               "(its graph comes at its first call that runs)")
+        for q in self.swapped:
+            if _inside(q, path) and q not in self.sites and not any(
+                    _inside(q, p) for p in self.traced):
+                self.plain[q] = why
+        self.report.plain_swaps = {self.swapped[q]: w for q, w in self.plain.items()}
 
     def _failed(self, path: str, module: nn.Module, e: BaseException) -> None:
         reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]

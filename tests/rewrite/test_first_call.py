@@ -151,6 +151,9 @@ def test_a_call_the_model_rejects_raises_its_error_and_stays_armed():
         model(bad)
     assert str(got.value) == str(want.value)
     assert report.first_call["state"] == "armed"
+    assert report.first_call["rejected"]["<root>"].startswith("RuntimeError: ")
+    assert report.plain_swaps and all("so far raised (RuntimeError" in why
+               for why in report.plain_swaps.values())
     with torch.no_grad():
         torch.testing.assert_close(model(X), ref(X), atol=1e-5, rtol=0)
     assert report.first_call["state"] == "traced"
