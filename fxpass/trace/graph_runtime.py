@@ -435,7 +435,27 @@ class GraphForward:
                 if (all(_same(leaves[i], c) for i, c in self.spec.constants.items())
                         and _kinds_match(inputs, self.spec)):
                     return self._run(module, inputs, args, kwargs)
+        if torch.compiler.is_compiling():
+            return self._call_compiling(module, args, kwargs)
         return self._call_slow(module, args, kwargs)
+
+    def _call_compiling(self, module: nn.Module, args: tuple[Any, ...],
+                        kwargs: dict[str, Any]) -> Any:
+        """A call dynamo traces: the primary graph where it serves the call (dynamo compiles
+        it); anything else leaves the compiled region and runs as in eager mode (another
+        graph traced for it once, then reused, or Python). Dynamo tracing the bookkeeping of
+        a miss (variants, the Python fallback's counters and hooks) would break the graph
+        inside it and recompile it per module until its limit."""
+        try:
+            inputs = self.primary.inputs(module, args, kwargs)
+        except TypeError:
+            inputs = "the call does not bind to forward"
+        if not isinstance(inputs, str):
+            try:
+                return self.fn(module, *inputs)
+            except GuardError:
+                pass
+        return _eager_call(self, module, args, kwargs)
 
     def _run(self, module: nn.Module, inputs: list[Any], args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> Any:
@@ -527,6 +547,14 @@ class GraphForward:
         graphs = [self.graph, *(v.graph for v in self.family.variants)]
         with self.runtime.python_forward(module, self.qualname, graphs, why):
             return type(module).forward(module, *args, **kwargs)
+
+
+@torch.compiler.disable
+def _eager_call(gf: GraphForward, module: nn.Module, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> Any:
+    """A call its primary graph does not serve, made from a torch.compile'd caller: run
+    outside dynamo (see ``GraphForward.__call__``)."""
+    return gf._call_slow(module, args, kwargs)
 
 
 class _Leaf:
