@@ -8,6 +8,7 @@ from fxpass.rewrite.contiguity import Contiguity
 from fxpass.rewrite.elementwise import InplaceElementwise
 from fxpass.rewrite.fusion import SiblingFusion
 from fxpass.rewrite.linear import LinearToVllm
+from fxpass.rewrite.norms import RmsNormToVllm
 from fxpass.rewrite.probes import WeightProbes
 from fxpass.rewrite.tensor_parallel import TensorParallel
 
@@ -15,7 +16,8 @@ from fxpass.rewrite.tensor_parallel import TensorParallel
 def rules() -> list[Rule]:
     """Linear swap first (it plans the layers the others look at), then tensor-parallel
     sharding (matches nothing unless the context says tp > 1; it fuses its own column groups),
-    then the opt-in speed rules (they match nothing unless the context says fuse), then the
+    then the opt-in speed rules (they match nothing unless the context says fuse; the norm
+    rule before the in-place one, which reads what they produce), then the
     graph fixes."""
-    return [LinearToVllm(), TensorParallel(), SiblingFusion(), InplaceElementwise(),
-            WeightProbes(), Contiguity(), SdpaFullMask()]
+    return [LinearToVllm(), TensorParallel(), SiblingFusion(), RmsNormToVllm(),
+            InplaceElementwise(), WeightProbes(), Contiguity(), SdpaFullMask()]
