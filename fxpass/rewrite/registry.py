@@ -7,6 +7,7 @@ from fxpass.rewrite.base import Rule
 from fxpass.rewrite.contiguity import Contiguity
 from fxpass.rewrite.elementwise import InplaceElementwise
 from fxpass.rewrite.fusion import SiblingFusion
+from fxpass.rewrite.layout import ContiguousStream
 from fxpass.rewrite.linear import LinearToVllm
 from fxpass.rewrite.norms import RmsNormToVllm
 from fxpass.rewrite.probes import WeightProbes
@@ -17,7 +18,8 @@ def rules() -> list[Rule]:
     """Linear swap first (it plans the layers the others look at), then tensor-parallel
     sharding (matches nothing unless the context says tp > 1; it fuses its own column groups),
     then the opt-in speed rules (they match nothing unless the context says fuse; the norm
-    rule before the in-place one, which reads what they produce), then the
+    and layout rules before the in-place one, which reads what they produce), then the
     graph fixes."""
     return [LinearToVllm(), TensorParallel(), SiblingFusion(), RmsNormToVllm(),
-            InplaceElementwise(), WeightProbes(), Contiguity(), SdpaFullMask()]
+            ContiguousStream(), InplaceElementwise(), WeightProbes(), Contiguity(),
+            SdpaFullMask()]
