@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModel
 
 import fxpass
@@ -118,3 +119,45 @@ def test_elementwise_ops_on_dead_fresh_inputs_go_in_place():
     # never on a module input or a view: the residual adds read the layer input
     attn_layer = report.fixes
     assert all("placeholder" not in f.node for f in attn_layer if f.rule == "elementwise")
+
+
+class _Residual(nn.Module):
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.op = op
+
+    def forward(self, x):
+        return self.op(x, self.proj(x))  # residual (a module input) op fresh GEMM output
+
+
+@pytest.mark.parametrize("op, inplace", [(torch.add, True), (torch.mul, True),
+                                         (torch.sub, False)], ids=["add", "mul", "sub"])
+def test_commutative_ops_go_in_place_on_a_fresh_right_operand(op, inplace):
+    torch.manual_seed(0)
+    m = _Residual(op).eval()
+    ref = copy.deepcopy(m)
+    plain = copy.deepcopy(m)
+    x = torch.randn(2, 3, 8)
+    report = fxpass.apply(m, None, load_weights=True, fuse=True, example_inputs=(x,))
+    fxpass.apply(plain, None, load_weights=True, example_inputs=(x,))  # same GEMM, no fuse
+    right = [f for f in report.fixes if f.rule == "elementwise" and "dead right input" in f.detail]
+    assert bool(right) is inplace, report
+    keep = x.clone()
+    with torch.no_grad():
+        assert torch.equal(m(x), plain(x))  # add and mul commute bit for bit
+        torch.testing.assert_close(m(x), ref(x))
+    assert torch.equal(x, keep)  # the module input is never written
+
+
+def test_siglip_residual_adds_go_in_place_on_the_sublayer_output():
+    """``residual + self_attn(...)[0]``: freshness is followed through the tuple item."""
+    tower = zoo.build_tower("siglip_vision")
+    ref = copy.deepcopy(tower)
+    report = fxpass.apply(tower, None, load_weights=True, fuse=True)
+    right = [f for f in report.fixes if f.rule == "elementwise" and "dead right input" in f.detail]
+    assert {f.module.rsplit(".", 1)[-1] for f in right} >= {"0", "1"}, report
+    with torch.no_grad():
+        for s in (0, 1):
+            x = zoo.example_inputs(ref, size_index=s)
+            torch.testing.assert_close(_first(tower(**x)), _first(ref(**x)), atol=1e-4, rtol=0)
