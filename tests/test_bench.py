@@ -21,5 +21,16 @@ def test_quick_benchmark_runs_and_reports_ratios():
         assert set(cell["speedup_vs_hf"]) == {"hf", "walk", "fxpass", "fxpass_fused"}
         assert all(v > 0 for v in cell["peak_forward_bytes"].values())
     assert result["verify"]["passed"] is True
+    for tower in bench.PEER_TOWERS:
+        for dt in ("fp32", "bf16", "nf4"):
+            r = result["peers"][tower][dt]
+            want = {"hf", "walk", "fxpass"} | ({"vllm"} if tower == "siglip" and dt != "nf4"
+                                               else set())
+            assert set(r["median_s"]) == want  # no torch.compile rows with --quick
+            assert set(r["max_abs_diff_vs_hf"]) == want
+            if dt != "nf4":  # unquantized: every row within the budget's reach of HF
+                assert all(d <= 0.02 * max(r["max_abs_hf"], 1.0)
+                           for d in r["max_abs_diff_vs_hf"].values()), r
+            assert r["fastest_peer"] in want - {"fxpass"}
     text = bench.table(result)
-    assert "pass time" in text and "verify:" in text
+    assert "pass time" in text and "verify:" in text and "peers:" in text
