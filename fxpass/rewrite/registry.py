@@ -5,6 +5,7 @@ from __future__ import annotations
 from fxpass.rewrite.attention import SdpaFullMask
 from fxpass.rewrite.base import Rule
 from fxpass.rewrite.contiguity import Contiguity
+from fxpass.rewrite.conv import PatchConvAsGemm
 from fxpass.rewrite.elementwise import InplaceElementwise
 from fxpass.rewrite.fusion import SiblingFusion
 from fxpass.rewrite.layout import ContiguousStream
@@ -20,6 +21,6 @@ def rules() -> list[Rule]:
     then the opt-in speed rules (they match nothing unless the context says fuse; the norm
     and layout rules before the in-place one, which reads what they produce), then the
     graph fixes."""
-    return [LinearToVllm(), TensorParallel(), SiblingFusion(), RmsNormToVllm(),
-            ContiguousStream(), InplaceElementwise(), WeightProbes(), Contiguity(),
-            SdpaFullMask()]
+    return [LinearToVllm(), TensorParallel(), SiblingFusion(), PatchConvAsGemm(),
+            RmsNormToVllm(), ContiguousStream(), InplaceElementwise(), WeightProbes(),
+            Contiguity(), SdpaFullMask()]
