@@ -25,6 +25,7 @@ from fxpass import meta
 from fxpass.rewrite.base import RewriteContext, Site, is_vllm_linear
 from fxpass.rewrite.layout import add_contiguous, mul_contiguous, sub_contiguous
 from fxpass.rewrite.norms import rms_norm
+from fxpass.rewrite.rope import multidim_rope
 
 INPLACE = {operator.mul: "mul_", operator.add: "add_", operator.sub: "sub_",
            operator.truediv: "div_", torch.mul: "mul_", torch.add: "add_", torch.sub: "sub_",
@@ -35,7 +36,7 @@ FRESH_FUNCTIONS = frozenset({
     F.gelu, F.silu, F.relu, F.mish, torch.tanh, torch.sigmoid, torch.exp, torch.matmul,
     operator.matmul, operator.mul, operator.add, operator.sub, operator.truediv,
     torch.mul, torch.add, torch.sub, F.linear, rms_norm, add_contiguous, sub_contiguous,
-    mul_contiguous,
+    mul_contiguous, multidim_rope,
 })
 
 

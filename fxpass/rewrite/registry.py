@@ -12,15 +12,16 @@ from fxpass.rewrite.layout import ContiguousStream
 from fxpass.rewrite.linear import LinearToVllm
 from fxpass.rewrite.norms import RmsNormToVllm
 from fxpass.rewrite.probes import WeightProbes
+from fxpass.rewrite.rope import MultidimRope
 from fxpass.rewrite.tensor_parallel import TensorParallel
 
 
 def rules() -> list[Rule]:
     """Linear swap first (it plans the layers the others look at), then tensor-parallel
     sharding (matches nothing unless the context says tp > 1; it fuses its own column groups),
-    then the opt-in speed rules (they match nothing unless the context says fuse; the norm
-    and layout rules before the in-place one, which reads what they produce), then the
+    then the opt-in speed rules (they match nothing unless the context says fuse; the norm,
+    rope and layout rules before the in-place one, which reads what they produce), then the
     graph fixes."""
     return [LinearToVllm(), TensorParallel(), SiblingFusion(), PatchConvAsGemm(),
-            RmsNormToVllm(), ContiguousStream(), InplaceElementwise(), WeightProbes(),
-            Contiguity(), SdpaFullMask()]
+            RmsNormToVllm(), MultidimRope(), ContiguousStream(), InplaceElementwise(),
+            WeightProbes(), Contiguity(), SdpaFullMask()]
