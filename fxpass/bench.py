@@ -466,6 +466,59 @@ def peers(quick: bool, repeats: int) -> dict[str, Any]:
     return results
 
 
+def rule_gains(quick: bool, repeats: int) -> dict[str, Any]:
+    """Each speed rule's gain: fxpass (fuse=True) against fxpass with that one rule left out
+    (and against fuse=False: all of them), interleaved, eager, on both peer towers."""
+    from transformers import AutoModel
+
+    import fxpass
+    from fxpass.rewrite.registry import SPEED_RULES, disabled
+
+    out: dict[str, Any] = {}
+    for name in PEER_TOWERS:
+        cfg = _peer_config(name, quick)
+        for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            torch.manual_seed(0)
+            hf = AutoModel.from_config(cfg).to(dtype).eval()
+            x = _peer_inputs(name, hf, dtype, quick)
+            variants: dict[str, nn.Module] = {}
+            fixes: dict[str, int] = {}
+            for label, fuse, off in [("all rules", True, ()), ("fuse=False", False, ()),
+                                     *((f"without {r}", True, (r,)) for r in SPEED_RULES)]:
+                m = copy.deepcopy(hf)
+                with disabled(*off):
+                    report = fxpass.apply(m, None, prefix="vision_tower", load_weights=True,
+                                          fuse=fuse, example_inputs=x)
+                if label == "all rules":
+                    fixes = _count_fixes(report)
+                elif off and not fixes.get(off[0]):
+                    continue  # the rule does not apply to this tower
+                variants[label] = m
+            with torch.no_grad():
+                t = _interleaved({k: (lambda v=v: v(**x)) for k, v in variants.items()},
+                                 repeats)
+            base = t["all rules"]
+            out.setdefault(name, {})[dtype_name] = {
+                "median_s": t, "fixes": fixes,
+                # > 1: the tower is that much faster with the rule (or all rules) than without
+                "gain": {k: v / base for k, v in t.items() if k != "all rules"},
+            }
+            del variants, hf
+            gc.collect()
+    return out
+
+
+def rules_table(r: dict[str, Any]) -> list[str]:
+    lines = ["", "speed rules: time without the rule / time with all rules (>1: the rule helps)"]
+    for name, by_dtype in r.items():
+        for dt, row in by_dtype.items():
+            cells = "  ".join(f"{k.removeprefix('without ')} {v:.3f}x"
+                              for k, v in row["gain"].items())
+            lines.append(f"  {name:<13} {dt:<4} all {row['median_s']['all rules'] * 1e3:.1f} ms"
+                         f"  {cells}")
+    return lines
+
+
 def _count_fixes(report: Any) -> dict[str, int]:
     counts: dict[str, int] = {}
     for f in report.fixes:
@@ -493,7 +546,7 @@ def peers_table(peers_result: dict[str, Any]) -> list[str]:
     return lines
 
 
-SECTIONS = ("pass_time", "forward", "peers", "verify", "graph_call")
+SECTIONS = ("pass_time", "forward", "peers", "rules", "verify", "graph_call")
 
 
 def run(quick: bool = False, repeats: int | None = None,
@@ -502,7 +555,7 @@ def run(quick: bool = False, repeats: int | None = None,
 
     repeats = repeats or (3 if quick else 7)
     sections = {"pass_time": pass_time, "forward": forward_latency, "peers": peers,
-                "verify": verify_cost, "graph_call": graph_call_overhead}
+                "rules": rule_gains, "verify": verify_cost, "graph_call": graph_call_overhead}
     with vllm_runtime():
         result: dict[str, Any] = {
             "machine": {"platform": platform.platform(), "processor": _cpu_model(),
@@ -563,6 +616,8 @@ def table(result: dict[str, Any]) -> str:
                      f"forward {r['module_us']:.1f} us: {r['overhead_us']:+.1f} us per call")
     if "peers" in result:
         lines += peers_table(result["peers"])
+    if "rules" in result:
+        lines += rules_table(result["rules"])
     v = result.get("verify")
     if v:
         lines += ["", f"verify: {v['verify_s'] * 1e3:.1f} ms = {v['verify_over_forward']:.2f}x one "

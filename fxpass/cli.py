@@ -141,7 +141,7 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--only", action="append",
-                   choices=("pass_time", "forward", "peers", "verify", "graph_call"),
+                   choices=("pass_time", "forward", "peers", "rules", "verify", "graph_call"),
                    help="run only this section (repeatable)")
 
     def run(args: Any) -> int:
