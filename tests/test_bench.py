@@ -32,5 +32,9 @@ def test_quick_benchmark_runs_and_reports_ratios():
                 assert all(d <= 0.02 * max(r["max_abs_hf"], 1.0)
                            for d in r["max_abs_diff_vs_hf"].values()), r
             assert r["fastest_peer"] in want - {"fxpass"}
+    gains = result["rules"]["gemma4_vision"]["fp32"]
+    assert {"rms-norm", "rope"} <= set(gains["fixes"]) and gains["gain"]["fuse=False"] > 0
+    assert "without rope" in gains["gain"] and "without rms-norm" in gains["gain"]
     text = bench.table(result)
     assert "pass time" in text and "verify:" in text and "peers:" in text
+    assert "speed rules:" in text
