@@ -7,7 +7,8 @@ elementwise op, not a view or a module input), used only by this op, with the re
 and dtype, the op becomes its in-place form (``mul_``, ``add_``, ...): the same values, one
 allocation less. ``add`` and ``mul`` commute bit for bit (IEEE), so where only the right
 operand is fresh (HF's ``residual + hidden_states``) the op runs in place on that one
-(``hidden_states.add_(residual)``). Freshness is followed into a submodule's graph, also
+(:func:`add_into_right`, which checks per call that the right operand has the result's shape
+and dtype: a call of another shape may broadcast it). Freshness is followed into a submodule's graph, also
 through an item of a tuple it returns (``self_attn(...)[0]``). The tower stays an eager
 module; inference only (in-place ops and autograd do not mix), hence opt-in.
 """
@@ -32,11 +33,35 @@ INPLACE = {operator.mul: "mul_", operator.add: "add_", operator.sub: "sub_",
            add_contiguous: "add_", sub_contiguous: "sub_", mul_contiguous: "mul_"}
 COMMUTATIVE = frozenset({operator.mul, operator.add, torch.mul, torch.add, add_contiguous,
                          mul_contiguous})
+
+
+def _into_right(a: torch.Tensor, b: torch.Tensor, method: str) -> torch.Tensor:
+    """``a <op> b`` written into ``b`` (add and mul commute bit for bit) where ``b`` has the
+    result's shape and dtype in this call too (a call of another shape than the traced one
+    may broadcast ``b``); otherwise out of place."""
+    if (isinstance(b, torch.Tensor) and isinstance(a, torch.Tensor)
+            and torch.broadcast_shapes(a.shape, b.shape) == b.shape
+            and torch.result_type(a, b) == b.dtype):
+        return getattr(b, method)(a)
+    return getattr(torch, method.rstrip("_"))(a, b)
+
+
+def add_into_right(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b`` in place on ``b`` where it can be (see :func:`_into_right`)."""
+    return _into_right(a, b, "add_")
+
+
+def mul_into_right(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a * b`` in place on ``b`` where it can be (see :func:`_into_right`)."""
+    return _into_right(a, b, "mul_")
+
+
+INTO_RIGHT = {"add_": add_into_right, "mul_": mul_into_right}
 FRESH_FUNCTIONS = frozenset({
     F.gelu, F.silu, F.relu, F.mish, torch.tanh, torch.sigmoid, torch.exp, torch.matmul,
     operator.matmul, operator.mul, operator.add, operator.sub, operator.truediv,
     torch.mul, torch.add, torch.sub, F.linear, rms_norm, add_contiguous, sub_contiguous,
-    mul_contiguous, multidim_rope,
+    mul_contiguous, multidim_rope, add_into_right, mul_into_right,
 })
 
 
@@ -125,9 +150,11 @@ class InplaceElementwise:
         swapped = m.swapped
 
         def inplace(graph: fx.Graph, node: fx.Node) -> None:
-            args = tuple(reversed(node.args)) if swapped else node.args
             with graph.inserting_before(node):
-                new = graph.call_method(method, args)
+                if swapped:
+                    new = graph.call_function(INTO_RIGHT[method], node.args)
+                else:
+                    new = graph.call_method(method, node.args)
             new.meta[meta.KEY] = dict(node.meta.get(meta.KEY, {}))
             node.replace_all_uses_with(new)
             graph.erase_node(node)

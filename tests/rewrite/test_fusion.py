@@ -161,3 +161,26 @@ def test_siglip_residual_adds_go_in_place_on_the_sublayer_output():
         for s in (0, 1):
             x = zoo.example_inputs(ref, size_index=s)
             torch.testing.assert_close(_first(tower(**x)), _first(ref(**x)), atol=1e-4, rtol=0)
+
+
+class _Broadcast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(1, 3, 8))
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.proj(self.table)  # (1, 3, 8): the result's shape only at batch 1
+
+
+def test_in_place_on_the_right_operand_is_checked_per_call():
+    torch.manual_seed(0)
+    m = _Broadcast().eval()
+    ref = copy.deepcopy(m)
+    report = fxpass.apply(m, None, load_weights=True, fuse=True,
+                          example_inputs=(torch.randn(1, 3, 8),))
+    assert any("dead right input" in f.detail for f in report.fixes if f.rule == "elementwise")
+    with torch.no_grad():
+        for batch in (1, 2):  # batch 2 broadcasts the right operand: out of place
+            x = torch.randn(batch, 3, 8)
+            torch.testing.assert_close(m(x), ref(x))
