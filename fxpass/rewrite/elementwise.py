@@ -38,8 +38,10 @@ COMMUTATIVE = frozenset({operator.mul, operator.add, torch.mul, torch.add, add_c
 def _into_right(a: torch.Tensor, b: torch.Tensor, method: str) -> torch.Tensor:
     """``a <op> b`` written into ``b`` (add and mul commute bit for bit) where ``b`` has the
     result's shape and dtype in this call too (a call of another shape than the traced one
-    may broadcast ``b``); otherwise out of place."""
-    if (isinstance(b, torch.Tensor) and isinstance(a, torch.Tensor)
+    may broadcast ``b``); otherwise out of place (and under torch.compile, which
+    allocates for itself)."""
+    if (not torch.compiler.is_compiling()
+            and isinstance(b, torch.Tensor) and isinstance(a, torch.Tensor)
             and torch.broadcast_shapes(a.shape, b.shape) == b.shape
             and torch.result_type(a, b) == b.dtype):
         return getattr(b, method)(a)

@@ -184,3 +184,31 @@ def test_in_place_on_the_right_operand_is_checked_per_call():
         for batch in (1, 2):  # batch 2 broadcasts the right operand: out of place
             x = torch.randn(batch, 3, 8)
             torch.testing.assert_close(m(x), ref(x))
+
+
+def test_a_graph_traced_after_apply_calls_the_merged_layer_once():
+    """The module's Python calls its fused members by name (FusedSlices, each running the
+    whole merged GEMM); a graph traced for a new call regroups them: one merged call."""
+    from fxpass.trace import installed_graph
+
+    tower = _unclipped_gemma4_vision()
+    ref = copy.deepcopy(tower)
+    report = fxpass.apply(tower, None, load_weights=True, fuse=True)
+    assert report.fused
+    attn, ref_attn = tower.encoder.layers[0].self_attn, ref.encoder.layers[0].self_attn
+    x = zoo.example_inputs(ref)
+    captured = {}
+    hook = ref_attn.register_forward_pre_hook(
+        lambda m, a, kw: captured.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        ref(**x)
+    hook.remove()
+    n = captured["hidden_states"].shape[1]
+    mask = torch.ones(1, 1, n, n, dtype=torch.bool)  # traced without a mask: a new graph
+    call = {**captured, "attention_mask": mask}
+    with torch.no_grad():
+        got, want = attn(**call)[0], ref_attn(**call)[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    variant = installed_graph(attn).family.variants[-1]
+    assert "fused__q_proj__k_proj__v_proj" in variant.src
+    assert "self.q_proj(" not in variant.src and "self.k_proj(" not in variant.src

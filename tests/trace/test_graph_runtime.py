@@ -425,8 +425,9 @@ class _Stack(nn.Module):
 
 def test_compiled_calls_the_graphs_do_not_cover_run_as_in_eager_mode():
     """A call missing its graph inside torch.compile leaves the compiled region (one graph
-    traced for it, outside dynamo, shared by the identical layers), instead of dynamo
-    tracing the fallback's bookkeeping and recompiling it per module past its limit."""
+    traced for it, outside dynamo, shared by the identical layers; the next call compiles
+    it), instead of dynamo tracing the fallback's bookkeeping and recompiling it per module
+    past its limit."""
     torch.manual_seed(0)
     ref = _Stack().eval()
     model = copy.deepcopy(ref)
