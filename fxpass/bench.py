@@ -520,6 +520,48 @@ def rules_table(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def peers_markdown(result: dict[str, Any]) -> str:
+    """The peers and rules sections as the README's markdown tables."""
+    order = ["hf", "walk", "walk+compile", "vllm", "fxpass", "fxpass+compile"]
+    lines = [f"machine: {result['machine']['processor']}, {result['machine']['threads']} "
+             f"threads, torch {result['machine']['torch']}; medians of {result['repeats']}", ""]
+    peers_result = result.get("peers", {})
+    if peers_result:
+        lines += ["| tower | dtype | " + " | ".join(order) + " | fxpass / fastest peer | "
+                  "compiled fxpass / compiled walk |",
+                  "| --- | --- | " + " | ".join("---" for _ in order) + " | --- | --- |"]
+        for name, by_dtype in peers_result.items():
+            for dt, r in by_dtype.items():
+                cells = []
+                for k in order:
+                    if k not in r["median_s"]:
+                        cells.append("n/a")
+                        continue
+                    cell = (f"{r['median_s'][k] * 1e3:.0f} ms ({r['speedup_vs_hf'][k]:.2f}x, "
+                            f"{r['max_abs_diff_vs_hf'][k]:.1e})")
+                    if k in r["first_call_s"]:
+                        cell += f", 1st {r['first_call_s'][k]:.1f} s"
+                    cells.append(cell)
+                ratio = r["fxpass_over_fastest_peer"]
+                comp = r["compiled_fxpass_over_compiled_walk"]
+                lines.append(f"| {name} | {dt} | " + " | ".join(cells)
+                             + f" | {ratio:.3f}x ({r['fastest_peer']}) | "
+                             + (f"{comp:.3f}x" if comp else "n/a") + " |")
+    gains = result.get("rules", {})
+    if gains:
+        names = sorted({k for t in gains.values() for r in t.values() for k in r["gain"]},
+                       key=lambda k: (k != "fuse=False", k))
+        lines += ["", "| tower | dtype | all rules | " + " | ".join(
+            n.removeprefix("without ") for n in names) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
+        for name, by_dtype in gains.items():
+            for dt, r in by_dtype.items():
+                lines.append(f"| {name} | {dt} | {r['median_s']['all rules'] * 1e3:.0f} ms | "
+                             + " | ".join(f"{r['gain'][n]:.3f}x" if n in r["gain"] else "n/a"
+                                          for n in names) + " |")
+    return "\n".join(lines)
+
+
 def _count_fixes(report: Any) -> dict[str, int]:
     counts: dict[str, int] = {}
     for f in report.fixes:
@@ -633,7 +675,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the results as JSON here")
     parser.add_argument("--only", action="append", choices=SECTIONS,
                         help="run only this section (repeatable)")
+    parser.add_argument("--markdown", metavar="JSON",
+                        help="print the peers / rules tables of a --json result as markdown")
     args = parser.parse_args(argv)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(peers_markdown(json.load(f)))
+        return 0
     result = run(args.quick, args.repeats, tuple(args.only) if args.only else None)
     print(table(result))
     if args.json:

@@ -66,12 +66,15 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float)
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim with vLLM's CPU kernel where it applies (see module)."""
-    if (x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and x.is_contiguous()
+    if (x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
             and x.numel() and not torch.compiler.is_compiling()
             and (weight is None or (weight.dtype == x.dtype and weight.is_contiguous()
                                     and weight.device.type == "cpu"))
             and not (torch.is_grad_enabled() and (
                 x.requires_grad or (weight is not None and weight.requires_grad)))):
+        # a strided input (q of a fused q/k/v GEMM: a slice) is copied once: still two
+        # passes where the formula takes seven
+        x = x.contiguous()
         out = torch.empty_like(x)
         _vllm_rms_norm()(out, x, weight, eps)
         return out

@@ -162,7 +162,7 @@ def test_opt_in_only_and_applying_twice_changes_nothing():
 
 def test_kernel_falls_back_to_the_formula_where_it_does_not_apply():
     w = torch.rand(16) + 0.5
-    x = torch.randn(3, 16, 8).transpose(1, 2)  # non-contiguous
+    x = torch.randn(3, 16, 8).transpose(1, 2)  # non-contiguous: copied, then the kernel
     want = norms.rms_norm_reference(x, w, 1e-6)
     torch.testing.assert_close(norms.rms_norm(x, w, 1e-6), want)
     xg = torch.randn(3, 16, requires_grad=True)  # autograd: the formula, differentiable
