@@ -528,8 +528,9 @@ def peers_markdown(result: dict[str, Any]) -> str:
     peers_result = result.get("peers", {})
     if peers_result:
         lines += ["| tower | dtype | " + " | ".join(order) + " | fxpass / fastest peer | "
+                  "best fxpass (eager or compiled) / fastest peer | "
                   "compiled fxpass / compiled walk |",
-                  "| --- | --- | " + " | ".join("---" for _ in order) + " | --- | --- |"]
+                  "| --- | --- | " + " | ".join("---" for _ in order) + " | --- | --- | --- |"]
         for name, by_dtype in peers_result.items():
             for dt, r in by_dtype.items():
                 cells = []
@@ -544,8 +545,11 @@ def peers_markdown(result: dict[str, Any]) -> str:
                     cells.append(cell)
                 ratio = r["fxpass_over_fastest_peer"]
                 comp = r["compiled_fxpass_over_compiled_walk"]
+                t = r["median_s"]
+                best = min(t[k] for k in ("fxpass", "fxpass+compile") if k in t)
                 lines.append(f"| {name} | {dt} | " + " | ".join(cells)
                              + f" | {ratio:.3f}x ({r['fastest_peer']}) | "
+                             + f"{t[r['fastest_peer']] / best:.3f}x | "
                              + (f"{comp:.3f}x" if comp else "n/a") + " |")
     gains = result.get("rules", {})
     if gains:

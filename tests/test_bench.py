@@ -38,3 +38,5 @@ def test_quick_benchmark_runs_and_reports_ratios():
     text = bench.table(result)
     assert "pass time" in text and "verify:" in text and "peers:" in text
     assert "speed rules:" in text
+    md = bench.peers_markdown(result)
+    assert "| siglip | fp32 |" in md and "| gemma4_vision | fp32 | " in md
