@@ -13,9 +13,18 @@ reported as ratios (machines are noisy; ratios measured together are what carry 
 * the per-call overhead of an installed graph forward that hits its guards, against the
   module's own forward, for a layer-shaped call (tensor, ``(cos, sin)`` tuple, defaults);
 * the first call's extra time after ``apply`` without example inputs (it traces and rewrites
-  the tower) against a warm forward, on default-size Gemma4 vision and audio towers.
+  the tower) against the first call after ``apply`` on example inputs (``first_call``), on
+  default-size Gemma4 vision and audio towers;
+* peers (``peers``): SigLIP at so400m width and Gemma4 vision at full width, 4 layers, 729
+  patches, fp32 / bf16 / bnb nf4: HF eager, vLLM's module walk, the walk under
+  ``torch.compile``, vLLM's hand-written SigLIP tower (``vllm.model_executor.models.siglip``,
+  same weights; Gemma4's vision tower in vLLM *is* HF's module + the walk), fxpass
+  (``fuse=True``: the speed rules) and fxpass under ``torch.compile``; each row with its max
+  abs diff to HF (nf4: to HF bf16) and, for compiled rows, the first call's time.
 
-``--quick`` shrinks every size so the suite can prove the benchmark runs (no figures from it).
+``--quick`` shrinks every size so the suite can prove the benchmark runs (no figures from it;
+no ``torch.compile`` rows: compiling costs seconds per tower). ``--only peers`` (or another
+section name) runs one section.
 Run: ``.venv/bin/python tools/bench.py [--quick] [--json out.json]``.
 """
 
@@ -353,36 +362,349 @@ def graph_call_overhead(quick: bool, repeats: int) -> dict[str, Any]:
     return out
 
 
-def run(quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
+# -- peers: every way to run the tower, interleaved ----------------------------------------
+
+PEER_TOWERS = ("siglip", "gemma4_vision")
+PEER_PATCHES = 729  # SigLIP 384 px / patch 14; Gemma4: a 27 x 27 grid (pooled 3 x 3)
+
+
+def _peer_config(name: str, quick: bool) -> Any:
+    from transformers import SiglipVisionConfig
+
+    from fxpass import zoo
+
+    if name == "siglip":
+        if quick:
+            cfg = zoo.tower_config("siglip_vision")
+            cfg.vision_use_head = False
+        else:  # so400m width, no pooling head
+            cfg = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304,
+                                     num_attention_heads=16, num_hidden_layers=4,
+                                     image_size=384, patch_size=14, vision_use_head=False)
+        cfg._attn_implementation = "sdpa"
+        return cfg
+    cfg = zoo.tower_config("gemma4_vision", "tiny" if quick else "default")
+    if not quick:
+        cfg.num_hidden_layers = 4
+    return cfg
+
+
+def _peer_inputs(name: str, tower: nn.Module, dtype: torch.dtype, quick: bool
+                 ) -> dict[str, torch.Tensor]:
+    if name == "gemma4_vision":
+        return _vision_inputs(tower, 36 if quick else PEER_PATCHES)
+    cfg = tower.config
+    gen = torch.Generator().manual_seed(0)
+    px = torch.rand(1, cfg.num_channels, cfg.image_size, cfg.image_size, generator=gen)
+    return {"pixel_values": px.to(dtype)}
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return _first_tensor(out[0])
+    return out[0]  # a ModelOutput: its first field
+
+
+def _walk_copy(hf: nn.Module, qc: Any, dtype: torch.dtype) -> nn.Module:
+    from vllm.model_executor.models.transformers.utils import recursive_replace_linear
+
+    from fxpass.weights import load_linear_weights
+
+    seed = copy.deepcopy(hf)
+    old = {n: m for n, m in seed.named_modules() if isinstance(m, nn.Linear)}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        recursive_replace_linear(seed, qc, prefix="vision_tower")
+    finally:
+        torch.set_default_dtype(default)
+    for n, lin in old.items():
+        load_linear_weights(seed.get_submodule(n), lin.weight, lin.bias, qc)
+    return seed
+
+
+def vllm_siglip_tower(hf: nn.Module) -> nn.Module:
+    """vLLM's hand-written SigLIP vision tower with ``hf``'s weights (inside vllm_runtime)."""
+    from vllm.model_executor.models.siglip import SiglipVisionModel as VllmSiglip
+
+    dtype = next(hf.parameters()).dtype
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        tower = VllmSiglip(hf.config, None, prefix="vision_tower").eval()
+    finally:
+        torch.set_default_dtype(default)
+    weights = [(k.removeprefix("vision_model."), t) for k, t in hf.state_dict().items()
+               if not k.startswith("vision_model.head.")]
+    loaded = tower.vision_model.load_weights(weights)
+    missing = {n for n, _ in tower.vision_model.named_parameters()} - set(loaded)
+    if missing:
+        raise RuntimeError(f"vLLM's SigLIP tower did not load {sorted(missing)[:4]}")
+    for mod in tower.modules():
+        method = getattr(mod, "quant_method", None)
+        if method is not None and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(mod)
+    return tower
+
+
+def _compiled(model: nn.Module, x: dict[str, torch.Tensor]) -> tuple[Any, float]:
+    """``torch.compile(model)`` and its first call's seconds (dynamo reset first: cold in
+    this process; inductor's on-disk caches may be warm from an earlier run)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        compiled(**x)
+    return compiled, time.perf_counter() - t0
+
+
+def peers(quick: bool, repeats: int) -> dict[str, Any]:
+    from transformers import AutoModel
+
+    import fxpass
+    from fxpass.weights import bnb_config
+
+    results: dict[str, Any] = {}
+    for name in PEER_TOWERS:
+        cfg = _peer_config(name, quick)
+        for dtype_name, dtype, quant in (("fp32", torch.float32, None),
+                                         ("bf16", torch.bfloat16, None),
+                                         ("nf4", torch.bfloat16, "nf4")):
+            torch.manual_seed(0)
+            hf = AutoModel.from_config(cfg).to(dtype).eval()
+            qc = bnb_config(quant) if quant else None
+            x = _peer_inputs(name, hf, dtype, quick)
+            variants: dict[str, Any] = {"hf": hf}
+            notes: dict[str, str] = {}
+            first_call_s: dict[str, float] = {}
+            variants["walk"] = _walk_copy(hf, qc, dtype)
+            if name == "siglip" and quant is None:
+                variants["vllm"] = vllm_siglip_tower(hf)
+            else:
+                notes["vllm"] = ("vLLM's Gemma4 vision tower is HF's module + the walk (the walk row)"
+                                 if name != "siglip" else
+                                 "vLLM's SigLIP gets bnb weights only through its model loader")
+            fx_model = copy.deepcopy(hf)
+            report = fxpass.apply(fx_model, qc, prefix="vision_tower", load_weights=True,
+                                  fuse=True, example_inputs=x)
+            variants["fxpass"] = fx_model
+            if quick:
+                notes["compile"] = "not run with --quick"
+            else:
+                for base in ("walk", "fxpass"):
+                    try:
+                        variants[f"{base}+compile"], first_call_s[f"{base}+compile"] = (
+                            _compiled(variants[base], x))
+                    except Exception as e:  # noqa: BLE001 - reported, not fatal
+                        notes[f"{base}+compile"] = f"{type(e).__name__}: {str(e)[:200]}"
+            with torch.no_grad():
+                ref = _first_tensor(hf(**x)).float()
+                diffs = {k: (_first_tensor(v(**x)).float() - ref).abs().max().item()
+                         for k, v in variants.items()}
+                t = _interleaved({k: (lambda v=v: v(**x)) for k, v in variants.items()},
+                                 repeats)
+            others = {k: v for k, v in t.items() if k not in ("fxpass", "fxpass+compile")
+                      and not (quant and k == "hf")}
+            fastest_peer = min(others, key=others.get) if others else None
+            results.setdefault(name, {})[dtype_name] = {
+                "median_s": t,
+                "speedup_vs_hf": {k: t["hf"] / v for k, v in t.items()},
+                "max_abs_diff_vs_hf": diffs,
+                "max_abs_hf": ref.abs().max().item(),
+                "first_call_s": first_call_s,
+                "fastest_peer": fastest_peer,
+                "fxpass_over_fastest_peer": (t[fastest_peer] / t["fxpass"]
+                                             if fastest_peer else None),
+                "compiled_fxpass_over_compiled_walk": (
+                    t["walk+compile"] / t["fxpass+compile"]
+                    if "walk+compile" in t and "fxpass+compile" in t else None),
+                "speed_fixes": _count_fixes(report),
+                "notes": notes,
+            }
+            del variants, hf, fx_model
+            torch._dynamo.reset()
+            gc.collect()
+    return results
+
+
+def rule_gains(quick: bool, repeats: int) -> dict[str, Any]:
+    """Each speed rule's gain: fxpass (fuse=True) against fxpass with that one rule left out
+    (and against fuse=False: all of them), interleaved, eager, on both peer towers."""
+    from transformers import AutoModel
+
+    import fxpass
+    from fxpass.rewrite.registry import SPEED_RULES, disabled
+
+    out: dict[str, Any] = {}
+    for name in PEER_TOWERS:
+        cfg = _peer_config(name, quick)
+        dtypes = (("fp32", torch.float32),) + (() if quick else (("bf16", torch.bfloat16),))
+        for dtype_name, dtype in dtypes:
+            torch.manual_seed(0)
+            hf = AutoModel.from_config(cfg).to(dtype).eval()
+            x = _peer_inputs(name, hf, dtype, quick)
+            variants: dict[str, nn.Module] = {}
+            fixes: dict[str, int] = {}
+            for label, fuse, off in [("all rules", True, ()), ("fuse=False", False, ()),
+                                     *((f"without {r}", True, (r,)) for r in SPEED_RULES)]:
+                m = copy.deepcopy(hf)
+                with disabled(*off):
+                    report = fxpass.apply(m, None, prefix="vision_tower", load_weights=True,
+                                          fuse=fuse, example_inputs=x)
+                if label == "all rules":
+                    fixes = _count_fixes(report)
+                elif off and not fixes.get(off[0]):
+                    continue  # the rule does not apply to this tower
+                variants[label] = m
+            with torch.no_grad():
+                t = _interleaved({k: (lambda v=v: v(**x)) for k, v in variants.items()},
+                                 repeats)
+            base = t["all rules"]
+            out.setdefault(name, {})[dtype_name] = {
+                "median_s": t, "fixes": fixes,
+                # > 1: the tower is that much faster with the rule (or all rules) than without
+                "gain": {k: v / base for k, v in t.items() if k != "all rules"},
+            }
+            del variants, hf
+            gc.collect()
+    return out
+
+
+def rules_table(r: dict[str, Any]) -> list[str]:
+    lines = ["", "speed rules: time without the rule / time with all rules (>1: the rule helps)"]
+    for name, by_dtype in r.items():
+        for dt, row in by_dtype.items():
+            cells = "  ".join(f"{k.removeprefix('without ')} {v:.3f}x"
+                              for k, v in row["gain"].items())
+            lines.append(f"  {name:<13} {dt:<4} all {row['median_s']['all rules'] * 1e3:.1f} ms"
+                         f"  {cells}")
+    return lines
+
+
+def peers_markdown(result: dict[str, Any]) -> str:
+    """The peers and rules sections as the README's markdown tables."""
+    order = ["hf", "walk", "walk+compile", "vllm", "fxpass", "fxpass+compile"]
+    lines = [f"machine: {result['machine']['processor']}, {result['machine']['threads']} "
+             f"threads, torch {result['machine']['torch']}; medians of {result['repeats']}", ""]
+    peers_result = result.get("peers", {})
+    if peers_result:
+        lines += ["| tower | dtype | " + " | ".join(order) + " | fxpass / fastest peer | "
+                  "best fxpass (eager or compiled) / fastest peer | "
+                  "compiled fxpass / compiled walk |",
+                  "| --- | --- | " + " | ".join("---" for _ in order) + " | --- | --- | --- |"]
+        for name, by_dtype in peers_result.items():
+            for dt, r in by_dtype.items():
+                cells = []
+                for k in order:
+                    if k not in r["median_s"]:
+                        cells.append("n/a")
+                        continue
+                    cell = (f"{r['median_s'][k] * 1e3:.0f} ms ({r['speedup_vs_hf'][k]:.2f}x, "
+                            f"{r['max_abs_diff_vs_hf'][k]:.1e})")
+                    if k in r["first_call_s"]:
+                        cell += f", 1st {r['first_call_s'][k]:.1f} s"
+                    cells.append(cell)
+                ratio = r["fxpass_over_fastest_peer"]
+                comp = r["compiled_fxpass_over_compiled_walk"]
+                t = r["median_s"]
+                best = min(t[k] for k in ("fxpass", "fxpass+compile") if k in t)
+                lines.append(f"| {name} | {dt} | " + " | ".join(cells)
+                             + f" | {ratio:.3f}x ({r['fastest_peer']}) | "
+                             + f"{t[r['fastest_peer']] / best:.3f}x | "
+                             + (f"{comp:.3f}x" if comp else "n/a") + " |")
+    gains = result.get("rules", {})
+    if gains:
+        names = sorted({k for t in gains.values() for r in t.values() for k in r["gain"]},
+                       key=lambda k: (k != "fuse=False", k))
+        lines += ["", "| tower | dtype | all rules | " + " | ".join(
+            n.removeprefix("without ") for n in names) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
+        for name, by_dtype in gains.items():
+            for dt, r in by_dtype.items():
+                lines.append(f"| {name} | {dt} | {r['median_s']['all rules'] * 1e3:.0f} ms | "
+                             + " | ".join(f"{r['gain'][n]:.3f}x" if n in r["gain"] else "n/a"
+                                          for n in names) + " |")
+    return "\n".join(lines)
+
+
+def _count_fixes(report: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for f in report.fixes:
+        counts[f.rule] = counts.get(f.rule, 0) + 1
+    return counts
+
+
+def peers_table(peers_result: dict[str, Any]) -> list[str]:
+    lines = ["", "peers: tower forward, interleaved medians (speedup vs HF eager; max abs diff "
+                 "vs HF; nf4: vs HF bf16)"]
+    for name, by_dtype in peers_result.items():
+        for dt, r in by_dtype.items():
+            cells = "  ".join(
+                f"{k} {r['median_s'][k] * 1e3:.1f} ms ({r['speedup_vs_hf'][k]:.2f}x, "
+                f"{r['max_abs_diff_vs_hf'][k]:.1e})" for k in r["median_s"])
+            lines.append(f"  {name:<13} {dt:<4} {cells}")
+            extra = [f"fxpass / fastest peer ({r['fastest_peer']}): "
+                     f"{r['fxpass_over_fastest_peer']:.3f}x"] if r["fastest_peer"] else []
+            if r["compiled_fxpass_over_compiled_walk"]:
+                extra.append(f"compiled fxpass / compiled walk: "
+                             f"{r['compiled_fxpass_over_compiled_walk']:.3f}x")
+            extra += [f"first call {k} {v:.1f} s" for k, v in r["first_call_s"].items()]
+            extra += [f"{k}: {v}" for k, v in r["notes"].items()]
+            lines.append(f"  {'':<13} {dt:<4} " + "; ".join(extra))
+    return lines
+
+
+SECTIONS = ("pass_time", "forward", "peers", "rules", "verify", "graph_call", "first_call")
+
+
+def run(quick: bool = False, repeats: int | None = None,
+        only: tuple[str, ...] | None = None) -> dict[str, Any]:
     from fxpass.runtime import vllm_runtime
 
     repeats = repeats or (3 if quick else 7)
+    sections = {"pass_time": pass_time, "forward": forward_latency, "peers": peers,
+                "rules": rule_gains, "verify": verify_cost, "graph_call": graph_call_overhead,
+                "first_call": first_call_overhead}
     with vllm_runtime():
-        result = {
-            "machine": {"platform": platform.platform(), "processor": platform.processor(),
+        result: dict[str, Any] = {
+            "machine": {"platform": platform.platform(), "processor": _cpu_model(),
                         "threads": torch.get_num_threads(), "torch": torch.__version__},
             "quick": quick,
             "repeats": repeats,
-            "pass_time": pass_time(quick, repeats),
-            "forward": forward_latency(quick, repeats),
-            "verify": verify_cost(quick, repeats),
-            "graph_call": graph_call_overhead(quick, repeats),
-            "first_call": first_call_overhead(quick, repeats),
         }
+        for key in SECTIONS:
+            if only is None or key in only:
+                result[key] = sections[key](quick, repeats)
     return result
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} x {os.cpu_count()}"
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def table(result: dict[str, Any]) -> str:
     lines = [f"machine: {result['machine']}  (medians of {result['repeats']}; quick="
-             f"{result['quick']})", "", "pass time (meta towers, bf16)"]
-    for name, r in result["pass_time"].items():
+             f"{result['quick']})"]
+    if "pass_time" in result:
+        lines += ["", "pass time (meta towers, bf16)"]
+    for name, r in result.get("pass_time", {}).items():
         lines.append(
             f"  {name:<14} {r['linears']:>4} linears  walk {r['walk_s'] * 1e3:7.1f} ms  "
             f"fxpass warm {r['fxpass_warm_s'] * 1e3:7.1f} ms ({r['warm_over_walk']:.2f}x walk)  "
             f"cold {r['fxpass_cold_s'] * 1e3:7.1f} ms ({r['cold_over_from_config']:.2f}x "
             f"from_config {r['from_config_s'] * 1e3:.1f} ms)")
-    lines += ["", "vision tower forward (speedup vs HF eager; >1 is faster)"]
-    for dt, row in result["forward"].items():
+    if "forward" in result:
+        lines += ["", "vision tower forward (speedup vs HF eager; >1 is faster)"]
+    for dt, row in result.get("forward", {}).items():
         for key, r in row.items():
             if not key.startswith("patches_"):
                 continue
@@ -395,7 +717,7 @@ def table(result: dict[str, Any]) -> str:
         peak = next(v for k, v in row.items() if k.startswith("patches_"))["peak_forward_bytes"]
         lines.append(f"  {dt:<4} peak forward MiB ({next(k for k in row if k.startswith('patches_'))}) "
                      + "  ".join(f"{k} {v / 2**20:.1f}" for k, v in peak.items()))
-    if "nf4" in result["forward"] and "bf16" in result["forward"]:
+    if "nf4" in result.get("forward", {}) and "bf16" in result.get("forward", {}):
         nf4 = result["forward"]["nf4"]["weight_bytes"]["fxpass"]
         bf16 = result["forward"]["bf16"]["weight_bytes"]["hf"]
         lines.append(f"  nf4 / bf16 weight bytes: linears {nf4['linear'] / bf16['linear']:.2f}x, "
@@ -415,6 +737,10 @@ def table(result: dict[str, Any]) -> str:
             f"rewrite {r['trace_and_rewrite_s'] * 1e3:.1f} ms); warm {r['warm_s'] * 1e3:.1f} "
             f"ms; a process's first tower (empty trace cache) {r['first_cold_s'] * 1e3:.1f} ms "
             f"({r['extra_cold_s'] * 1e3:+.1f} ms)")
+    if "peers" in result:
+        lines += peers_table(result["peers"])
+    if "rules" in result:
+        lines += rules_table(result["rules"])
     v = result.get("verify")
     if v:
         lines += ["", f"verify: {v['verify_s'] * 1e3:.1f} ms = {v['verify_over_forward']:.2f}x one "
@@ -427,8 +753,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: proves it runs")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--json", help="write the results as JSON here")
+    parser.add_argument("--only", action="append", choices=SECTIONS,
+                        help="run only this section (repeatable)")
+    parser.add_argument("--markdown", metavar="JSON",
+                        help="print the peers / rules tables of a --json result as markdown")
     args = parser.parse_args(argv)
-    result = run(args.quick, args.repeats)
+    if args.markdown:
+        with open(args.markdown) as f:
+            print(peers_markdown(json.load(f)))
+        return 0
+    result = run(args.quick, args.repeats, tuple(args.only) if args.only else None)
     print(table(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -133,19 +133,24 @@ def _add_viz(sub: Any) -> None:
 
 
 def _add_bench(sub: Any) -> None:
-    p = sub.add_parser("bench", help="fxpass vs vLLM's walk vs HF eager, side by side",
+    p = sub.add_parser("bench", help="fxpass vs its peers (HF, vLLM's walk, compiled, "
+                       "vLLM's own tower), side by side",
                        description="Pass time, tower forward latency, weight bytes, peak "
                                    "memory and verify cost, measured in one run (see README).")
     p.add_argument("--quick", action="store_true", help="tiny sizes: proves it runs")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--only", action="append",
+                   choices=("pass_time", "forward", "peers", "rules", "verify", "graph_call"),
+                   help="run only this section (repeatable)")
 
     def run(args: Any) -> int:
         from fxpass.bench import main as bench_main
 
         argv = (["--quick"] if args.quick else []) + (
             ["--repeats", str(args.repeats)] if args.repeats else []) + (
-            ["--json", args.json] if args.json else [])
+            ["--json", args.json] if args.json else []) + [
+            a for s in (args.only or []) for a in ("--only", s)]
         return bench_main(argv)
 
     p.set_defaults(func=run)

@@ -93,11 +93,15 @@ class SiblingFusion:
     name = "fusion"
     report_refusals = True
 
-    def describe(self, ctx: RewriteContext, g: FusionGroup) -> str:
+    def describe(self, ctx: RewriteContext, g: FusionGroup | SliceGroup) -> str:
+        if isinstance(g, SliceGroup):
+            return g.describe()
         return " + ".join(ctx.full_name(n) for n in g.names())
 
-    def match(self, ctx: RewriteContext) -> list[FusionGroup]:
-        if not ctx.fuse or ctx.respecialising:  # fusion builds layers: at apply only
+    def match(self, ctx: RewriteContext) -> list[FusionGroup | SliceGroup]:
+        if ctx.respecialising:  # fusion builds layers at apply only; a new graph regroups
+            return _slice_groups(ctx)
+        if not ctx.fuse:
             return []
         call_counts: dict[str, int] = {}
         for mg in ctx.graphs():
@@ -137,7 +141,10 @@ class SiblingFusion:
             groups += [FusionGroup(ms) for ms in by_input.values() if len(ms) > 1]
         return groups
 
-    def check(self, ctx: RewriteContext, g: FusionGroup) -> str | None:
+    def check(self, ctx: RewriteContext, g: FusionGroup | SliceGroup) -> str | None:
+        if isinstance(g, SliceGroup):
+            return None if g.merged_path else (
+                "the merged layer is not a submodule of the module traced again")
         for m in g.members:
             if m.refusal:
                 return m.refusal
@@ -155,12 +162,77 @@ class SiblingFusion:
             return f"members have different quant methods {sorted(methods)}"
         return None
 
-    def apply(self, ctx: RewriteContext, g: FusionGroup) -> None:
+    def apply(self, ctx: RewriteContext, g: FusionGroup | SliceGroup) -> None:
+        if isinstance(g, SliceGroup):
+            _regroup(ctx, g, self.name)
+            return
         from fxpass.weights import build_fused_linear
 
         linears = [ctx.module(n) for n in g.names()]
         layer = build_fused_linear(linears, ctx.quant_config, ctx.full_name(g.names()[0]))
         install_fused(ctx, g, layer, self.name, [lin.out_features for lin in linears])
+
+
+@dataclasses.dataclass
+class SliceGroup:
+    """Calls of FusedSlices of one merged layer on one input, in a graph traced after apply
+    (the module's Python calls its fused members by name): one merged GEMM would serve them
+    all, where each slice call runs the whole merged GEMM."""
+
+    sites: list[Site]
+    merged_path: str | None  # the merged layer's path from the traced module
+    slices: list[tuple[int, int]]
+
+    def describe(self) -> str:
+        return " + ".join(s.name for s in self.sites)
+
+
+def _slice_groups(ctx: RewriteContext) -> list[SliceGroup]:
+    paths = {id(m): q for q, m in ctx.modules.items()}
+    out = []
+    for mg in ctx.graphs():
+        by_input: dict[tuple[fx.Node, int], list[fx.Node]] = {}
+        for node in mg.nodes_of("call_module"):
+            if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+                continue
+            q = Site(mg, node).full_target()
+            mod = ctx.modules.get(q)
+            if isinstance(mod, FusedSlice):
+                by_input.setdefault((node.args[0], id(mod.merged)), []).append(node)
+        for (_, merged_id), nodes in by_input.items():
+            if len(nodes) < 2:
+                continue
+            path = paths.get(merged_id)
+            if path is not None and mg.qualname:
+                prefix = mg.qualname + "."
+                path = path[len(prefix):] if path.startswith(prefix) else None
+            mods = [ctx.modules[Site(mg, n).full_target()] for n in nodes]
+            out.append(SliceGroup([Site(mg, n) for n in nodes], path,
+                                  [(m.start, m.end) for m in mods]))
+    return out
+
+
+def _regroup(ctx: RewriteContext, g: SliceGroup, rule: str) -> None:
+    """One call of the merged layer on the shared input, each member its slice of it: what
+    each FusedSlice computes (``merged(x.contiguous())[..., start:end]``), with one GEMM."""
+    mg = g.sites[0].graph
+    graph = mg.own()
+    nodes = [mg.node(s.name) for s in g.sites]
+    x = nodes[0].args[0]
+    with graph.inserting_before(nodes[0]):
+        c = graph.call_method("contiguous", (x,))
+        merged = graph.call_module(g.merged_path, (c,))
+    for node, (start, end) in zip(nodes, g.slices):
+        with graph.inserting_before(node):
+            part = graph.call_function(operator.getitem,
+                                       (merged, (Ellipsis, slice(start, end, None))))
+        if tensor := meta.get(node, "tensor"):
+            meta.info(part)["tensor"] = {**tensor, "contiguous": False}
+        node.replace_all_uses_with(part)
+        graph.erase_node(node)
+    text = (f"{', '.join(str(n) for n in (s.name for s in g.sites))}: slices of "
+            f"{g.merged_path} on one input -> one call of it")
+    ctx.fix(rule, Site(mg, merged), text, detail=text)
 
 
 def install_fused(ctx: RewriteContext, g: FusionGroup, layer: nn.Module, rule: str,

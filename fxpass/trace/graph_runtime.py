@@ -317,8 +317,9 @@ class _Compiled:
         self.owner = owner  # set when the graph holds tensors made while tracing that module
 
     def inputs(self, module: nn.Module, args: tuple[Any, ...],
-               kwargs: dict[str, Any]) -> list[Any] | str:
-        """The graph's inputs for this call, or why the graph does not serve it."""
+               kwargs: dict[str, Any], explain: bool = True) -> list[Any] | str:
+        """The graph's inputs for this call, or why the graph does not serve it (with
+        ``explain=False`` just "miss": dynamo cannot trace the reprs of a reason)."""
         spec = self.spec
         if self.owner is not None and self.owner() is not module:
             return "its graph holds tensors made while tracing another module"
@@ -328,15 +329,17 @@ class _Compiled:
         args, kwargs = bind_module_call(module, args, kwargs)
         leaves, treespec = pytree.tree_flatten((args, kwargs))
         if treespec != spec.treespec:
-            return (f"called as {_call_form(treespec)}, but its graph was traced for "
-                    f"{_call_form(spec.treespec)}")
+            return "miss" if not explain else (
+                f"called as {_call_form(treespec)}, but its graph was traced for "
+                f"{_call_form(spec.treespec)}")
         for i, expected in spec.constants.items():
             if not _same(leaves[i], expected):
-                return (f"argument leaf {i} is {leaves[i]!r}, but the graph was traced with "
-                        f"{expected!r} baked in")
+                return "miss" if not explain else (
+                    f"argument leaf {i} is {leaves[i]!r}, but the graph was traced with "
+                    f"{expected!r} baked in")
         inputs = [leaves[i] for i in spec.placeholders]
         if not _kinds_match(inputs, spec):
-            return ("an argument the graph takes as a tensor (or an int) is something else "
+            return "miss" if not explain else ("an argument the graph takes as a tensor (or an int) is something else "
                     f"here ({', '.join(type(x).__name__ for x in inputs)})")
         return inputs
 
@@ -436,7 +439,31 @@ class GraphForward:
                 if (all(_same(leaves[i], c) for i, c in self.spec.constants.items())
                         and _kinds_match(inputs, self.spec)):
                     return self._run(module, inputs, args, kwargs)
+        if torch.compiler.is_compiling():
+            return self._call_compiling(module, args, kwargs)
         return self._call_slow(module, args, kwargs)
+
+    def _call_compiling(self, module: nn.Module, args: tuple[Any, ...],
+                        kwargs: dict[str, Any]) -> Any:
+        """A call dynamo traces: the first graph that serves the call, the primary or one
+        traced later (dynamo compiles it); anything else leaves the compiled region and runs
+        as in eager mode (another graph traced for it, then compiled at the next call, or
+        Python). Dynamo tracing the bookkeeping of a miss (tracing, the Python fallback's
+        counters, lock and hooks) would break the graph inside it and recompile it per
+        module until its limit."""
+        for graph in (self.primary, *self.family.variants):
+            try:
+                inputs = graph.inputs(module, args, kwargs, explain=False)
+            except TypeError:
+                break  # the call does not bind to forward: the module raises (eagerly)
+            if not isinstance(inputs, str):
+                try:
+                    return graph.fn(module, *inputs)
+                except GuardError:
+                    pass
+        # Dynamo guards on the variants it iterated: once the eager call below has traced a
+        # graph for this call, the next call recompiles and compiles that graph.
+        return _eager_call(self, module, args, kwargs)
 
     def _run(self, module: nn.Module, inputs: list[Any], args: tuple[Any, ...],
              kwargs: dict[str, Any]) -> Any:
@@ -528,6 +555,14 @@ class GraphForward:
         graphs = [self.graph, *(v.graph for v in self.family.variants)]
         with self.runtime.python_forward(module, self.qualname, graphs, why):
             return type(module).forward(module, *args, **kwargs)
+
+
+@torch.compiler.disable
+def _eager_call(gf: GraphForward, module: nn.Module, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> Any:
+    """A call its primary graph does not serve, made from a torch.compile'd caller: run
+    outside dynamo (see ``GraphForward.__call__``)."""
+    return gf._call_slow(module, args, kwargs)
 
 
 class _Leaf:

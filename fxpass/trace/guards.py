@@ -20,6 +20,13 @@ _CONVERT = {"bool": bool, "int": int, "float": float, "len": len, "index": int, 
 
 def guard(value: Any, expected: Any, kind: str, where: str) -> None:
     """Raise GuardError unless ``kind(value) == expected``."""
+    if kind == "bool" and type(expected) is bool:
+        # truthiness, not ==: under torch.compile with dynamic shapes ``value`` is a SymBool,
+        # which dynamo guards on in a branch but cannot compare with a bool
+        if (not value) if expected else value:
+            raise GuardError(f"{where}: the graph was traced where bool(...) was {expected!r}, "
+                             f"but this input gives {not expected!r}")
+        return
     got = _CONVERT[kind](value)
     if got != expected:
         raise GuardError(

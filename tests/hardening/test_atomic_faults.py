@@ -41,10 +41,37 @@ class Block(nn.Module):
         return x + self.down(F.gelu(self.up(x)))
 
 
+class ToyRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, dim))
+
+    def forward(self, x):
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+                * self.weight.float()).type_as(x)
+
+
+def _rope(x, cos, sin):
+    """HF's apply_multidimensional_rope for two axes (unsqueeze_dim=2)."""
+    xs = torch.split(x, [D // 2, D // 2], dim=-1)
+    cs = torch.split(cos, [D // 2, D // 2], dim=-1)
+    ss = torch.split(sin, [D // 2, D // 2], dim=-1)
+    out = []
+    for k in range(2):
+        a, c, s = xs[k], cs[k].unsqueeze(2), ss[k].unsqueeze(2)
+        half = a.shape[-1] // 2
+        out.append(a * c + torch.cat((-a[..., half:], a[..., :half]), dim=-1) * s)
+    return torch.cat(out, dim=-1)
+
+
 class FaultToy(nn.Module):
     """Gives every registered rule something to do: q/k/v siblings (fusion), a weight dtype
     probe (weight-probes), a transposed input (contiguity), an SDPA mask built in forward
-    (sdpa-mask), plain linears, nested graphs."""
+    (sdpa-mask), plain linears, nested graphs, an RMSNorm (rms-norm), a multidimensional
+    rotation (rope), a patch conv (patch-conv) whose flattened, transposed output is added
+    (layout)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -54,6 +81,8 @@ class FaultToy(nn.Module):
         self.proj = nn.Linear(D, D)
         self.lconv = nn.Linear(D, D, bias=False)
         self.blocks = nn.ModuleList([Block(), Block()])
+        self.norm = ToyRMSNorm(D)
+        self.patch = nn.Conv2d(D, D, kernel_size=1, stride=1)
 
     def forward(self, hidden_states):
         x = hidden_states.to(self.proj.weight.dtype)
@@ -67,7 +96,11 @@ class FaultToy(nn.Module):
         h = self.lconv(cols.t()).view(b, n, d)
         for block in self.blocks:
             h = block(h)
-        return h
+        h = self.norm(h)
+        ang = torch.cat([h[..., : d // 2], h[..., : d // 2]], dim=-1)
+        h = _rope(h.view(b, n, 1, d), ang.cos(), ang.sin()).view(b, n, d)
+        g = self.patch(h.transpose(1, 2).unsqueeze(-1))  # (b, d, n, 1)
+        return g.flatten(2).transpose(1, 2) + h
 
 
 X = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(0))

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 from transformers import AutoModel
 
 import fxpass
@@ -118,3 +119,96 @@ def test_elementwise_ops_on_dead_fresh_inputs_go_in_place():
     # never on a module input or a view: the residual adds read the layer input
     attn_layer = report.fixes
     assert all("placeholder" not in f.node for f in attn_layer if f.rule == "elementwise")
+
+
+class _Residual(nn.Module):
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.op = op
+
+    def forward(self, x):
+        return self.op(x, self.proj(x))  # residual (a module input) op fresh GEMM output
+
+
+@pytest.mark.parametrize("op, inplace", [(torch.add, True), (torch.mul, True),
+                                         (torch.sub, False)], ids=["add", "mul", "sub"])
+def test_commutative_ops_go_in_place_on_a_fresh_right_operand(op, inplace):
+    torch.manual_seed(0)
+    m = _Residual(op).eval()
+    ref = copy.deepcopy(m)
+    plain = copy.deepcopy(m)
+    x = torch.randn(2, 3, 8)
+    report = fxpass.apply(m, None, load_weights=True, fuse=True, example_inputs=(x,))
+    fxpass.apply(plain, None, load_weights=True, example_inputs=(x,))  # same GEMM, no fuse
+    right = [f for f in report.fixes if f.rule == "elementwise" and "dead right input" in f.detail]
+    assert bool(right) is inplace, report
+    keep = x.clone()
+    with torch.no_grad():
+        assert torch.equal(m(x), plain(x))  # add and mul commute bit for bit
+        torch.testing.assert_close(m(x), ref(x))
+    assert torch.equal(x, keep)  # the module input is never written
+
+
+def test_siglip_residual_adds_go_in_place_on_the_sublayer_output():
+    """``residual + self_attn(...)[0]``: freshness is followed through the tuple item."""
+    tower = zoo.build_tower("siglip_vision")
+    ref = copy.deepcopy(tower)
+    report = fxpass.apply(tower, None, load_weights=True, fuse=True)
+    right = [f for f in report.fixes if f.rule == "elementwise" and "dead right input" in f.detail]
+    assert {f.module.rsplit(".", 1)[-1] for f in right} >= {"0", "1"}, report
+    with torch.no_grad():
+        for s in (0, 1):
+            x = zoo.example_inputs(ref, size_index=s)
+            torch.testing.assert_close(_first(tower(**x)), _first(ref(**x)), atol=1e-4, rtol=0)
+
+
+class _Broadcast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(1, 3, 8))
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.proj(self.table)  # (1, 3, 8): the result's shape only at batch 1
+
+
+def test_in_place_on_the_right_operand_is_checked_per_call():
+    torch.manual_seed(0)
+    m = _Broadcast().eval()
+    ref = copy.deepcopy(m)
+    report = fxpass.apply(m, None, load_weights=True, fuse=True,
+                          example_inputs=(torch.randn(1, 3, 8),))
+    assert any("dead right input" in f.detail for f in report.fixes if f.rule == "elementwise")
+    with torch.no_grad():
+        for batch in (1, 2):  # batch 2 broadcasts the right operand: out of place
+            x = torch.randn(batch, 3, 8)
+            torch.testing.assert_close(m(x), ref(x))
+
+
+def test_a_graph_traced_after_apply_calls_the_merged_layer_once():
+    """The module's Python calls its fused members by name (FusedSlices, each running the
+    whole merged GEMM); a graph traced for a new call regroups them: one merged call."""
+    from fxpass.trace import installed_graph
+
+    tower = _unclipped_gemma4_vision()
+    ref = copy.deepcopy(tower)
+    report = fxpass.apply(tower, None, load_weights=True, fuse=True)
+    assert report.fused
+    attn, ref_attn = tower.encoder.layers[0].self_attn, ref.encoder.layers[0].self_attn
+    x = zoo.example_inputs(ref)
+    captured = {}
+    hook = ref_attn.register_forward_pre_hook(
+        lambda m, a, kw: captured.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        ref(**x)
+    hook.remove()
+    n = captured["hidden_states"].shape[1]
+    mask = torch.ones(1, 1, n, n, dtype=torch.bool)  # traced without a mask: a new graph
+    call = {**captured, "attention_mask": mask}
+    with torch.no_grad():
+        got, want = attn(**call)[0], ref_attn(**call)[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    variant = installed_graph(attn).family.variants[-1]
+    assert "fused__q_proj__k_proj__v_proj" in variant.src
+    assert "self.q_proj(" not in variant.src and "self.k_proj(" not in variant.src

@@ -397,6 +397,54 @@ def test_torch_compile_of_tower_and_layer(siglip, backend, warm):
     assert installed_graph(model.encoder.layers[0]).runtime.stats.fallbacks == {}
 
 
+class _MaskedAttention(nn.Module):
+    """Traced without a mask (None baked in); compiled callers pass one (HF builds a mask
+    where dynamo traces it: its eager no-padding shortcut needs the data)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x, mask=None):
+        y = self.proj(x)
+        if mask is not None:
+            y = y.masked_fill(~mask, 0.0)
+        return y
+
+
+class _Stack(nn.Module):
+    def __init__(self, n: int = 10) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_MaskedAttention() for _ in range(n))
+
+    def forward(self, x, mask=None):
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+def test_compiled_calls_the_graphs_do_not_cover_run_as_in_eager_mode():
+    """A call missing its graph inside torch.compile leaves the compiled region (one graph
+    traced for it, outside dynamo, shared by the identical layers; the next call compiles
+    it), instead of dynamo tracing the fallback's bookkeeping and recompiling it per module
+    past its limit."""
+    torch.manual_seed(0)
+    ref = _Stack().eval()
+    model = copy.deepcopy(ref)
+    x = torch.randn(2, 3, 8)
+    report = fxpass.apply(model, None, load_weights=True, example_inputs=((x,), {}))
+    mask = torch.rand(2, 3, 8) > 0.3
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="eager")
+        for m in (mask, None, mask):
+            torch.testing.assert_close(compiled(x, m), ref(x, m))
+    stats = report.runtime
+    assert not stats.fallbacks, stats  # served by a new graph, not Python
+    # the root and one layer family, each traced once (ten identical layers share it)
+    assert stats.specialisations == {"<root>": 1, "layers.0": 1}, stats
+
+
 def test_deepcopy_hooks_and_state_dict_round_trip(siglip):
     ref, model = siglip
     pix = torch.randn(1, 3, 16, 16)
