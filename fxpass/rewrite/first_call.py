@@ -20,8 +20,10 @@ A graph that reads a vLLM layer's weight values stays Python (its module runs as
 leaves it). A call the module itself rejects installs nothing: its own error is raised and
 the next call is a first call again. If tracing or the rules fail, nothing is installed for
 that subtree: it runs its Python forward from then on (the walk's state, with vLLM GEMM
-inputs made positional and contiguous), and the report and a warning say why. Nothing is
-traced inside dynamo or a CUDA-graph capture: such a call runs Python.
+inputs made positional and contiguous), and the report and a warning say why. Under
+torch.compile the first call runs outside dynamo (traced there; dynamo compiles the graphs
+from the next call on); nothing is traced during a CUDA-graph capture (such a call runs
+Python).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import threading
 import time
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from fxpass.errors import FxpassError, RewriteError
@@ -322,7 +325,17 @@ class Armed:
         self.python = False  # its first-call trace failed: Python serves its calls
 
     def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            # torch.compile of an armed tower: the first call traces outside dynamo, and
+            # dynamo compiles the installed graphs from the next call on
+            return _call_eagerly(self, module, args, kwargs)
         return self.first_call.call(self, module, args, kwargs)
+
+
+@torch.compiler.disable
+def _call_eagerly(armed: Armed, module: nn.Module, args: tuple[Any, ...],
+                  kwargs: dict[str, Any]) -> Any:
+    return armed.first_call.call(armed, module, args, kwargs)
 
 
 def _disarm(module: nn.Module) -> list[tuple[nn.Module, Armed]]:

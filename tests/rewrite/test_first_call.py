@@ -348,3 +348,16 @@ def test_a_weight_read_by_python_goes_back_to_nn_linear_under_nf4():
     assert "reads .weight off it" in report.skipped["t.patch"]
     assert "back to nn.Linear at the first call" in report.skipped["t.patch"]
     assert report.replaced == ["t.out"]
+
+
+def test_torch_compile_of_an_armed_tower_traces_outside_dynamo_then_compiles_the_graphs():
+    ref = _tower()
+    model = copy.deepcopy(ref)
+    report = fxpass.apply(model, None, load_weights=True)
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(X), ref(X), atol=1e-5, rtol=0)
+        assert report.first_call["state"] == "traced"
+        assert installed_graph(model.layers[0]) is not None
+        torch.testing.assert_close(compiled(X), ref(X), atol=1e-5, rtol=0)
+    assert report.runtime.fallbacks == {}
