@@ -141,15 +141,19 @@ def _add_bench(sub: Any) -> None:
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--only", action="append",
-                   choices=("pass_time", "forward", "peers", "rules", "verify", "graph_call"),
+                   choices=("pass_time", "forward", "peers", "rules", "verify", "graph_call",
+                            "first_call"),
                    help="run only this section (repeatable)")
+    p.add_argument("--markdown", metavar="JSON",
+                   help="print the peers / rules tables of a --json result as markdown")
 
     def run(args: Any) -> int:
         from fxpass.bench import main as bench_main
 
         argv = (["--quick"] if args.quick else []) + (
             ["--repeats", str(args.repeats)] if args.repeats else []) + (
-            ["--json", args.json] if args.json else []) + [
+            ["--json", args.json] if args.json else []) + (
+            ["--markdown", args.markdown] if args.markdown else []) + [
             a for s in (args.only or []) for a in ("--only", s)]
         return bench_main(argv)
 

@@ -82,6 +82,12 @@ def rewritten_layers(reference: nn.Module, candidate: nn.Module) -> dict[str, st
               and _lora_base(candidate.get_submodule(path.rpartition(".")[0])
                              if path.endswith(".base_layer") else None) is None):
             out[path] = quant_method_name(getattr(mod, "quant_config", None), mod)
+        elif (type(mod).__name__ == "FusedSlice" and isinstance(ref_modules.get(path), nn.Linear)
+              and is_vllm_linear(getattr(mod, "merged", None))):
+            # a fused member: its weights are a shard of the merged layer, quantized as one
+            # (one quant state per shard), so the reference quantizes it too
+            merged = mod.merged
+            out[path] = quant_method_name(getattr(merged, "quant_config", None), merged)
     return out
 
 

@@ -357,3 +357,23 @@ def test_verify_is_callable_under_both_names():
     assert pkg.verify is verify
     assert fxpass.verify(ref, cand, torch.randn(2, 8), progress=False).passed
     assert pkg(ref, cand, torch.randn(2, 8), progress=False).passed
+
+
+def test_fused_members_are_fake_quantized_in_the_reference():
+    """With fuse=True a member's weights are a shard of the merged nf4 layer: the fake-quant
+    reference quantizes every member (it used to quantize only the merged layer's own path,
+    and SigLIP's out_proj failed the floor at 17 dB)."""
+    from fxpass.verify.compare import rewritten_layers
+    from fxpass.weights import bnb_config
+
+    tower = zoo.build_tower("siglip_vision").eval()
+    ref = copy.deepcopy(tower)
+    x = zoo.example_inputs(tower)
+    report = fxpass.apply(tower, bnb_config("nf4"), load_weights=True, fuse=True,
+                          example_inputs=x)
+    members = [m for ms in report.fused.values() for m in ms]
+    assert members
+    methods = rewritten_layers(ref, tower)
+    assert all(methods[m] == "nf4" for m in members), methods
+    result = fxpass.verify(ref, tower, [x])
+    assert result.passed, result.first_divergence
