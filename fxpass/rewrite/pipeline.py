@@ -274,7 +274,7 @@ def _check_examples_ran(model: nn.Module, tr: Trace) -> None:
     raise UsageError(
         f"fxpass.apply: {type(model).__name__} does not run on the example inputs ({error}); "
         "pass example_inputs that its forward accepts, as a real call would (kwargs dict, "
-        "args tuple or (args, kwargs)), or None for a known HF tower")
+        "args tuple or (args, kwargs)), or none: apply then traces at the first real call")
 
 
 def _check_loadable(model: nn.Module) -> None:

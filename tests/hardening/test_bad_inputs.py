@@ -267,8 +267,8 @@ def test_example_inputs_the_model_cannot_run():
         msg = str(info.value)
         assert msg.startswith(f"fxpass.apply: Tower does not run on the example inputs ({why}")
         assert msg.endswith("pass example_inputs that its forward accepts, as a real call would "
-                            "(kwargs dict, args tuple or (args, kwargs)), or None for a known "
-                            "HF tower")
+                            "(kwargs dict, args tuple or (args, kwargs)), or none: apply then "
+                            "traces at the first real call")
         same.check()
 
 
