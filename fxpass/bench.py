@@ -275,12 +275,11 @@ def first_call_overhead(quick: bool, repeats: int) -> dict[str, Any]:
     the default-size Gemma4 vision and audio towers (fp32, random weights): the first
     forward after that apply against the first forward after apply on example inputs
     (traced at init; both pay oneDNN's first-GEMM setup, and vLLM's walk cannot run the
-    unquantized audio tower at all), and against a warm forward; each repeat on fresh
-    copies. The first repeat starts from an empty trace cache (a process's first tower);
-    the others find it warm (a second identical tower in the process)."""
+    unquantized audio tower at all), and a warm forward; each repeat on fresh copies. A
+    first-call trace runs on its own trace cache (the process-wide one would keep the real
+    call's activations), so every repeat pays the whole trace."""
     import fxpass
     from fxpass import zoo
-    from fxpass.trace import DEFAULT_CACHE
 
     size = "tiny" if quick else "default"
     out: dict[str, Any] = {}
@@ -290,39 +289,28 @@ def first_call_overhead(quick: bool, repeats: int) -> dict[str, Any]:
         x = (_vision_inputs(base, 36 if quick else 256) if name == "gemma4_vision"
              else zoo.example_inputs(base, size_index=2))
         firsts, init_firsts, warms, traces = [], [], [], []
-        cold = cold_init = 0.0
-        for i in range(max(2, repeats // 2)):
-            if i == 0:
-                DEFAULT_CACHE.clear()
+        for _ in range(max(2, repeats // 2)):
             model = copy.deepcopy(base)
             report = fxpass.apply(model, None, load_weights=True, first_call=True)
+            at_init = copy.deepcopy(base)
+            fxpass.apply(at_init, None, load_weights=True, example_inputs=x)
             gc.collect()
             with torch.no_grad():
                 t0 = time.perf_counter()
-                model(**x)  # traced here (the first repeat: on an empty trace cache)
-                first = time.perf_counter() - t0
-                at_init = copy.deepcopy(base)
-                fxpass.apply(at_init, None, load_weights=True, example_inputs=x)
-                gc.collect()
+                model(**x)
+                firsts.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 at_init(**x)
-                init_first = time.perf_counter() - t0
-                warm = _median_time(lambda: model(**x), 3, warmup=0)
-            if i == 0:
-                cold, cold_init = first, init_first
-            else:
-                firsts.append(first)
-                init_firsts.append(init_first)
-                traces.append(report.first_call.get("trace_and_rewrite_s", 0.0))
-            warms.append(warm)
+                init_firsts.append(time.perf_counter() - t0)
+                warms.append(_median_time(lambda: model(**x), 3, warmup=0))
+            traces.append(report.first_call.get("trace_and_rewrite_s", 0.0))
             del model, at_init
-        warm_s = statistics.median(warms)
         first_s, init_first_s = statistics.median(firsts), statistics.median(init_firsts)
         out[name] = {
             "layers": base.config.num_hidden_layers, "hidden": base.config.hidden_size,
-            "warm_s": warm_s, "first_s": first_s, "init_first_s": init_first_s,
-            "extra_s": first_s - init_first_s, "first_over_init_first": first_s / init_first_s,
-            "first_cold_s": cold, "extra_cold_s": cold - cold_init,
+            "warm_s": statistics.median(warms), "first_s": first_s,
+            "init_first_s": init_first_s, "extra_s": first_s - init_first_s,
+            "first_over_init_first": first_s / init_first_s,
             "trace_and_rewrite_s": statistics.median(traces),
         }
         del base
@@ -734,9 +722,7 @@ def table(result: dict[str, Any]) -> str:
             f"  {name:<14} {r['layers']} layers, hidden {r['hidden']}: first call "
             f"{r['first_s'] * 1e3:.1f} ms vs {r['init_first_s'] * 1e3:.1f} ms traced at init "
             f"({r['extra_s'] * 1e3:+.1f} ms, {r['first_over_init_first']:.2f}x; trace + "
-            f"rewrite {r['trace_and_rewrite_s'] * 1e3:.1f} ms); warm {r['warm_s'] * 1e3:.1f} "
-            f"ms; a process's first tower (empty trace cache) {r['first_cold_s'] * 1e3:.1f} ms "
-            f"({r['extra_cold_s'] * 1e3:+.1f} ms)")
+            f"rewrite {r['trace_and_rewrite_s'] * 1e3:.1f} ms); warm {r['warm_s'] * 1e3:.1f} ms")
     if "peers" in result:
         lines += peers_table(result["peers"])
     if "rules" in result:

@@ -40,7 +40,7 @@ from fxpass.errors import FxpassError, RewriteError
 from fxpass.layers import is_linear, is_vllm_gemm
 from fxpass.report import Fix, Report
 from fxpass.rewrite.base import RewriteContext, is_vllm_linear
-from fxpass.trace import GraphForward, TreeIndex, install, trace
+from fxpass.trace import GraphForward, TraceCache, TreeIndex, install, trace
 from fxpass.trace.graph_runtime import _Family, _why_no_trace, fxpass_forward
 
 logger = logging.getLogger("fxpass")
@@ -197,7 +197,11 @@ class FirstCall:
         hooks = [sub.register_forward_pre_hook(_gemm_input, with_kwargs=True)
                  for sub in index.paths.values() if is_vllm_gemm(sub)]
         try:
-            return trace(module, (args, kwargs), index=index, policy=self.runtime), index
+            # A private trace cache: its entries hold the captured inputs of every module,
+            # here the real call's activations (a profile batch), which the process-wide
+            # cache would keep alive; identical layers still share one trace within it.
+            return trace(module, (args, kwargs), index=index, policy=self.runtime,
+                         cache=TraceCache()), index
         finally:
             for h in hooks:
                 h.remove()
