@@ -82,11 +82,23 @@ def rewritten_layers(reference: nn.Module, candidate: nn.Module) -> dict[str, st
               and _lora_base(candidate.get_submodule(path.rpartition(".")[0])
                              if path.endswith(".base_layer") else None) is None):
             out[path] = quant_method_name(getattr(mod, "quant_config", None), mod)
-        elif (type(mod).__name__ == "FusedSlice" and isinstance(ref_modules.get(path), nn.Linear)
-              and is_vllm_linear(getattr(mod, "merged", None))):
-            # a fused member: its weights are a shard of the merged layer, quantized as one
-            # (one quant state per shard), so the reference quantizes it too
-            merged = mod.merged
+    return out
+
+
+def fused_members(reference: nn.Module, candidate: nn.Module) -> dict[str, str]:
+    """Paths of fused members in ``candidate`` (a ``FusedSlice`` of a merged vLLM layer where
+    ``reference`` has an ``nn.Linear``), with the merged layer's quant method: their weights
+    are shards of it, each quantized as the merged layer quantizes its shards, so the
+    fake-quant reference quantizes them too (the merged layer sits at its own path, which
+    the reference does not have)."""
+    from fxpass.weights import quant_method_name
+
+    ref_modules = dict(reference.named_modules())
+    out: dict[str, str] = {}
+    for path, mod in candidate.named_modules():
+        merged = mod.__dict__.get("merged") if type(mod).__name__ == "FusedSlice" else None
+        if merged is not None and is_vllm_linear(merged) and isinstance(
+                ref_modules.get(path), nn.Linear):
             out[path] = quant_method_name(getattr(merged, "quant_config", None), merged)
     return out
 
@@ -526,7 +538,9 @@ def verify(reference: nn.Module, candidate: nn.Module, inputs: Any, *,
 
     references: list[tuple[str, nn.Module]] = [(REFERENCE, reference)]
     if quant and fake_quant:
-        references.insert(0, (FAKE_QUANT, fake_quant_reference(reference, methods, shards)))
+        fq_methods = {**fused_members(reference, candidate), **methods}
+        references.insert(0, (FAKE_QUANT, fake_quant_reference(reference, fq_methods,
+                                                                shards)))
     # The near-exact limits hold against the fake-quant reference for quantized candidates
     # (skipped with fake_quant=False) and against the original module otherwise.
     exact_ref = FAKE_QUANT if quant else REFERENCE

@@ -363,7 +363,7 @@ def test_fused_members_are_fake_quantized_in_the_reference():
     """With fuse=True a member's weights are a shard of the merged nf4 layer: the fake-quant
     reference quantizes every member (it used to quantize only the merged layer's own path,
     and SigLIP's out_proj failed the floor at 17 dB)."""
-    from fxpass.verify.compare import rewritten_layers
+    from fxpass.verify.compare import fused_members
     from fxpass.weights import bnb_config
 
     tower = zoo.build_tower("siglip_vision").eval()
@@ -371,9 +371,10 @@ def test_fused_members_are_fake_quantized_in_the_reference():
     x = zoo.example_inputs(tower)
     report = fxpass.apply(tower, bnb_config("nf4"), load_weights=True, fuse=True,
                           example_inputs=x)
-    members = [m for ms in report.fused.values() for m in ms]
+    members = [m for ms in report.fused.values() for m in ms]  # each a FusedSlice now
     assert members
-    methods = rewritten_layers(ref, tower)
-    assert all(methods[m] == "nf4" for m in members), methods
+    methods = fused_members(ref, tower)
+    assert set(methods) == set(members)
+    assert set(methods.values()) == {"nf4"}
     result = fxpass.verify(ref, tower, [x])
     assert result.passed, result.first_divergence
