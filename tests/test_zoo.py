@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -92,23 +91,15 @@ def test_gemma4_vision_inputs_follow_the_processor_layout(towers):
     assert pos[0, 1].tolist() == [1, 0]  # (x, y), x fastest
 
 
-def test_tiny_tower_forward_is_fast(towers):
-    # One thread and the best of a few runs: with a busy neighbour, OpenMP barriers on 2 cores
-    # once stretched a 1 ms forward to 250 ms. Measured: 0.4-10 ms at size 2.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for name, tower in towers.items():
-            inputs = zoo.example_inputs(tower, size_index=2, batch=2)
-            _run(tower, inputs)  # warm-up
-            best = float("inf")
-            for _ in range(5):
-                start = time.perf_counter()
-                _run(tower, inputs)
-                best = min(best, time.perf_counter() - start)
-            assert best < 0.05, (name, best)
-    finally:
-        torch.set_num_threads(threads)
+def test_tiny_towers_stay_tiny(towers):
+    """What keeps the suite fast is size, checked as size (never timed: machines are noisy;
+    `fxpass bench` measures time): a few tens of thousands of parameters, and outputs of a
+    few thousand values at the largest example size, batch 2."""
+    for name, tower in towers.items():
+        assert sum(p.numel() for p in tower.parameters()) < 100_000, name
+        out = _run(tower, zoo.example_inputs(tower, size_index=2, batch=2))
+        hidden = out["last_hidden_state"] if isinstance(out, dict) else out[0]
+        assert hidden.numel() < 20_000, (name, tuple(hidden.shape))
 
 
 def test_tiny_gemma4_has_every_linear_kind(towers):
@@ -169,10 +160,8 @@ def test_bf16_tower_gets_bf16_inputs():
 
 
 @pytest.mark.parametrize("name", zoo.KNOWN_TOWERS)
-def test_default_size_builds_on_meta_quickly(name):
-    start = time.perf_counter()
+def test_default_size_builds_on_meta(name):
     tower = zoo.build_tower(name, size="default", device="meta", dtype=torch.bfloat16)
-    assert time.perf_counter() - start < 2.0
     params = list(tower.parameters())
     assert all(p.is_meta and p.dtype == torch.bfloat16 for p in params)
     assert sum(p.numel() for p in params) > 50_000_000  # the config class's real sizes
