@@ -122,6 +122,18 @@ class RewriteContext:
         self.edited.add(mg.qualname)
 
 
+def module_sites(ctx: RewriteContext, pred: Callable[[nn.Module], bool]
+                 ) -> Iterator[tuple[Site, str]]:
+    """Every call_module site of the graphs whose module satisfies ``pred``, with the
+    module's qualified name (what a rule that replaces a module kind matches)."""
+    for mg in ctx.graphs():
+        for node in mg.nodes_of("call_module"):
+            site = Site(mg, node)
+            q = site.full_target()
+            if q in ctx.modules and pred(ctx.module(q)):
+                yield site, q
+
+
 class Rule(Protocol):
     """match -> check -> apply. Register new rules in ``registry.RULES``."""
 

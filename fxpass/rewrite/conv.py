@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpass import meta
-from fxpass.rewrite.base import RewriteContext, Site
+from fxpass.rewrite.base import RewriteContext, Site, module_sites
 
 
 def patch_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -60,14 +60,7 @@ class PatchConvAsGemm:
     def match(self, ctx: RewriteContext) -> list[ConvMatch]:
         if not ctx.fuse:
             return []
-        out = []
-        for mg in ctx.graphs():
-            for node in mg.nodes_of("call_module"):
-                site = Site(mg, node)
-                q = site.full_target()
-                if q in ctx.modules and type(ctx.module(q)) is nn.Conv2d:
-                    out.append(ConvMatch(site, q))
-        return out
+        return [ConvMatch(site, q) for site, q in module_sites(ctx, lambda m: type(m) is nn.Conv2d)]
 
     def check(self, ctx: RewriteContext, m: ConvMatch) -> str | None:
         conv = ctx.module(m.qualname)

@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxpass import meta
-from fxpass.rewrite.base import RewriteContext, Site
+from fxpass.rewrite.base import RewriteContext, Site, module_sites
 
 EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -141,14 +141,7 @@ class RmsNormToVllm:
     def match(self, ctx: RewriteContext) -> list[NormMatch]:
         if not ctx.fuse:
             return []
-        out = []
-        for mg in ctx.graphs():
-            for node in mg.nodes_of("call_module"):
-                site = Site(mg, node)
-                q = site.full_target()
-                if q in ctx.modules and _is_rms_norm_class(ctx.module(q)):
-                    out.append(NormMatch(site, q))
-        return out
+        return [NormMatch(site, q) for site, q in module_sites(ctx, _is_rms_norm_class)]
 
     def check(self, ctx: RewriteContext, m: NormMatch) -> str | None:
         if ctx.tp > 1:
