@@ -319,12 +319,26 @@ def first_call_overhead(quick: bool, repeats: int) -> dict[str, Any]:
 
 
 class _LayerCall(nn.Module):
-    """A call shaped as HF encoder layers are called; its body is one op, so the time
-    around it is what a graph forward adds."""
+    """A call shaped as HF encoder layers are called, reading the state HF attention reads
+    (its config's attention implementation and flags, the mode, plain attributes: each
+    checked per call after apply); its body is one op, so the time around it is what a graph
+    forward adds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig()
+        self.config._attn_implementation = "sdpa"
+        self.scaling = 0.125
+        self.dropout = 0.0
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, scale=1.0):
         cos, sin = position_embeddings
-        return hidden_states * cos + sin
+        if self.config._attn_implementation == "eager" or self.config.output_attentions:
+            hidden_states = hidden_states * 2
+        p = self.dropout if self.training else 0.0
+        return (hidden_states * cos + sin) * (self.scaling + p)
 
 
 def graph_call_overhead(quick: bool, repeats: int) -> dict[str, Any]:

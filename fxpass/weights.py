@@ -123,9 +123,14 @@ def build_vllm_linear(
     from vllm.model_executor.layers.linear import ReplicatedLinear
 
     target = torch.device(device) if device is not None else linear.weight.device
-    return _build_layer(ReplicatedLinear, quant_config, prefix, target,
-                        input_size=linear.in_features, output_size=linear.out_features,
-                        bias=linear.bias is not None, params_dtype=linear.weight.dtype)
+    layer = _build_layer(ReplicatedLinear, quant_config, prefix, target,
+                         input_size=linear.in_features, output_size=linear.out_features,
+                         bias=linear.bias is not None, params_dtype=linear.weight.dtype)
+    # HF code reads a linear's sizes (``self.proj.out_features``); vLLM's layer names them
+    # input_size / output_size. A graph traced again after apply (a new shape, a changed mode
+    # or config) and a Python forward run that code against this layer.
+    layer.in_features, layer.out_features = linear.in_features, linear.out_features
+    return layer
 
 
 def _build_layer(cls: type, quant_config: Any, prefix: str, device: torch.device,

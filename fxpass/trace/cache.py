@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import threading
-import types
 import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -23,59 +21,11 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from fxpass.layers import is_linear
-from fxpass.trace.graph_runtime import _same
-from fxpass.trace.tracer import Capture, CallSpec, ValueTracer
+from fxpass.trace.state import MISSING, read, same
+from fxpass.trace.tracer import Capture, CallSpec
 
 if TYPE_CHECKING:
     from fxpass.trace.graph_runtime import GraphForward
-
-# -- attribute-read recording (the cache key's non-structural part) ----------------------
-
-_RECORDERS: list["_Recorder"] = []
-_orig_getattribute = object.__getattribute__
-_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
-
-
-class _Recorder:
-    def __init__(self, root: nn.Module, tracer: ValueTracer) -> None:
-        self.paths = {id(m): p for p, m in root.named_modules()}
-        self.tracer = tracer
-        self.reads: dict[tuple[str, str], Any] = {}
-
-
-def _recording_getattribute(self: nn.Module, name: str) -> Any:
-    value = _orig_getattribute(self, name)
-    if _RECORDERS and name[0] != "_":
-        rec = _RECORDERS[-1]
-        path = rec.paths.get(id(self))
-        if (path is not None and not rec.tracer._eager
-                and not isinstance(value, (nn.Module, torch.Tensor, types.MethodType))):
-            rec.reads.setdefault((path, name), value)
-    return value
-
-
-_patch_lock = threading.RLock()
-
-
-class _recording:
-    """Record the plain attributes read off modules of ``root`` while tracing it."""
-
-    def __init__(self, root: nn.Module, tracer: ValueTracer) -> None:
-        self.rec = _Recorder(root, tracer)
-
-    def __enter__(self) -> _Recorder:
-        _patch_lock.acquire()
-        if not _RECORDERS:
-            nn.Module.__getattribute__ = _recording_getattribute  # type: ignore[method-assign]
-        _RECORDERS.append(self.rec)
-        return self.rec
-
-    def __exit__(self, *exc: Any) -> None:
-        _RECORDERS.pop()
-        if not _RECORDERS:
-            del nn.Module.__getattribute__
-        _patch_lock.release()
-
 
 # -- cache -------------------------------------------------------------------------------
 
@@ -176,7 +126,7 @@ class TraceCache:
         for entry in self._entries.get(key, ()):
             if entry.owner is not None and entry.owner() is not module:
                 continue
-            if all(_same(_read(module, p, n), v) for (p, n), v in entry.reads.items()):
+            if all(same(read(module, p, n), v) for (p, n), v in entry.reads.items()):
                 self._entries.move_to_end(key)
                 return entry
         return None
@@ -189,16 +139,6 @@ class TraceCache:
 
     def clear(self) -> None:
         self._entries.clear()
-
-
-_MISSING = object()
-
-
-def _read(module: nn.Module, path: str, name: str) -> Any:
-    try:
-        return getattr(module.get_submodule(path) if path else module, name)
-    except AttributeError:
-        return _MISSING
 
 
 DEFAULT_CACHE = TraceCache()

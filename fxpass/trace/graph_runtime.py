@@ -46,7 +46,9 @@ from torch import nn
 from fxpass import meta
 from fxpass.errors import GuardError
 from fxpass.trace import guards
+from fxpass.trace.state import same as _same
 from fxpass.trace.tracer import (
+    TRACE_LOCK,
     CallSpec,
     bind_call,
     bind_module_call,
@@ -326,6 +328,8 @@ class _Compiled:
         if spec.training is not None and module.training != spec.training:
             return (f"the module is in {'training' if module.training else 'eval'} mode, but "
                     f"its graph was traced in {'training' if spec.training else 'eval'} mode")
+        if spec.reads and not spec.reads.hold(module):
+            return "miss" if not explain else (spec.reads.why_not(module) or "miss")
         args, kwargs = bind_module_call(module, args, kwargs)
         leaves, treespec = pytree.tree_flatten((args, kwargs))
         if treespec != spec.treespec:
@@ -420,7 +424,9 @@ class GraphForward:
         # without binding and flattening it again; anything not shaped as the plan says
         # takes the checked path.
         plan = self._plans.get((len(args), tuple(kwargs))) if self._plans else None
-        if plan is not None and module.training is self.spec.training:
+        reads = self.spec.reads
+        if (plan is not None and module.training is self.spec.training
+                and (not reads or reads.hold(module))):
             leaves: list[Any] = []
             for key, shape in plan:
                 t = type(key)
@@ -519,7 +525,7 @@ class GraphForward:
         blocked = _why_no_trace()
         if blocked:
             return self._python(module, args, kwargs, f"{why}; not traced again: {blocked}")
-        with fam.lock:
+        with TRACE_LOCK, fam.lock:  # the trace lock first (see tracer.TRACE_LOCK)
             if len(fam.variants) >= self.runtime.max_variants:
                 self._choose(key, None)
                 return self._python(module, args, kwargs, (
@@ -657,22 +663,6 @@ def _plan_of(sig: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
         else:
             return None
     return plan
-
-
-def _same(a: Any, b: Any) -> bool:
-    if a is b:
-        return True
-    if type(a) is not type(b) or isinstance(a, torch.Tensor):
-        return False
-    if isinstance(a, functools.partial):  # partials compare by identity; compare their parts
-        return (_same(a.func, b.func) and len(a.args) == len(b.args)
-                and all(_same(x, y) for x, y in zip(a.args, b.args))
-                and a.keywords.keys() == b.keywords.keys()
-                and all(_same(v, b.keywords[k]) for k, v in a.keywords.items()))
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - incomparable objects are simply different
-        return False
 
 
 # -- installing --------------------------------------------------------------------------

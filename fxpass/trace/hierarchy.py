@@ -35,23 +35,20 @@ from fxpass.trace.cache import (
     _Frame,
     _inputs_key,
     _join,
-    _read,
-    _recording,
     _structure_key,
     _Subtree,
-    _MISSING,
 )
 from fxpass.trace.graph_runtime import (
     GraphForward,
     ModuleGraph,
     Respecialiser,
     _Family,
-    _same,
     foreign_forward,
     install,
     is_graph_forward,
 )
 from fxpass.trace.memo import MemoForward, MetaMemo
+from fxpass.trace.state import StateReads, read, recording, same
 from fxpass.trace.tracer import (
     Capture,
     ValueTracer,
@@ -62,6 +59,7 @@ from fxpass.trace.tracer import (
     forward_signature,
     is_constant,
     make_call_spec,
+    trace_session,
 )
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
@@ -303,15 +301,15 @@ class _Walker:
         for rel, names in subtree.reads.items():
             owner = mods.get(rel)
             for name, value in names:
-                got = _read(module, rel, name) if owner is None else getattr(
-                    owner, name, _MISSING)
+                got = read(owner if owner is not None else module,
+                           "" if owner is not None else rel, name)
                 if got is value:
                     continue
                 pair = (id(got), id(value))
-                same = compared.get(pair)
-                if same is None:
-                    same = compared[pair] = _same(got, value)
-                if not same:
+                equal = compared.get(pair)
+                if equal is None:
+                    equal = compared[pair] = same(got, value)
+                if not equal:
                     return False
         for rel, _ in subtree.visits[:-1]:
             if _join(qualname, rel) in self.visited:
@@ -366,7 +364,7 @@ class _Walker:
         spec.training = module.training
         reason = None
         graph = None
-        with _recording(module, tracer) as rec, torch.no_grad():
+        with recording(module, tracer) as rec, torch.no_grad():
             try:
                 if foreign_forward(module):
                     raise TraceError(_FOREIGN_FORWARD)
@@ -391,6 +389,7 @@ class _Walker:
             if eager_error:
                 reason += (f" (running it as Python on the example also failed: {eager_error}; "
                            f"submodules called after that point are not traced)")
+        spec.reads = StateReads(rec.reads, rec.modes)
         owner = None
         if graph is not None and any(n.op == "call_function" and is_constant(n.target)
                                      for n in graph.nodes):
@@ -454,16 +453,17 @@ def trace(module: nn.Module, example_inputs: Any = None, *,
     result = Trace(root=module, example_inputs=(args, kwargs))
     if index is None:
         index = TreeIndex.of(module)
-    # Trace the class forward, not a previously installed graph.
-    distinct = {id(m): m for m in index.paths.values()}.values()
-    saved = {m: m.__dict__.pop("forward") for m in distinct
-             if is_graph_forward(m.__dict__.get("forward"))}
-    walker = _Walker(result, cache, index, policy)
-    try:
-        walker.visit(module, "", args, kwargs, set())
-    finally:
-        walker.uninstall()
-        for m, fwd in saved.items():
-            m.__dict__["forward"] = fwd
+    with trace_session():
+        # Trace the class forward, not a previously installed graph.
+        distinct = {id(m): m for m in index.paths.values()}.values()
+        saved = {m: m.__dict__.pop("forward") for m in distinct
+                 if is_graph_forward(m.__dict__.get("forward"))}
+        walker = _Walker(result, cache, index, policy)
+        try:
+            walker.visit(module, "", args, kwargs, set())
+        finally:
+            walker.uninstall()
+            for m, fwd in saved.items():
+                m.__dict__["forward"] = fwd
     result.elapsed_s = time.perf_counter() - start
     return result

@@ -10,8 +10,10 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from fxpass.trace.cache import _PLAIN
 from fxpass.trace.graph_runtime import GraphForward
+
+# values a memo key holds as they are (hashable, compared by equality)
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
 class MetaMemo:
     """Outputs of graphs run on meta values while walking, keyed by the inputs' metadata.

@@ -29,6 +29,7 @@ import operator
 import os
 import re
 import sys
+import threading
 from typing import Any, Callable, Iterator
 
 import torch
@@ -40,6 +41,7 @@ from torch.fx.node import map_aggregate
 from fxpass import meta
 from fxpass.errors import TraceError
 from fxpass.trace.guards import guard
+from fxpass.trace.state import StateReads, recording
 
 # Reads of these give tensor metadata, never data: fine to specialise on (with a guard).
 _METADATA_ATTRS = frozenset(
@@ -328,6 +330,8 @@ class CallSpec:
     names: list[str]
     training: bool | None = None  # the module's training flag when traced (None: unchecked)
     tensor_inputs: tuple[bool, ...] = ()  # per placeholder: a tensor (else an int)
+    # module / config state the forward read while tracing, checked per call (see state.py)
+    reads: StateReads | None = None
 
 
 def _leaf_names(treespec: pytree.TreeSpec, sig: inspect.Signature | None) -> list[str]:
@@ -763,7 +767,8 @@ class ValueTracer(fx.Tracer):
                 # A tensor made during tracing: a graph constant, not an attribute on the module.
                 return self._constant(a, static=False)
         if dataclasses.is_dataclass(a) and not isinstance(a, type):
-            fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(a)}
+            with self.eager():  # the tracer's own reads: not state the forward read
+                fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(a)}
             if _has_proxy(fields):
                 # ModelOutput & co built from graph values: rebuild the same type at run
                 # time, not a plain dict; a ModelOutput keeps its keys' order (code that
@@ -990,7 +995,31 @@ def trace_module(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     tracer = ValueTracer()
     tracer.values = dict(values or {})
     tracer.leaf_inputs = leaf_inputs
-    with torch.no_grad():
+    with trace_session(), recording(module, tracer) as rec, torch.no_grad():
         graph = tracer.trace_call(module, clone_values(args), clone_values(kwargs), spec)
+    spec.reads = StateReads(rec.reads, rec.modes)
     finalize(graph)
     return graph, spec
+
+
+# Tracing patches process-wide names (torch factories, ``nn.Module.__setattr__`` /
+# ``__getattribute__``, config classes): two traces at once would restore each other's
+# patches out of order, and a Python forward running beside a trace would be recorded into
+# it. Every trace of the process holds this lock; take it before any lock of your own that a
+# trace may need (a graph family's, a first call's), never after.
+TRACE_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def trace_session() -> Iterator[None]:
+    """One trace (or a walk of traces): under :data:`TRACE_LOCK`, on a forked RNG.
+
+    Tracing runs the forward on example values, dropout and random ops included; the RNG is
+    restored afterwards, so a call traced on the way (a first call, a re-specialisation)
+    draws the same random numbers the original module would draw for it.
+    """
+    with TRACE_LOCK:
+        devices = (list(range(torch.cuda.device_count()))
+                   if torch.cuda.is_available() and torch.cuda.is_initialized() else [])
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            yield
