@@ -86,6 +86,18 @@ class ScaledLinear(nn.Linear):
         return super().forward(input) * self.alpha
 
 
+class Drop(nn.Module):
+    """Dropout read off plain state (``self.p``, ``self.training``), as HF attention does."""
+
+    def __init__(self, d: int, bias: bool) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d, bias=bias)
+        self.p = 0.0
+
+    def forward(self, x):
+        return F.dropout(self.lin(x), p=self.p, training=self.training)
+
+
 class Clippable(nn.Module):
     def __init__(self, d: int, bias: bool, clip: bool, kw: bool) -> None:
         super().__init__()
@@ -541,6 +553,7 @@ PLAIN_LEAVES = st.one_of(
     st.tuples(st.just("mlp"), BIAS, st.sampled_from(sorted(ACTS))),
     st.tuples(st.just("qkv"), BIAS),
     st.tuples(st.just("norm")),
+    st.tuples(st.just("drop"), BIAS),
     st.tuples(st.just("tied"), BIAS),
     st.tuples(st.just("shared"), BIAS),
     st.tuples(st.just("ops"),
@@ -613,6 +626,8 @@ def build_block(spec: tuple[Any, ...], d: int) -> nn.Module:
         return QKV(d, a[0])
     if kind == "norm":
         return nn.LayerNorm(d)
+    if kind == "drop":
+        return Drop(d, a[0])
     if kind == "tied":
         return Tied(d, a[0])
     if kind == "shared":
@@ -686,3 +701,54 @@ def tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, (tuple, list)):
         return [t for o in out for t in tensors(o)]
     raise TypeError(type(out))
+
+
+# ------------------------------------------------------------------------------ state knobs
+
+# Plain state a forward reads, and what a user may set it to after apply. ``kw_call`` is left
+# out: a linear called by keyword only after apply is the documented known limit above.
+_OUTS = ("tensor", "tuple", "dataclass")
+_FORMS = {RenamedCaller: ("old", "new", "pos"), DefaultsCaller: ("omit", "explicit", "pos")}
+
+
+def knobs(model: nn.Module) -> list[tuple[str, str, tuple[Any, ...]]]:
+    """``(module path, attribute chain, values)`` a user could set between calls: training
+    mode, plain attributes (bools, floats, forms), dropout rates and config-object fields."""
+    out: list[tuple[str, str, tuple[Any, ...]]] = []
+    for path, m in model.named_modules():
+        out.append((path, "training", (True, False)))
+        for k, v in vars(m).items():
+            if k.startswith("_") or k in ("training", "kw_call"):
+                continue
+            if isinstance(v, bool):
+                out.append((path, k, (True, False)))
+            elif k == "p" and isinstance(m, Drop):
+                out.append((path, k, (0.0, 0.5)))
+            elif isinstance(v, float):
+                out.append((path, k, (v, v * 1.5, -v)))
+            elif k == "form":
+                out.append((path, k, _FORMS[type(m)]))
+            elif k == "out":
+                out.append((path, k, _OUTS))
+            elif isinstance(v, Cfg):
+                for f in dataclasses.fields(v):
+                    out.append((path, f"{k}.{f.name}", (True, False)))
+                out.append((path, f"{k}=", (True, False)))  # a new config object
+    return out
+
+
+def set_knob(model: nn.Module, path: str, chain: str, value: Any) -> None:
+    """Set a knob as a user would: ``.train()`` / ``.eval()`` for the mode (recursive), an
+    attribute in place, or (``config=``) a new config object with one field changed."""
+    m = model.get_submodule(path)
+    if chain == "training":
+        m.train(value)
+    elif chain.endswith("="):
+        name = chain[:-1]
+        old = getattr(m, name)
+        setattr(m, name, dataclasses.replace(old, flag=value))
+    elif "." in chain:
+        name, field = chain.split(".")
+        setattr(getattr(m, name), field, value)
+    else:
+        setattr(m, chain, value)

@@ -19,6 +19,10 @@ The property, per tree:
   ``GuardError`` (that is strict mode's). (One input is exempt from the comparison: one where
   the reference's data-dependent decision sat within 1e-4 of its threshold, which any
   rewrite's rounding may flip; counted as ``knife_edge``.)
+* after state a user changes between calls, the same change made on both models (``flips``:
+  training mode of any module, plain flags and floats, dropout rates, config fields in place
+  and new config objects, output and call forms; ``hardening_trees.knobs``), the same calls
+  on the same RNG seed still match (or raise alike).
 
 Known limit, kept out of the generator on purpose: code that the example inputs never run
 (the untaken arm of an ``if`` in a module that stays Python: a data-dependent branch, or any
@@ -113,8 +117,12 @@ def _record_margins(model: nn.Module) -> None:
                 args[0][0, :, 0].abs().min(), (args[0][0, :, 0] - 0.5).abs().min()))))
 
 
-def check_tree(spec, d: int, seed: int, fuse: bool = False) -> dict[str, int]:
-    """Apply fxpass to the tree ``spec`` and check the property; returns what happened."""
+def check_tree(spec, d: int, seed: int, fuse: bool = False,
+               flips: tuple[tuple[int, int], ...] = ()) -> dict[str, int]:
+    """Apply fxpass to the tree ``spec`` and check the property; returns what happened.
+
+    ``flips``: state changes made after the calls, each ``(knob index, value index)`` into
+    ``hardening_trees.knobs`` (taken modulo their counts)."""
     body, out_kind, kw_root = spec
     model = trees.build(spec, d, seed)
     ref = copy.deepcopy(model)
@@ -173,42 +181,72 @@ def check_tree(spec, d: int, seed: int, fuse: bool = False) -> dict[str, int]:
     calls += [(torch.randn(*shape, d, generator=gen), False) for shape in OTHER_SHAPES]
     calls.append((torch.randn(*OTHER_SHAPES[0], d, generator=gen), True))
     for x, direct in calls:
-        try:
-            if direct:
-                MARGINS.clear()
-                with torch.no_grad():
-                    expected = ref.body(x)
-            else:
-                expected, decisions = _run(ref, x, kw_root)
-                other_branch += decisions != trace_decisions
-        except Exception as e:  # noqa: BLE001 - the original refuses: so must the rewrite
-            with pytest.raises(type(e)):
-                model.body(x) if direct else _run(model, x, kw_root)
-            continue
-        margin = min(MARGINS, default=1.0)
-        with torch.no_grad():
-            got = model.body(x) if direct else _run(model, x, kw_root)[0]
-        exp_t, got_t = trees.tensors(expected), trees.tensors(got)
-        assert type(got) is type(expected) and len(exp_t) == len(got_t)
-        if margin < KNIFE_EDGE:
-            # a data-dependent decision sat on its threshold: rounding may pick either arm
-            knife_edge += 1
-            continue
-        for a, b in zip(exp_t, got_t):
-            torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
+        outcome = _compare_call(ref, model, x, kw_root, direct, seed)
+        knife_edge += outcome == "knife_edge"
+        other_branch += (not direct and outcome not in ("raised", "knife_edge")
+                         and outcome != trace_decisions)
+
+    # -- state a user changes between calls (mode, attributes, config fields and objects,
+    # dropout rates), the same change on both models, then the same seeded calls -----------
+    knobs = trees.knobs(ref)
+    changed = 0
+    for i, j in flips:
+        path, chain, values = knobs[i % len(knobs)]
+        value = values[j % len(values)]
+        for m in (ref, model):
+            trees.set_knob(m, path, chain, value)
+        changed += 1
+        for x in (x0, torch.randn(*OTHER_SHAPES[1], d, generator=gen)):
+            knife_edge += _compare_call(ref, model, x, kw_root, False, seed) == "knife_edge"
     rt = report.runtime
     return {"replaced": len(replaced), "skipped": len(skipped), "other_branch": other_branch,
             "specialised": sum(rt.specialisations.values()),
             "python_calls": sum(rt.fallbacks.values()),
             "fused": len(report.fused), "knife_edge": knife_edge,
-            "untraced": len(report.untraced), "fixes": len(report.fixes)}
+            "untraced": len(report.untraced), "fixes": len(report.fixes),
+            "state_changes": changed}
+
+
+def _compare_call(ref: nn.Module, model: nn.Module, x: torch.Tensor, kw_root: bool,
+                  direct: bool, seed: int) -> object:
+    """One call of both models on the same RNG seed: the same answer (within budget) or the
+    same exception type. Returns "raised", "knife_edge" (not compared) or the reference's
+    shape-branch decisions."""
+    try:
+        torch.manual_seed(seed)
+        if direct:
+            MARGINS.clear()
+            trees.DECISIONS.clear()
+            with torch.no_grad():
+                expected = ref.body(x)
+            decisions = list(trees.DECISIONS)
+        else:
+            expected, decisions = _run(ref, x, kw_root)
+    except Exception as e:  # noqa: BLE001 - the original refuses: so must the rewrite
+        torch.manual_seed(seed)
+        with pytest.raises(type(e)):
+            model.body(x) if direct else _run(model, x, kw_root)
+        return "raised"
+    margin = min(MARGINS, default=1.0)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        got = model.body(x) if direct else _run(model, x, kw_root)[0]
+    exp_t, got_t = trees.tensors(expected), trees.tensors(got)
+    assert type(got) is type(expected) and len(exp_t) == len(got_t)
+    if margin < KNIFE_EDGE:
+        # a data-dependent decision sat on its threshold: rounding may pick either arm
+        return "knife_edge"
+    for a, b in zip(exp_t, got_t):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
+    return decisions
 
 
 @PROFILE
 @given(spec=trees.specs(), d=st.sampled_from([4, 8]), seed=st.integers(0, 2**16),
-       fuse=st.booleans())
-def test_generated_trees_rewrite_or_refuse_never_wrong(spec, d, seed, fuse):
-    for k, v in check_tree(spec, d, seed, fuse).items():
+       fuse=st.booleans(),
+       flips=st.lists(st.tuples(st.integers(0, 1 << 10), st.integers(0, 5)), max_size=3))
+def test_generated_trees_rewrite_or_refuse_never_wrong(spec, d, seed, fuse, flips):
+    for k, v in check_tree(spec, d, seed, fuse, tuple(flips)).items():
         STATS[k] = STATS.get(k, 0) + v
     STATS["trees"] = STATS.get("trees", 0) + 1
 
@@ -219,5 +257,5 @@ def test_generated_trees_covered_every_outcome():
         pytest.skip("the hypothesis test did not run in this session")
     print("hypothesis tree stats:", STATS)
     for key in ("replaced", "skipped", "other_branch", "specialised", "untraced", "fixes",
-                "fused"):
+                "fused", "state_changes"):
         assert STATS.get(key, 0) > 0, (key, STATS)
