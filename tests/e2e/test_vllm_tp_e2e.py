@@ -2,9 +2,12 @@
 
 Engine cases (conftest.py): bf16_tp2 and bnb_kv2_tp2, each an engine whose executor starts
 two worker processes; in each worker the plugin shards the vision and audio towers over the
-TP group (mm_encoder_tp_mode="weights", vLLM's default). Greedy token ids must equal a TP=1
-run's on the same checkpoint with the same batches (bf16_on; bnb_kv2_tp1 on the variant
-with 2 text KV heads, see conftest.py).
+TP group (mm_encoder_tp_mode="weights", vLLM's default). What fxpass controls is checked:
+the towers against HF's (and the walk's) within the bf16 tensor-parallel budget, and greedy
+token ids against vLLM's own TP=2 run that differs only in fxpass (bf16_tp2_off:
+FXPASS_DISABLE=1), where the tokens depend on nothing fxpass changes. Never against a TP=1
+run: the TP=2 language model's bf16 partial sums alone change token ids, differently on each
+CPU (a Xeon with avx512_bf16 only: the audio prompt's 5th token against TP=1).
 """
 
 from __future__ import annotations
@@ -94,24 +97,53 @@ def _towers_vs_hf(case, floors: dict[str, float]) -> None:
             assert m["sqnr_db"] >= floors[key.split("[")[0]], (rank, key, m)
 
 
-def test_bf16_tp2_shards_the_towers_and_matches_tp1(engine_cases):
-    """Text and audio: the TP=1 run's token ids. Image: vLLM's own TP=2 run's (towers
-    replicated by its walk): on this machine vLLM's TP=2 language model alone flips the image
-    prompt's 5th greedy token against TP=1 (bf16 partial sums; the walk's run flips it the
-    same way), so that is the reference there. The towers themselves match HF's."""
+def _rank_captures(case) -> list[dict]:
+    """What each worker's towers got and gave during generation (engine_case.py)."""
+    import torch
+
+    paths = case.result.get("captures_ranks") or []
+    assert len(paths) == 2, case.explain()
+    return [torch.load(p) for p in paths]
+
+
+def _sqnr_db(got, ref) -> float:
+    import math
+
+    got, ref = got.float(), ref.float()
+    err = float(((got - ref) ** 2).sum())
+    return math.inf if err == 0 else 10 * math.log10(float((ref ** 2).sum()) / err)
+
+
+def test_bf16_tp2_shards_the_towers_and_matches_the_walk_where_fxpass_changes_nothing(
+        engine_cases):
+    """Against vLLM's own TP=2 run with the plugin off (towers replicated by its walk), on
+    the same batches. The text prompt meets no tower: its token ids must be equal. The image
+    and audio prompts meet the towers, which fxpass shards: a row-parallel layer rounds each
+    rank's bf16 partial product before the all-reduce, so they are not bit-identical to the
+    walk's towers, and greedy decoding of the random tiny model can then take another token.
+    Measured (AMD EPYC, avx2 only): the vision output differs from the walk's in 973 of 3840
+    elements (52.9 dB, as against HF's: the walk's is HF's bit for bit) and the image
+    prompt's 5th token differs (140 vs 20). So their token ids are not compared; their
+    towers are, in each worker, against the walk's and HF's within the bf16 TP budget."""
     from fxpass.verify.budgets import tp_budget
 
     tp2 = engine_cases.get("bf16_tp2").require_done()
-    tp1 = engine_cases.get("bf16_on").require_done()
     walk = engine_cases.get("bf16_tp2_off").require_done()
     _check_sharded(tp2, "UnquantizedLinearMethod")
     assert walk.result["plugin_records_ranks"] == [[], []]  # FXPASS_DISABLE=1 in the workers
-    got, ref1, ref2 = _tokens(tp2), _tokens(tp1), _tokens(walk, ("text", "image"))
-    assert got["text"] == ref1["text"] == ref2["text"]
-    assert got["audio"] == ref1["audio"]
-    assert got["image"] == ref2["image"]
+    got, ref = _tokens(tp2), _tokens(walk, ("text", "image"))
+    assert got["text"] == ref["text"]
+    for label, batch in walk.result["batches"].items():  # the same inputs reached the model
+        for p, gen in batch.items():
+            assert tp2.result["batches"][label][p]["prompt_token_ids"] == gen["prompt_token_ids"]
     floor = tp_budget("bfloat16").exact_sqnr_db
     _towers_vs_hf(tp2, {"vision": floor, "audio": floor})
+    for rank, (mine, theirs) in enumerate(zip(_rank_captures(tp2), _rank_captures(walk))):
+        assert len(mine["vision_out"]) == len(theirs["vision_out"]) == 1, rank
+        for a, b in zip(mine["vision_calls"], theirs["vision_calls"]):  # the same pixels
+            assert all(a[k].equal(b[k]) for k in ("pixel_values", "pixel_position_ids"))
+        for a, b in zip(mine["vision_out"], theirs["vision_out"]):
+            assert a.shape == b.shape and _sqnr_db(a, b) >= floor, (rank, _sqnr_db(a, b))
 
 
 def test_bnb_tp2_shards_the_towers_and_generates(engine_cases):

