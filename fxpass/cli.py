@@ -355,7 +355,9 @@ def baseline_regressions(run: dict[str, Any], base: dict[str, Any]) -> list[str]
 
 
 def _find_baseline_run(base: dict[str, Any], run: dict[str, Any], path: Path) -> dict[str, Any]:
-    keys = ("tower", "quant", "dtype", "mode", "lora_adapter")
+    """``base``'s run made as ``run`` was: same tower, quant, dtype, mode, adapter and TP size
+    (a sharded bf16 tower is not bit-identical to the unsharded one: ~50 dB, not inf)."""
+    keys = ("tower", "quant", "dtype", "mode", "lora_adapter", "tp")
     for r in base["runs"]:
         if all(r.get(k) == run.get(k) for k in keys):
             if r["verify"]["inputs"] != run["verify"]["inputs"]:
@@ -365,7 +367,7 @@ def _find_baseline_run(base: dict[str, Any], run: dict[str, Any], path: Path) ->
     have = ", ".join("/".join(str(r.get(k)) for k in keys) for r in base["runs"])
     raise UsageError(f"--baseline {path} has no run for "
                      f"{'/'.join(str(run.get(k)) for k in keys)} "
-                     f"(tower/quant/dtype/mode/lora); it has: {have or 'nothing'}")
+                     f"(tower/quant/dtype/mode/lora/tp); it has: {have or 'nothing'}")
 
 
 def _diff_tower(model_dir: Path, attr: str, tower: Any, args: argparse.Namespace, quant: str,
@@ -493,6 +495,7 @@ def baseline_view(doc: dict[str, Any]) -> dict[str, Any]:
         v = r["verify"]
         runs.append({
             **{k: r[k] for k in ("tower", "tower_class", "quant", "dtype", "mode", "passed")},
+            **({"tp": r["tp"]} if r.get("tp") else {}),
             "apply": {"replaced": r["apply"]["replaced"]},
             "verify": {
                 "inputs": v["inputs"],

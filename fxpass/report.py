@@ -50,6 +50,11 @@ class Report:
     tp_pairs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     tp_sharded_fraction: float = 0.0
     already_applied: bool = False
+    # for already_applied: the settings of the apply that rewrote the model ("module": where
+    # it was applied, "quant_config", "prefix", "fuse", "tp", "load_weights", "first_call"),
+    # and, where this call asked for others, why nothing changed and what to do
+    already_applied_with: dict[str, Any] = dataclasses.field(default_factory=dict)
+    already_applied_note: str = ""
     weights_loaded: bool = False
     # "apply": traced on example inputs inside apply; "first call": apply had none, so the
     # linears were swapped at init and the graphs come from the model's first real call
@@ -110,6 +115,8 @@ class Report:
             "untraced": dict(self.untraced),
             "tp": self.tp_dict(),
             "already_applied": self.already_applied,
+            "already_applied_with": dict(self.already_applied_with),
+            "already_applied_note": self.already_applied_note,
             "weights_loaded": self.weights_loaded,
             "traced_at": self.traced_at,
             "first_call": dict(self.first_call),
@@ -123,7 +130,8 @@ class Report:
     def summary_line(self) -> str:
         c = self.counts()
         total = sum(self.timings_s.values())
-        head = "already applied; nothing changed" if self.already_applied else (
+        head = (self.already_applied_note.removeprefix("fxpass.apply: ")
+                or "already applied; nothing changed") if self.already_applied else (
             f"{c['replaced']} linears -> vLLM ({c['graph_rewrites']} in graphs, "
             f"{c['plain_swaps']} plain swaps), {c['skipped']} skipped, "
             f"{c['probes']} weight probes folded, {c['contiguity']} contiguity fixes"

@@ -253,6 +253,42 @@ def test_diff_lora_planted_fault_names_the_layer(ckpt, lora_adapters, monkeypatc
     assert "needs --lora" in capsys.readouterr().err
 
 
+def test_diff_lora_with_a_causal_lm_adapter_of_the_whole_model(ckpt, tmp_path, capsys,
+                                                               vllm_rt):
+    """Issue 20 item 7: an adapter as PEFT writes it for a causal-LM fine-tune of the whole
+    checkpoint (task_type CAUSAL_LM, regex target_modules) verifies on the tower; on a tower
+    it targets nothing in, the error says so."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    full = AutoModelForImageTextToText.from_pretrained(str(ckpt), dtype=torch.float32)
+    model = get_peft_model(full, LoraConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0,
+        target_modules=r".*vision_tower.*\.(q_proj|k_proj|v_proj|o_proj)\.linear"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    adapter = tmp_path / "causal-lm"
+    model.save_pretrained(str(adapter))
+    assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    out = tmp_path / "lora.json"
+    code = main(["diff", str(ckpt), "--tower", VISION, "--lora", str(adapter), "--dtype",
+                 "float32", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    (run,) = json.loads(out.read_text())["runs"]
+    assert sorted(run["lora"]["loaded"]) == sorted(
+        f"encoder.layers.0.self_attn.{p}.linear" for p in ("q_proj", "k_proj", "v_proj",
+                                                            "o_proj"))
+    assert run["output_sqnr_db"]["reference"] >= 100.0
+    assert main(["diff", str(ckpt), "--tower", AUDIO, "--lora", str(adapter)]) == 2
+    assert "the adapter targets nothing in the tower at 'model.audio_tower'" in (
+        capsys.readouterr().err)
+
+
 def test_diff_lora_wrapper_keyed_adapter_is_a_usage_error(ckpt, lora_adapters, capsys,
                                                           vllm_rt):
     code = main(["diff", str(ckpt), "--tower", VISION, "--lora", str(lora_adapters["wrapper"])])
@@ -279,6 +315,61 @@ def test_diff_tp2_verifies_both_ranks_and_reports_each_layers_style(ckpt, tmp_pa
     assert refused["style"] == "replicated" and "glu halves the sharded dim" in refused["reason"]
     assert "tp=2: 9 linears sharded (6 column, 3 row), 4 replicated" in text
     assert "-- rank 0 --" in text and "-- rank 1 --" in text and ", tp=2 ==" in text
+
+
+@pytest.fixture(scope="module")
+def vision_tp2(ckpt, tmp_path_factory) -> tuple[int, dict]:
+    out = tmp_path_factory.mktemp("tp2") / "vision.json"
+    code = main(["diff", str(ckpt), "--tower", VISION, "--tp", "2", "--json", str(out)])
+    return code, json.loads(out.read_text())
+
+
+def test_diff_tp2_vision_one_head_per_rank_compares_each_block(vision_tp2):
+    """The checkpoint's vision tower has 2 heads of 32: one per rank. Its attention is traced
+    again during verify for the padded input; the calls its tracer made (on full-size
+    stand-ins) were compared in place of the real ones (SQNR 0.0 dB on q_proj, q_norm, ...:
+    FAILED). Now every input compares every real call, a rank's head against the
+    reference's matching block, and the run passes."""
+    code, doc = vision_tp2
+    run = doc["runs"][0]
+    assert code == 0, run["first_divergence"]
+    for rank in run["ranks"]:
+        v = rank["verify"]
+        assert rank["passed"] and v["counts"]["failed_nodes"] == 0
+        assert v["candidate_only"] == [] and v["reference_only"] == []
+        assert v["counts"]["sharded"] == 0
+        q_norm = [n for n in v["nodes"] if n["module"] == "encoder.layers.0.self_attn.q_norm"]
+        assert [n["metrics"]["reference"]["shape"][2:] for n in q_norm] == [[1, 32]] * 3
+        assert all(n["metrics"]["reference"]["sqnr_db"] == "inf" for n in q_norm)  # bf16 GEMM
+        assert rank["output_sqnr_db"]["reference"] > v["budget"]["exact_sqnr_db"]
+
+
+def test_diff_tp2_fault_in_a_column_layer_fails_at_the_layer_on_each_rank(ckpt, tmp_path,
+                                                                         capsys):
+    out = tmp_path / "fault.json"
+    q = "encoder.layers.0.self_attn.q_proj.linear"
+    code = main(["diff", str(ckpt), "--tower", VISION, "--tp", "2", "--json", str(out),
+                 "--plant-fault", f"wrong-weights:{q}"])
+    assert code == 1
+    assert f"first divergence at {q}" in capsys.readouterr().err
+    run = json.loads(out.read_text())["runs"][0]
+    for rank in run["ranks"]:
+        assert not rank["passed"] and rank["first_divergence"]["module"] == q
+        failed = {n["module"] for n in rank["verify"]["nodes"] if not n["passed"]}
+        assert {q, "encoder.layers.0.self_attn.q_proj", "encoder.layers.0.self_attn.q_norm",
+                "encoder.layers.0.self_attn"} <= failed
+        assert "encoder.layers.0.self_attn.k_norm" not in failed
+
+
+def test_baseline_of_another_tp_size_is_a_usage_error(ckpt, vision_tp2, tmp_path, capsys,
+                                                      vllm_rt):
+    """A TP=2 baseline is not one for a TP=1 run: sharded bf16 is ~50 dB, unsharded inf."""
+    base = tmp_path / "tp2-baseline.json"
+    base.write_text(json.dumps(baseline_view(vision_tp2[1])))
+    assert main(["diff", str(ckpt), "--tower", VISION, "--baseline", str(base)]) == 2
+    err = capsys.readouterr().err
+    assert "has no run for model.vision_tower/none/bfloat16/propagated/None/None" in err
+    assert "it has: model.vision_tower/none/bfloat16/propagated/None/2" in err
 
 
 def test_diff_tp_must_be_positive(ckpt, capsys):

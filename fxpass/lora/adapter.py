@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from torch import nn
 from fxpass.errors import UsageError
 
 __all__ = ["Adapter", "ModuleLoRA", "demo_targets", "parse_key", "read_adapter",
-           "rename_keys", "write_adapter"]
+           "rename_keys", "saved_module", "write_adapter"]
 
 PEFT_PREFIX = "base_model.model."
 _LORA_PARTS = {"lora_A": "A", "lora_B": "B"}
@@ -71,22 +70,36 @@ class Adapter:
         return list(self.tensors)
 
 
-def _pattern_value(pattern: dict[str, Any], name: str) -> Any:
-    # PEFT's get_pattern_key / vLLM's PEFTHelper._match_pattern: a key matches a suffix of the
-    # module name at a "." boundary; the first match wins.
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return None
-
-
 def _rank_and_scaling(config: dict[str, Any], module: str) -> tuple[int, float, float]:
-    r = _pattern_value(config.get("rank_pattern") or {}, module) or config["r"]
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module)
-    if alpha is None:
-        alpha = config.get("lora_alpha", r)
+    """Rank, alpha and scaling PEFT gives ``module`` (its name in the adapter's model, as in
+    the tensor names: ``model.vision_tower.encoder...q_proj.linear``).
+
+    ``rank_pattern`` / ``alpha_pattern`` are resolved by PEFT's own ``get_pattern_key`` (the
+    function ``LoraModel._create_and_replace`` uses; vLLM's ``PEFTHelper`` copies it), so
+    patterns keyed by the full model's names, by a suffix or by a regex mean what they mean
+    to PEFT. PEFT is imported only for an adapter that has patterns (it is slow to import).
+    """
+    r, alpha = config["r"], config.get("lora_alpha", 8)  # 8: LoraConfig's default
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    if rank_pattern or alpha_pattern:
+        from peft.utils.other import get_pattern_key
+
+        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r)
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha)
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return int(r), float(alpha), float(scaling)
+
+
+def saved_module(config: dict[str, Any], key: str) -> str | None:
+    """The module of a tensor name that is one of the adapter's ``modules_to_save`` (a full
+    copy of that module PEFT swaps in, not a LoRA), else None."""
+    names = config.get("modules_to_save") or []
+    if key.startswith(PEFT_PREFIX):
+        key = key[len(PEFT_PREFIX):]
+    module = key.rpartition(".")[0]
+    # PEFT's ModulesToSaveWrapper matching (peft.utils.other._set_trainable): a suffix
+    return module if any(module.endswith(name) for name in names) else None
 
 
 def read_adapter(path: str | Path) -> Adapter:

@@ -19,10 +19,10 @@ from typing import Any
 from torch import nn
 
 from fxpass.errors import UsageError
-from fxpass.lora.adapter import PEFT_PREFIX, Adapter, ModuleLoRA, read_adapter
+from fxpass.lora.adapter import PEFT_PREFIX, Adapter, ModuleLoRA, read_adapter, saved_module
 
 __all__ = ["KeyResult", "AdapterCheck", "check_modules", "check_adapter", "check_model_dir",
-           "find_towers", "landing_kind", "layer_sizes"]
+           "find_towers", "landing_kind", "layer_sizes", "saved_keys"]
 
 # Attribute names of multimodal towers in HF / vLLM models (the top-most match is the tower).
 TOWER_NAMES = ("vision_tower", "audio_tower", "vision_model", "audio_model", "visual",
@@ -86,6 +86,8 @@ class AdapterCheck:
     towers: list[str]
     results: list[KeyResult]
     unparsed: list[str] = dataclasses.field(default_factory=list)
+    # unparsed keys that are a module of the adapter's modules_to_save: key -> module
+    saved: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def nowhere(self) -> list[KeyResult]:
@@ -102,7 +104,7 @@ class AdapterCheck:
     def to_dict(self) -> dict[str, Any]:
         return {"adapter": self.adapter, "towers": list(self.towers), "ok": self.ok,
                 "results": [r.to_dict() for r in self.results],
-                "unparsed": list(self.unparsed)}
+                "unparsed": list(self.unparsed), "saved": dict(self.saved)}
 
     def format(self) -> str:
         lines = [f"adapter {self.adapter}: {len(self.results)} module(s), "
@@ -120,8 +122,13 @@ class AdapterCheck:
                 for k in r.suggested_keys():
                     lines.append(f"             need {k}")
         for k in self.unparsed:
-            lines.append(f"  NOWHERE  {k}: not a LoRA tensor name vLLM reads "
-                         "(expected <module>.lora_A.weight / .lora_B.weight)")
+            if k in self.saved:
+                lines.append(f"  NOWHERE  {k}: a full copy of {self.saved[k]} (the adapter's "
+                             "modules_to_save), not a LoRA: vLLM loads modules_to_save only "
+                             "for classifier / score heads and refuses such an adapter")
+            else:
+                lines.append(f"  NOWHERE  {k}: not a LoRA tensor name vLLM reads "
+                             "(expected <module>.lora_A.weight / .lora_B.weight)")
         n = len(self.nowhere) + len(self.unparsed)
         lines.append("all keys land on a layer" if self.ok
                      else f"{n} module(s)/key(s) land nowhere: vLLM would ignore them silently")
@@ -179,7 +186,7 @@ def _shape_problem(lora: ModuleLoRA, sizes: tuple[int, int] | None) -> str | Non
 def check_modules(loras: dict[str, ModuleLoRA], model: nn.Module, *,
                   towers: list[str] | None = None, fused: dict[str, list[str]] | None = None,
                   adapter: str = "<adapter>", unparsed: list[str] | None = None,
-                  ) -> AdapterCheck:
+                  saved: dict[str, str] | None = None) -> AdapterCheck:
     """Where each adapted module of ``loras`` (module path in ``model``'s naming) lands.
 
     ``towers``: tower paths in ``model`` (default: :func:`find_towers`). ``fused``: fused layer
@@ -218,8 +225,9 @@ def check_modules(loras: dict[str, ModuleLoRA], model: nn.Module, *,
             if r.suggestion:
                 r.reason += f"; the linear inside it is {r.suggestion}"
         results.append(r)
-    return AdapterCheck(adapter=adapter, towers=towers, results=results,
-                        unparsed=list(unparsed or []))
+    unparsed = list(unparsed or [])
+    return AdapterCheck(adapter=adapter, towers=towers, results=results, unparsed=unparsed,
+                        saved={k: m for k, m in (saved or {}).items() if k in unparsed})
 
 
 def check_adapter(adapter: Adapter | str | Path, model: nn.Module, *,
@@ -230,7 +238,18 @@ def check_adapter(adapter: Adapter | str | Path, model: nn.Module, *,
     if not isinstance(adapter, Adapter):
         adapter = read_adapter(adapter)
     return check_modules(adapter.modules, model, towers=towers, fused=fused,
-                         adapter=str(adapter.path), unparsed=adapter.unparsed)
+                         adapter=str(adapter.path), unparsed=adapter.unparsed,
+                         saved=saved_keys(adapter))
+
+
+def saved_keys(adapter: Adapter) -> dict[str, str]:
+    """The adapter's unparsed keys that belong to its ``modules_to_save``: key -> module."""
+    out = {}
+    for k in adapter.unparsed:
+        module = saved_module(adapter.config, k)
+        if module is not None:
+            out[k] = module
+    return out
 
 
 def check_model_dir(model_dir: str | Path, adapter_dir: str | Path) -> AdapterCheck:

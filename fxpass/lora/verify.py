@@ -23,56 +23,121 @@ import torch
 from torch import nn
 
 from fxpass.errors import UsageError
-from fxpass.lora.adapter import Adapter, _holder, read_adapter
+from fxpass.lora.adapter import PEFT_PREFIX, Adapter, _holder, read_adapter
 from fxpass.lora.check import AdapterCheck
 
-__all__ = ["LORA_FAULT_KINDS", "LoRAVerifyResult", "peft_reference", "plant_lora_fault",
-           "tower_check", "verify_lora"]
+__all__ = ["LORA_FAULT_KINDS", "LoRAVerifyResult", "nothing_on_tower", "peft_reference",
+           "plant_lora_fault", "tower_check", "tower_lora_config", "verify_lora"]
 
 from fxpass.verify.faults import LORA_FAULT_KINDS  # noqa: E402 - one list for the CLI too
 
 
+def _under(key: str, key_prefix: str) -> bool:
+    """A tensor name or module path of the adapter's model under ``key_prefix``."""
+    name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+    return not key_prefix or name.startswith(key_prefix + ".")
+
+
 def tower_check(tower: nn.Module, adapter: Adapter, key_prefix: str) -> AdapterCheck:
-    """The adapter check for the keys under ``key_prefix`` (the tower's path)."""
+    """The adapter check for the keys under ``key_prefix`` (the tower's path); keys of the
+    rest of the adapter's model (a whole-model adapter's text layers, its ``lm_head``) are
+    not the tower's business."""
     prefix_dot = key_prefix + "." if key_prefix else ""
     mine = {m[len(prefix_dot):]: lw for m, lw in adapter.modules.items()
             if m.startswith(prefix_dot)}
-    from fxpass.lora.check import check_modules
+    from fxpass.lora.check import check_modules, saved_keys
 
+    unparsed = [k for k in adapter.unparsed if _under(k, key_prefix)]
     return check_modules(mine, tower, towers=[""], adapter=str(adapter.path),
-                         unparsed=adapter.unparsed)
+                         unparsed=unparsed, saved=saved_keys(adapter))
+
+
+def nothing_on_tower(adapter: Adapter, key_prefix: str, why: str = "") -> str:
+    """The message for an adapter that adapts nothing in the tower at ``key_prefix``
+    (``why``: PEFT's own finding, when it was asked)."""
+    where = f"{key_prefix!r}" if key_prefix else "<root>"
+    mine = [m for m in adapter.modules if _under(m, key_prefix)]
+    elsewhere = sorted(m for m in adapter.modules if m not in mine)
+    targets = adapter.config.get("target_modules")
+    extra = [f"{k}={adapter.config[k]!r}"
+             for k in ("layers_to_transform", "layers_pattern", "exclude_modules")
+             if adapter.config.get(k) not in (None, [], "")]
+    if why:
+        found = (f"PEFT finds no module there to adapt ({why})"
+                 + (f", although it has LoRA tensors for {len(mine)} module(s) under {where}"
+                    if mine else f", and it has no LoRA tensors for modules under {where}"))
+    else:
+        found = f"no LoRA tensors for modules under {where}"
+    return (f"{adapter.path}: the adapter targets nothing in the tower at {where}: {found}"
+            f"; its target_modules are {targets!r}"
+            + (f" ({', '.join(extra)})" if extra else "")
+            + (f", and its LoRA tensors are for {len(elsewhere)} module(s) elsewhere: "
+               f"{', '.join(elsewhere[:4])}{', ...' if len(elsewhere) > 4 else ''}"
+               if elsewhere else "" if mine else ", and it has no LoRA tensors at all")
+            + ". Pass the adapter trained for this tower, or the tower's path in the model the "
+              "adapter was trained on as key_prefix (fxpass diff --lora-prefix) if it is not "
+            + where)
+
+
+def tower_lora_config(adapter_dir: str | Path) -> Any:
+    """The adapter's ``LoraConfig`` as PEFT reads it, made to apply to a tower alone.
+
+    Only ``task_type`` changes (to None) and ``inference_mode`` (True): a whole-model adapter
+    (``CAUSAL_LM``, ``SEQ_2_SEQ_LM``, ``FEATURE_EXTRACTION``, ...) makes PEFT build the task's
+    ``PeftModel`` subclass, which needs the full model (``prepare_inputs_for_generation``,
+    the task head); the base ``PeftModel`` injects the same LoRA layers. ``target_modules``
+    (list or regex), ``layers_to_transform`` / ``layers_pattern``, ``exclude_modules``,
+    ``modules_to_save`` and the rank / alpha patterns stay as written: the tower is placed
+    at its path in the adapter's model (:func:`peft_reference`), so PEFT matches them against
+    the same names as on the full model.
+    """
+    from peft import LoraConfig
+
+    try:
+        config = LoraConfig.from_pretrained(str(adapter_dir))
+    except Exception as e:  # noqa: BLE001 - PEFT's own refusal, kept as the cause
+        raise UsageError(f"{adapter_dir}: PEFT cannot read adapter_config.json as a LoRA "
+                         f"config: {type(e).__name__}: {e}") from e
+    config.task_type = None
+    config.inference_mode = True
+    return config
 
 
 def peft_reference(tower: nn.Module, adapter_dir: str | Path, *,
                    key_prefix: str = "") -> nn.Module:
-    """A copy of ``tower`` with the adapter applied by PEFT (``PeftModel.from_pretrained``).
+    """A copy of ``tower`` with the adapter applied by PEFT (``PeftModel.from_pretrained``),
+    exactly as PEFT applies it to the adapter's whole model, restricted to the tower.
 
-    The copy is placed at ``key_prefix`` in an empty module tree, so the adapter's keys
-    (``base_model.model.<key_prefix>.<path>...``) find it; PEFT reads rank, alpha, the rank /
-    alpha patterns and rsLoRA from ``adapter_config.json`` itself. Only the modules the
-    adapter has tensors for inside the tower are targeted (its config may name modules of the
-    rest of the model).
+    The copy is placed at ``key_prefix`` (its path in the adapter's model, e.g.
+    ``model.vision_tower``) in an otherwise empty module tree, so PEFT sees the tower's
+    modules under the names they have in the full model: the adapter's own config
+    (:func:`tower_lora_config`: every field as written but ``task_type``) then targets the
+    same modules there as on the full model (list or regex ``target_modules``, ``all-linear``,
+    ``layers_to_transform``, ``exclude_modules``, ``modules_to_save``), and the adapter's keys
+    (``base_model.model.<key_prefix>.<path>...``) load into them; PEFT reads rank, alpha, the
+    rank / alpha patterns and rsLoRA itself. Keys of the rest of the model find no module and
+    are not loaded. An adapter that targets nothing in the tower is a ``UsageError``.
     """
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import NoMatchingPeftModuleError
 
     adapter = read_adapter(adapter_dir)
-    prefix_dot = key_prefix + "." if key_prefix else ""
-    targets = sorted(m for m in adapter.modules if m.startswith(prefix_dot) or not prefix_dot)
-    if not targets:
-        raise UsageError(f"{adapter.path}: no LoRA tensors for modules under "
-                         f"{key_prefix or '<root>'!r}")
-    config = LoraConfig.from_pretrained(str(adapter.path))
-    config.target_modules = set(targets)
-    config.modules_to_save = None
-    config.inference_mode = True
+    config = tower_lora_config(adapter.path)
     holder = _holder(copy.deepcopy(tower), key_prefix)
     try:
         model = PeftModel.from_pretrained(holder, str(adapter.path), config=config)
+    except NoMatchingPeftModuleError as e:
+        raise UsageError(nothing_on_tower(adapter, key_prefix, str(e).split(". ")[0])) from e
     except Exception as e:  # noqa: BLE001 - PEFT's own refusal, kept as the cause
-        raise UsageError(f"{adapter.path}: PEFT cannot apply this adapter to the tower: "
-                         f"{type(e).__name__}: {e}") from e
+        raise UsageError(f"{adapter.path}: PEFT cannot apply this adapter to the tower at "
+                         f"{key_prefix or '<root>'!r}: {type(e).__name__}: {e}") from e
     inner = model.base_model.model
     ref = inner.get_submodule(key_prefix) if key_prefix else inner
+    prefix_dot = key_prefix + "." if key_prefix else ""
+    # what PEFT adapted in the tower, tower-relative (for the check and the report)
+    ref._fxpass_peft_targets = sorted(n[len(prefix_dot):]
+                                      for n in model.base_model.targeted_module_names
+                                      if n.startswith(prefix_dot))
     return ref.eval()
 
 
@@ -167,9 +232,7 @@ def verify_lora(tower: nn.Module, adapter_dir: str | Path, inputs: Any, *,
     adapter = read_adapter(adapter_dir)
     check = tower_check(tower, adapter, key_prefix)
     if not check.results:
-        raise UsageError(f"{adapter.path}: no LoRA tensors for modules under "
-                         f"{key_prefix or '<root>'!r}; adapter modules: "
-                         f"{', '.join(sorted(adapter.modules)[:8]) or '(none)'}")
+        raise UsageError(nothing_on_tower(adapter, key_prefix))
     if check.nowhere:
         raise UsageError("adapter keys land on no layer of the tower (vLLM would ignore "
                          "them silently):\n" + check.format())

@@ -36,12 +36,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fxpass.errors import FxpassError, RewriteError
+from fxpass.errors import FxpassError, NotLoadedError, RewriteError
 from fxpass.layers import is_linear, is_vllm_gemm
 from fxpass.report import Fix, Report
 from fxpass.rewrite.base import RewriteContext, is_vllm_linear
+from fxpass.rewrite.unloaded import not_loaded_message, unloaded_layers
 from fxpass.trace import GraphForward, TraceCache, TreeIndex, install, trace
 from fxpass.trace.graph_runtime import _Family, _why_no_trace, fxpass_forward
+from fxpass.trace.tracer import TRACE_LOCK
 
 logger = logging.getLogger("fxpass")
 
@@ -80,10 +82,14 @@ class FirstCall:
              kwargs: dict[str, Any]) -> Any:
         if armed.python:
             return self._python_call(module, args, kwargs, "its first-call trace failed")
+        unloaded = unloaded_layers(module)  # armed calls only: until the first call traces
+        if unloaded:  # fxpass's error now, still armed (tracing would meet it in vLLM's code)
+            raise NotLoadedError(not_loaded_message(
+                unloaded[0], len(unloaded) - 1, _join(self.prefix, armed.path)))
         blocked = _why_no_trace()
         if blocked:
             return self._python_call(module, args, kwargs, blocked)
-        with self.lock:
+        with TRACE_LOCK, self.lock:  # the trace lock first (see tracer.TRACE_LOCK)
             if fxpass_forward(module.__dict__.get("forward")) is not armed:
                 return module.forward(*args, **kwargs)  # another thread traced it meanwhile
             disarmed = _disarm(module)

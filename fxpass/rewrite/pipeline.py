@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -69,7 +70,9 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
     ``prefix`` is the model's checkpoint prefix (``vision_tower``): layers are built with
     ``"<prefix>.<qualified name>"`` so quant skip lists and loaders match. ``load_weights``
     moves the model's current tensors into the new layers (quantizing in flight); leave it
-    False in vLLM's model init, where the loader fills them. ``example_inputs`` are the
+    False in vLLM's model init, where the loader fills them (until a loader has, calling a new
+    layer raises NotLoadedError: ``fxpass.rewrite.unloaded``). ``quant_config``: vLLM's
+    ``QuantizationConfig`` or None (anything else is a UsageError). ``example_inputs`` are the
     tracing inputs, as a real call would pass them (kwargs dict, args tuple or (args,
     kwargs)). Without them (and for a tower the built-in input table of ``fxpass.zoo`` does
     not know, or with ``first_call=True``) the graphs come from the model's first real call:
@@ -97,16 +100,21 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
     if first_call and (example_inputs is not None or trace_result is not None):
         raise UsageError("fxpass.apply: first_call=True traces at the model's first real "
                          "call; do not pass example_inputs or trace_result with it")
+    _check_quant_config(quant_config)
     report = Report(prefix=prefix, tp=tp or 1)
     t0 = time.perf_counter()
     index = TreeIndex.of(model)
     modules = index.paths
-    if any(is_graph_forward(m.__dict__.get("forward")) for m in modules.values()):
+    settings = {"quant_config": quant_config, "prefix": prefix, "fuse": bool(fuse),
+                "tp": tp or 1, "load_weights": bool(load_weights)}
+    if any(is_graph_forward(m.__dict__.get("forward")) or APPLIED in m.__dict__
+           for m in modules.values()):
         report.already_applied = True
         for name, mod in model.named_modules():
             if isinstance(mod, nn.Linear):
                 report.skipped[f"{prefix}.{name}" if prefix else name] = (
                     "left by the earlier fxpass.apply; applying again changes nothing")
+        _explain_already_applied(report, modules, settings)
         report.timings_s["total"] = time.perf_counter() - t0
         return report
 
@@ -176,6 +184,12 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
     runtime = RuleRespecialiser(quant_config=quant_config, prefix=prefix, fuse=fuse,
                                 strict=strict, stats=report.runtime)
     _commit(ctx, runtime)
+    if not load_weights:  # vLLM's loader fills them; until then a call says so (unloaded.py)
+        from fxpass.rewrite.unloaded import guard_unloaded
+
+        for qualname, layer in ctx.new_layers.items():
+            guard_unloaded(layer, ctx.full_name(qualname) or type(layer).__name__)
+    model.__dict__[APPLIED] = dict(settings, first_call=deferred)
     report.replaced = [ctx.full_name(q) for q in ctx.new_layers if q not in ctx.fused]
     report.replaced += [ctx.full_name(m) for members in ctx.fused.values() for m in members]
     if deferred:
@@ -187,6 +201,98 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
                              on_traced=on_first_call))
     report.timings_s["commit"] = time.perf_counter() - t3
     return report
+
+
+APPLIED = "_fxpass_applied"  # on the module apply rewrote: the settings it was given
+
+
+def _check_quant_config(quant_config: Any) -> None:
+    """A quant config is what vLLM passes to the model it builds: an object with
+    ``get_quant_method(layer, prefix)`` (vLLM's ``QuantizationConfig``), or None."""
+    if quant_config is None or callable(getattr(quant_config, "get_quant_method", None)):
+        return
+    from fxpass.weights import BNB_METHODS
+
+    got = type(quant_config).__name__
+    hint = ""
+    if isinstance(quant_config, str):
+        got = f"the string {quant_config!r}"
+        name = quant_config.lower().removeprefix("bnb-").removeprefix("bnb_")
+        if name in BNB_METHODS:
+            hint = (f" For bitsandbytes {name} (the CLI's --quant {'bnb-' + name}): "
+                    f"quant_config=fxpass.weights.bnb_config({name!r}).")
+        elif name in ("none", ""):
+            hint = " For no quantization: quant_config=None."
+    elif isinstance(quant_config, dict):
+        hint = (" A dict such as a checkpoint's quantization_config becomes vLLM's config "
+                "through vLLM's class for its method: vllm.model_executor.layers.quantization"
+                ".get_quantization_config(d['quant_method']).from_config(d).")
+    elif type(quant_config).__module__.split(".")[0] == "transformers":
+        hint = (f" {got} is transformers' config, not vLLM's: for bitsandbytes use "
+                "fxpass.weights.bnb_config('nf4' | 'fp4' | 'int8').")
+    raise UsageError(
+        f"fxpass.apply: quant_config must be a vLLM quantization config (a "
+        "QuantizationConfig from vllm.model_executor.layers.quantization: an object with "
+        "get_quant_method(layer, prefix), the one vLLM passes to the model it builds) or None "
+        f"for no quantization; got {got}. Build one with fxpass.weights.bnb_config('nf4' | "
+        "'fp4' | 'int8') for bitsandbytes, or with vLLM's config classes (e.g. "
+        "get_quantization_config(name).from_config(checkpoint_quantization_config))." + hint)
+
+
+def describe_quant_config(quant_config: Any) -> str:
+    """A short, comparable description of a quant config (None: unquantized)."""
+    if quant_config is None:
+        return "None (unquantized)"
+    name = type(quant_config).__name__
+    if hasattr(quant_config, "load_in_8bit") and hasattr(quant_config, "bnb_4bit_quant_type"):
+        bnb = "int8" if quant_config.load_in_8bit else quant_config.bnb_4bit_quant_type
+        skip = list(getattr(quant_config, "llm_int8_skip_modules", None) or [])
+        return f"{name}({bnb}{f', skip={skip}' if skip else ''})"  # vllm-bnb-plugin
+    text = repr(quant_config)
+    if text.startswith("<") or len(text) > 200:  # object.__repr__ or a huge dump
+        return name
+    return text
+
+
+def _explain_already_applied(report: Report, modules: dict[str, nn.Module],
+                             settings: dict[str, Any]) -> None:
+    """``report.already_applied_with``: the settings of the apply that rewrote the model;
+    where this call asks for others, a note (report and warning) that nothing changed, why,
+    and what to do."""
+    path, before = next(((p, m.__dict__[APPLIED]) for p, m in modules.items()
+                         if APPLIED in m.__dict__), ("", None))
+    if before is None:
+        return
+    report.already_applied_with = {
+        "module": path or "<root>",
+        "quant_config": describe_quant_config(before["quant_config"]),
+        "prefix": before["prefix"], "fuse": before["fuse"], "tp": before["tp"],
+        "load_weights": before["load_weights"], "first_call": before.get("first_call", False)}
+    differ = []
+    old_q, new_q = before["quant_config"], settings["quant_config"]
+    if old_q is not new_q and describe_quant_config(old_q) != describe_quant_config(new_q):
+        differ.append(("quant_config", describe_quant_config(old_q),
+                       describe_quant_config(new_q)))
+    for key in ("prefix", "fuse", "tp"):
+        if path == "" and before[key] != settings[key]:
+            differ.append((key, repr(before[key]), repr(settings[key])))
+    if settings["load_weights"] and not before["load_weights"]:
+        from fxpass.rewrite.unloaded import unloaded_layers
+
+        if unloaded_layers(modules[""]):  # and no loader has filled them since
+            differ.append(("load_weights", "False", "True"))
+    if not differ:
+        return
+    where = "the model" if not path else f"its submodule {path!r}"
+    note = (f"fxpass.apply: already applied; nothing changed: {where} was rewritten by an "
+            f"earlier fxpass.apply with {', '.join(f'{k}={old}' for k, old, _ in differ)}; "
+            f"this call asked for "
+            f"{', '.join(f'{k}={new}' for k, _, new in differ)}, which needs the original "
+            "nn.Linear layers, and those are gone. Rebuild the tower from the original module "
+            "(from_pretrained / from_config and its weights again, or a copy taken before the "
+            "first apply) and apply once with the settings you want.")
+    report.already_applied_note = note
+    warnings.warn(note, UserWarning, stacklevel=3)
 
 
 def _inputs_or_first_call(model: nn.Module, first_call: bool | None, *, fuse: bool,
@@ -354,4 +460,4 @@ def vllm_linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if is_vllm_linear(m)]
 
 
-__all__ = ["apply", "vllm_linear_names"]
+__all__ = ["apply", "describe_quant_config", "vllm_linear_names"]

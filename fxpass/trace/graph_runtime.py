@@ -44,7 +44,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from fxpass import meta
-from fxpass.errors import GuardError
+from fxpass.errors import GuardError, NotLoadedError
 from fxpass.trace import guards
 from fxpass.trace.state import same as _same
 from fxpass.trace.tracer import (
@@ -533,6 +533,8 @@ class GraphForward:
                     "this call either"))
             try:
                 variant = self.runtime.specialise(module, self.qualname, args, kwargs)
+            except NotLoadedError:
+                raise  # the layers are not filled yet: not a property of this call form
             except Exception as e:  # noqa: BLE001 - any failure: Python serves the call
                 self._choose(key, None)
                 return self._python(module, args, kwargs, (

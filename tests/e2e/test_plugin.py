@@ -140,7 +140,8 @@ def test_failed_rewrite_falls_back_to_vllm_walk(tmp_path, monkeypatch, plugin_st
     assert utils.CALLS == [(tower, "QUANT", "vision_tower")]  # the walk ran, same arguments
     (rec,) = plugin.records()
     assert rec.prefix == "vision_tower" and rec.report is None
-    assert rec.fallback.startswith("QuantConfigError: vision_tower.0:"), rec.fallback
+    assert rec.fallback.startswith("UsageError: fxpass.apply: quant_config must be a vLLM "
+                                   "quantization config"), rec.fallback
     assert isinstance(tower[0], nn.Linear)  # apply is atomic: the walk got the tower as it was
     warnings = [r for r in plugin_log if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "vision_tower" in warnings[0].getMessage()

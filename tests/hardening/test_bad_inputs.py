@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -19,9 +20,9 @@ from torch import nn
 import fxpass
 from fxpass import zoo
 from fxpass.cli import main
-from fxpass.errors import QuantConfigError, UsageError, WeightLoadError
+from fxpass.errors import NotLoadedError, QuantConfigError, UsageError, WeightLoadError
 from fxpass.rewrite.base import is_vllm_linear
-from fxpass.weights import bnb_config, load_linear_weights
+from fxpass.weights import bnb_config, load_checkpoint, load_linear_weights
 from unchanged import Unchanged
 
 pytestmark = pytest.mark.usefixtures("vllm_rt")
@@ -138,6 +139,178 @@ def test_unknown_quant_method_api():
     with pytest.raises(UsageError, match=r"^unknown bitsandbytes method 'nf3'; expected one of "
                                          r"\('nf4', 'fp4', 'int8'\)$"):
         bnb_config("nf3")
+
+
+@pytest.mark.parametrize("given, hint", [
+    ("nf4", "For bitsandbytes nf4 (the CLI's --quant bnb-nf4): "
+            "quant_config=fxpass.weights.bnb_config('nf4')."),
+    ("bnb-int8", "For bitsandbytes int8 (the CLI's --quant bnb-int8): "
+                 "quant_config=fxpass.weights.bnb_config('int8')."),
+    ("fp8", ""),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "get_quantization_config("
+     "d['quant_method']).from_config(d)."),
+])
+def test_quant_config_that_is_not_a_quant_config(given, hint):
+    same = Unchanged(_tower())
+    got = f"the string {given!r}" if isinstance(given, str) else type(given).__name__
+    with pytest.raises(UsageError) as info:
+        fxpass.apply(same.model, given, example_inputs=(X,))
+    msg = str(info.value)
+    assert msg.startswith(
+        "fxpass.apply: quant_config must be a vLLM quantization config (a QuantizationConfig "
+        "from vllm.model_executor.layers.quantization: an object with get_quant_method(layer, "
+        "prefix), the one vLLM passes to the model it builds) or None for no quantization; "
+        f"got {got}. Build one with fxpass.weights.bnb_config('nf4' | 'fp4' | 'int8') for "
+        "bitsandbytes, or with vLLM's config classes")
+    assert msg.endswith(hint)
+    same.check()
+
+
+def test_transformers_quant_config_is_not_vllms():
+    from transformers import BitsAndBytesConfig
+
+    same = Unchanged(_tower())
+    with pytest.raises(UsageError, match=r"got BitsAndBytesConfig\. .* BitsAndBytesConfig is "
+                                         r"transformers' config, not vLLM's: for bitsandbytes "
+                                         r"use fxpass\.weights\.bnb_config"):
+        fxpass.apply(same.model, BitsAndBytesConfig(load_in_4bit=True), example_inputs=(X,))
+    same.check()
+
+
+class DataDependent(nn.Module):
+    """A root that stays Python (a branch on tensor data): its linears are swapped without a
+    graph and called by HF-style Python code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = _tower()
+        self.head = nn.Linear(D, D)
+
+    def forward(self, hidden_states):
+        h = self.head(hidden_states)
+        if h.sum() > 0:
+            h = h * 2
+        return self.inner(h)
+
+
+def _how(model: nn.Module, how: str, **kw):
+    if how == "graph":
+        return fxpass.apply(model, example_inputs=(X,), **kw)
+    if how == "first call":
+        return fxpass.apply(model, **kw)  # Tower: no example inputs known, traced at the call
+    return fxpass.apply(model, example_inputs=(X,), **kw)  # DataDependent: root stays Python
+
+
+@pytest.mark.parametrize("how, first", [("graph", "embed"), ("first call", "embed"),
+                                        ("plain swap", "head")])
+def test_calling_layers_no_loader_filled(how, first):
+    """README's first snippet outside vLLM without load_weights=True: the call raises
+    fxpass's error naming the layer and load_weights=True, where vLLM's code raised
+    AttributeError: 'ReplicatedLinear' object has no attribute 'cpu_linear'; once a loader has
+    filled the layers, the same model computes the original's answer."""
+    ref = DataDependent().eval() if how == "plain swap" else _tower()
+    model = copy.deepcopy(ref)
+    state = ref.state_dict()
+    report = _how(model, how, prefix="vision_tower")
+    assert not report.weights_loaded
+    if how == "plain swap":
+        assert "vision_tower.head" in report.plain_swaps and "" in report.untraced
+    for _ in range(2):  # and again: a first call stays armed, a graph is not dropped
+        with pytest.raises(NotLoadedError) as info, torch.no_grad():
+            model(X)
+        assert str(info.value).startswith(f"vision_tower.{first}: ")
+        assert isinstance(info.value, WeightLoadError)
+    msg = str(info.value)
+    assert "called before its weights were loaded" in msg and "pass load_weights=True to "\
+        "fxpass.apply on the original module" in msg and "vLLM's loader" in msg
+    if how == "first call":
+        assert report.first_call["state"] == "armed"
+    assert load_checkpoint(model, state, None) == []
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), ref(X), atol=1e-5, rtol=0)
+    if how == "first call":
+        assert report.first_call["state"] == "traced"
+    # loaded: nothing of the guard is left on the layers or their quant methods
+    for m in model.modules():
+        assert not m._forward_pre_hooks
+        if is_vllm_linear(m):
+            assert "process_weights_after_loading" not in vars(m.quant_method)
+
+
+def test_vllms_own_loader_fills_the_layers_and_nothing_fires():
+    """Inside vLLM the loader fills each parameter through its weight_loader, then runs
+    vLLM's process_weights_after_loading over the model: no fxpass error afterwards, no
+    hook left, the original's answer."""
+    import types
+
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+    ref = _tower()
+    model = copy.deepcopy(ref)
+    fxpass.apply(model, None, prefix="vision_tower")  # as in vLLM's model init
+    params = dict(model.named_parameters())
+    for name, tensor in ref.state_dict().items():
+        param = params[name]
+        param.weight_loader(param, tensor)
+    config = types.SimpleNamespace(word_embeddings_untied_by_checkpoint=False,
+                                   dtype=torch.float32, quantization=None)
+    process_weights_after_loading(model, config, torch.device("cpu"))
+    assert all(not m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), ref(X), atol=1e-5, rtol=0)
+
+
+def test_apply_again_with_other_settings_says_nothing_changed_and_why():
+    model = _tower()
+    fxpass.apply(model, None, prefix="vision_tower", load_weights=True, example_inputs=(X,))
+    same = Unchanged(model)
+    with torch.no_grad():
+        before = model(X)
+    with pytest.warns(UserWarning) as caught:
+        again = fxpass.apply(model, bnb_config("nf4"), prefix="vision_tower",
+                             load_weights=True, example_inputs=(X,))
+    note = ("fxpass.apply: already applied; nothing changed: the model was rewritten by an "
+            "earlier fxpass.apply with quant_config=None (unquantized); this call asked for "
+            "quant_config=BitsAndBytesConfig(nf4), which needs the original nn.Linear layers, "
+            "and those are gone. Rebuild the tower from the original module (from_pretrained "
+            "/ from_config and its weights again, or a copy taken before the first apply) and "
+            "apply once with the settings you want.")
+    assert [str(w.message) for w in caught] == [note]
+    assert again.already_applied and again.already_applied_note == note
+    assert again.already_applied_with == {
+        "module": "<root>", "quant_config": "None (unquantized)", "prefix": "vision_tower",
+        "fuse": False, "tp": 1, "load_weights": True, "first_call": False}
+    assert again.summary_line().startswith("fxpass[vision_tower]: " + note.removeprefix(
+        "fxpass.apply: "))
+    assert again.to_dict()["already_applied_with"]["quant_config"] == "None (unquantized)"
+    same.check()
+    with torch.no_grad():
+        assert torch.equal(model(X), before)
+    # other prefix / fusion: named the same way
+    with pytest.warns(UserWarning, match=r"with prefix='vision_tower', fuse=False; this call "
+                                         r"asked for prefix='tower', fuse=True, "):
+        fxpass.apply(model, None, prefix="tower", fuse=True, example_inputs=(X,))
+    # the same settings (an equal config object): nothing to explain
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain = fxpass.apply(model, None, prefix="vision_tower", example_inputs=(X,))
+    assert plain.already_applied and plain.already_applied_note == ""
+    assert plain.summary_line().startswith("fxpass[vision_tower]: already applied; nothing "
+                                           "changed, ")
+    same.check()
+
+
+def test_apply_again_with_load_weights_after_an_apply_without():
+    """load_weights=True the second time loads nothing either: the note says so, and the
+    call still raises the not-loaded error."""
+    model = _tower()
+    fxpass.apply(model, None, first_call=True)
+    with pytest.warns(UserWarning, match=r"with load_weights=False; this call asked for "
+                                         r"load_weights=True, which needs the original"):
+        again = fxpass.apply(model, None, load_weights=True)
+    assert again.already_applied_with["first_call"] is True
+    with pytest.raises(NotLoadedError, match=r"^embed: "), torch.no_grad():
+        model(X)
 
 
 def test_model_already_rewritten_by_fxpass_is_left_alone():
