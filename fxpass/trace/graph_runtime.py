@@ -52,6 +52,7 @@ from fxpass.trace.tracer import (
     CallSpec,
     bind_call,
     bind_module_call,
+    forward_is_wrapped,
     forward_signature,
     is_constant,
     trace_module,
@@ -494,7 +495,7 @@ class GraphForward:
                 raise GuardError(f"{self._where(module)}: {inputs}; trace it with example "
                                  "inputs shaped like this call.")
             return self._miss(module, args, kwargs, inputs)
-        plan = _plan_of(sig, args, kwargs)
+        plan = _plan_of(sig, args, kwargs, defaults=not forward_is_wrapped(type(module)))
         if plan is not None and module.training is self.spec.training:
             if self._plans is None:
                 self._plans = {}
@@ -636,7 +637,7 @@ class _Source:
         self.key = key
 
 
-def _plan_of(sig: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+def _plan_of(sig: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, defaults: bool = True
              ) -> list[tuple[Any, Any]] | None:
     """The fast-path plan for calls of this form (see ``GraphForward.__init__``).
 
@@ -646,7 +647,7 @@ def _plan_of(sig: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     markers = tuple(_Source(i) for i in range(len(args)))
     named = {k: _Source(k) for k in kwargs}
     try:
-        a, kw = bind_call(sig, markers, named)
+        a, kw = bind_call(sig, markers, named, defaults=defaults)
     except TypeError:
         return None
     plan: list[tuple[Any, Any]] = []

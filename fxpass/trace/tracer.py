@@ -27,6 +27,7 @@ import functools
 import inspect
 import operator
 import os
+import random
 import re
 import sys
 import threading
@@ -73,6 +74,16 @@ _PROXY_ARG_FUNCTIONS = ("finfo", "iinfo", "ones", "zeros", "empty", "full", "ran
                         "randint", "randperm", "eye", "linspace", "logspace", "tril_indices",
                         "triu_indices")
 _ORIGINALS = {name: getattr(torch, name) for name in _PROXY_ARG_FUNCTIONS}
+_RANDOM_FACTORIES = frozenset({"rand", "randn", "randint", "randperm"})
+
+
+def _host_rng_state() -> Any:
+    """Python's and (when imported) numpy's global RNG states, comparable with ``==``."""
+    np_random = getattr(sys.modules.get("numpy"), "random", None)
+    if np_random is None:
+        return random.getstate()
+    kind, keys, pos, has_gauss, cached = np_random.get_state()
+    return random.getstate(), (kind, keys.tobytes(), pos, has_gauss, cached)
 
 
 def _records_proxies(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -385,7 +396,8 @@ def forward_is_wrapped(cls: type) -> bool:
 
 
 def bind_call(sig: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any],
-              *, raw: bool = False) -> tuple[tuple[Any, ...], dict[str, Any]]:
+              *, raw: bool = False, defaults: bool = True
+              ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The same call whether the caller passed arguments by position or by name, or left
     a defaulted argument out.
 
@@ -395,7 +407,9 @@ def bind_call(sig: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict
     form: positional-only and ``*args`` values as positionals, every other parameter by name
     in signature order (defaults filled in, ``**kwargs`` sorted). A call that does not bind
     raises TypeError, as the call itself would; with ``raw`` (a decorated forward, whose
-    decorator may rename keywords) it is kept as given instead.
+    decorator may rename keywords) it is kept as given instead. ``defaults=False`` leaves
+    an omitted argument omitted: a decorator may tell it from one passed as its default
+    (HF's ``capture_outputs`` reads ``kwargs.get("output_hidden_states", config value)``).
     """
     if sig is None:
         return tuple(args), dict(kwargs)
@@ -405,7 +419,8 @@ def bind_call(sig: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict
         if raw:
             return tuple(args), dict(kwargs)
         raise
-    bound.apply_defaults()
+    if defaults:
+        bound.apply_defaults()
     pos: list[Any] = []
     named: dict[str, Any] = {}
     extra: dict[str, Any] = {}
@@ -427,7 +442,7 @@ def bind_module_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str,
                      ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """:func:`bind_call` for a call of ``module`` (raw form allowed for decorated forwards)."""
     sig, wrapped = _forward_info(type(module))
-    return bind_call(sig, args, kwargs, raw=wrapped)
+    return bind_call(sig, args, kwargs, raw=wrapped, defaults=not wrapped)
 
 
 def make_call_spec(sig: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -483,6 +498,7 @@ class ValueTracer(fx.Tracer):
         self._external: set[int] | None = None  # storages of the inputs and the module's tensors
         self._computed: set[int] = set()  # storages of every value a node computed
         self._real_values = False  # example values hold data (not meta)
+        self._host_rng: Any = None  # Python's and numpy's RNG states between eager runs
 
     # -- entry point ------------------------------------------------------------------
     def trace_call(self, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -490,7 +506,8 @@ class ValueTracer(fx.Tracer):
         self._call = (args, kwargs, spec)
         tensors = _tensors_in((args, kwargs))
         self._real_values = bool(tensors) and all(_is_real(t) for t in tensors)
-        patches = [*((torch, name, _records_proxies(fn)) for name, fn in _ORIGINALS.items()),
+        patches = [*((torch, name, self._random(fn) if name in _RANDOM_FACTORIES
+                      else _records_proxies(fn)) for name, fn in _ORIGINALS.items()),
                    (torch, "vmap", _traced_vmap(torch.vmap)),
                    (torch.func, "vmap", _traced_vmap(torch.func.vmap))]
         patches.append((nn.Module, "__setattr__", self._state_write(nn.Module.__setattr__)))
@@ -508,7 +525,37 @@ class ValueTracer(fx.Tracer):
                 old = getattr(owner, name)
                 setattr(owner, name, new)
                 stack.callback(setattr, owner, name, old)
-            return self.trace(root)
+            self._host_rng = _host_rng_state() if self._real_values else None
+            graph = self.trace(root)
+            if self._host_rng is not None:
+                self._host_rng_check("in its own code")
+            return graph
+
+    def _random(self, orig: Callable[..., Any]) -> Callable[..., Any]:
+        """``torch.rand`` & co while tracing: always a node, proxies among the arguments or
+        not. A call with plain sizes (HF's LayerDrop: ``torch.rand([]) < self.layerdrop``)
+        would otherwise run once here and be baked into the graph as a constant, the same
+        "random" numbers at every call and a shifted random stream for what follows."""
+        tracer = self
+
+        @functools.wraps(orig)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if tracer._eager or kwargs.get("generator") is not None:
+                return orig(*args, **kwargs)
+            return tracer.create_proxy("call_function", orig, args, kwargs)
+
+        return wrapper
+
+    def _host_rng_check(self, where: str) -> None:
+        """Python's and numpy's global RNGs are only drawn from by the submodules run for
+        their values (nodes of this graph): a draw by the traced code itself would be a
+        constant in the graph (HF's SpecAugment masks come from numpy)."""
+        state = _host_rng_state()
+        if self._host_rng is not None and state != self._host_rng:
+            raise TraceError(
+                f"it draws random numbers from Python's or numpy's global RNG ({where}); a graph "
+                "would replay them as constants, so the module runs as Python")
+        self._host_rng = state
 
     def _checked(self, orig: Callable[..., None]) -> Callable[..., None]:
         """``torch._check`` / ``_check_with`` given a traced condition: the condition is made
@@ -658,8 +705,11 @@ class ValueTracer(fx.Tracer):
                         self.on_first_call(target, cap)
             if self.leaf_inputs is not None:
                 vargs, vkwargs = self.leaf_inputs(mod, vargs, vkwargs)
+            self._host_rng_check(f"before calling {target!r}, at {_user_location()}")
             with self.eager():
-                return mod(*vargs, **vkwargs)
+                out = mod(*vargs, **vkwargs)
+            self._host_rng = _host_rng_state()
+            return out
         raise TraceError(f"unexpected node kind {kind}")
 
     def _static(self, kind: str, target: Any, args: Any, kwargs: Any, value: Any) -> bool:
@@ -995,7 +1045,7 @@ def trace_module(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     tracer = ValueTracer()
     tracer.values = dict(values or {})
     tracer.leaf_inputs = leaf_inputs
-    with trace_session(), recording(module, tracer) as rec, torch.no_grad():
+    with trace_session(module), recording(module, tracer) as rec, torch.no_grad():
         graph = tracer.trace_call(module, clone_values(args), clone_values(kwargs), spec)
     spec.reads = StateReads(rec.reads, rec.modes)
     finalize(graph)
@@ -1011,15 +1061,41 @@ TRACE_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
-def trace_session() -> Iterator[None]:
-    """One trace (or a walk of traces): under :data:`TRACE_LOCK`, on a forked RNG.
+def trace_session(module: nn.Module | None = None) -> Iterator[None]:
+    """One trace (or a walk of traces): under :data:`TRACE_LOCK`, leaving no trace behind.
 
-    Tracing runs the forward on example values, dropout and random ops included; the RNG is
-    restored afterwards, so a call traced on the way (a first call, a re-specialisation)
-    draws the same random numbers the original module would draw for it.
+    Tracing runs the forward on example values: dropout and random ops draw from torch's,
+    Python's and numpy's RNGs (HF's SpecAugment masks use numpy), and in training mode
+    batch norms update their running statistics. All of it is put back afterwards, so a call
+    traced on the way (a first call, a re-specialisation) draws the random numbers and sees
+    the buffers the original module would, and its graph run is the call's only effect.
     """
     with TRACE_LOCK:
         devices = (list(range(torch.cuda.device_count()))
                    if torch.cuda.is_available() and torch.cuda.is_initialized() else [])
-        with torch.random.fork_rng(devices=devices, enabled=True):
-            yield
+        py_state = random.getstate()
+        np_random = getattr(sys.modules.get("numpy"), "random", None)
+        np_state = np_random.get_state() if np_random is not None else None
+        buffers = _buffer_snapshot(module) if module is not None else []
+        try:
+            with torch.random.fork_rng(devices=devices, enabled=True):
+                yield
+        finally:
+            random.setstate(py_state)
+            if np_state is not None:
+                np_random.set_state(np_state)
+            with torch.no_grad():
+                for buf, saved in buffers:
+                    buf.copy_(saved)  # (batch norm's in-place update keeps the version count)
+
+
+def _buffer_snapshot(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The module tree's real buffers, each with a copy to restore."""
+    out = []
+    seen: set[int] = set()
+    for buf in module.buffers():
+        if id(buf) in seen or buf.device.type == "meta" or buf.is_inference():
+            continue
+        seen.add(id(buf))
+        out.append((buf, buf.detach().clone()))
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import threading
 
 import pytest
@@ -150,6 +151,100 @@ def test_layers_trimmed_after_apply(vllm_rt, name):
                            if isinstance(v, nn.ModuleList) and len(v) > 1)
         setattr(owner, attr, getattr(owner, attr)[:-1])
     _same_answer(ref, model, inputs)
+
+
+@pytest.mark.parametrize("name", [
+    "WhisperEncoder",     # LayerDrop: torch.rand([]) with plain sizes, in training mode
+    "ParakeetEncoder",    # batch norm running statistics, updated in training mode
+    "HubertModel",        # capture_outputs: an omitted output_hidden_states reads the config
+    "Wav2Vec2BertModel",  # SpecAugment masks drawn from numpy in training mode
+])
+def test_towers_whose_state_changes_reach_rng_buffers_and_decorators(vllm_rt, name):
+    """Training mode with dropout, then eval with hidden states from the config, then eager
+    attention: each step the same answer as the original on the same torch and numpy seeds,
+    and the same buffers afterwards (tracing on the way leaves no trace)."""
+    import numpy as np
+    ref, model, tower = _applied(name, True)
+    inputs = tower.inputs(ref, 0, 1)
+
+    def same(seed: int) -> None:
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            with torch.no_grad():
+                expected = ref(**inputs)
+        except Exception as e:  # noqa: BLE001 - the original refuses (SpecAugment on a
+            np.random.seed(seed)  # tiny input): the rewritten tower refuses alike
+            torch.manual_seed(seed)
+            with pytest.raises(type(e), match=re.escape(str(e)[:40])), torch.no_grad():
+                model(**inputs)
+            return
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            got = model(**inputs)
+        assert list(got.keys()) == list(expected.keys())
+        for a, b in zip(_outputs(expected), _outputs(got)):
+            torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
+
+    for m in (ref, model):
+        m.train()
+        _set_dropout(m, 0.3)
+    same(1)
+    same(2)
+    buffers = dict(model.named_buffers())
+    for k, v in ref.named_buffers():
+        torch.testing.assert_close(buffers[k], v, atol=ATOL, rtol=0)
+    for m in (ref, model):
+        m.eval()
+        m.config.output_hidden_states = True
+    same(3)
+    for m in (ref, model):
+        m.config.output_hidden_states = False
+        m.set_attn_implementation("eager")
+    same(4)
+
+
+class LayerDrop(nn.Module):
+    """LayerDrop as HF writes it: a random draw from plain sizes decides a branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.layerdrop = 0.5
+
+    def forward(self, x):
+        if self.training and torch.rand([]) < self.layerdrop:
+            return x
+        return self.lin(x) + torch.randn(x.shape[-1:]) * 0.0
+
+
+class NumpyNoise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        import numpy
+
+        return self.lin(x) * float(numpy.random.rand())
+
+
+def test_random_draws_are_never_constants_in_a_graph():
+    x = torch.randn(2, 4)
+    drop = LayerDrop().train()
+    t = fxpass.trace(drop, (x,), cache=None)
+    assert "data-dependent" in t.untraced[""]  # the draw is a node: its branch is data
+    noise = NumpyNoise()
+    t = fxpass.trace(noise, (x,), cache=None)
+    assert "numpy" in t.untraced[""]
+    b = t.build()
+    import numpy
+
+    numpy.random.seed(0)
+    want = noise(x)
+    numpy.random.seed(0)
+    torch.testing.assert_close(b(x), want)
 
 
 # -- the mechanism, on toys ---------------------------------------------------------------
