@@ -421,6 +421,7 @@ def load_linear_weights(
                 f"{prefix}: {type(layer.quant_method).__name__}.process_weights_after_loading "
                 f"failed: {type(e).__name__}: {e}"
             ) from e
+    _guard_cpu_gemm(layer, prefix)
 
 
 def _check_source(
@@ -666,6 +667,18 @@ def load_fused_weights(layer: nn.Module, shards: list[tuple[torch.Tensor, torch.
             for i, (_, b) in enumerate(shards):
                 layer.bias.weight_loader(layer.bias, b.detach().to(layer.bias.dtype), ids[i])
         layer.quant_method.process_weights_after_loading(layer)
+    _guard_cpu_gemm(layer, prefix)
+
+
+def _guard_cpu_gemm(layer: nn.Module, prefix: str) -> None:
+    """Wrap the native GEMM handle vLLM-CPU just built for the layer (if it built one) in
+    fxpass's guard: one process-wide lock (the handles share state across layers and
+    threads), no silent backward, clear errors for dtype changes, autocast and pickling
+    (``fxpass.cpu_gemm``)."""
+    if "cpu_linear" in layer.__dict__:
+        from .cpu_gemm import guard
+
+        guard(layer, prefix)
 
 
 def load_checkpoint(model: nn.Module, state_dict: dict[str, torch.Tensor], quant_config: Any,

@@ -29,6 +29,7 @@ from typing import Any
 
 from torch import nn
 
+from fxpass.cpu_gemm import guard
 from fxpass.errors import NotLoadedError
 
 __all__ = ["guard_unloaded", "mark_loaded", "not_loaded_message", "unloaded_layers"]
@@ -76,6 +77,9 @@ class _ClearOnLoad:
             out = type(self.method).process_weights_after_loading(self.method, layer, *args,
                                                                   **kwargs)
         mark_loaded(layer)
+        # vLLM's loader (inside an engine) just built the CPU GEMM handle: the same guard as
+        # fxpass's own loaders put on it (threads, backward, dtype, pickling: cpu_gemm.py)
+        guard(layer)
         return out
 
 

@@ -453,7 +453,7 @@ def trace(module: nn.Module, example_inputs: Any = None, *,
     result = Trace(root=module, example_inputs=(args, kwargs))
     if index is None:
         index = TreeIndex.of(module)
-    with trace_session():
+    with trace_session(module):
         # Trace the class forward, not a previously installed graph.
         distinct = {id(m): m for m in index.paths.values()}.values()
         saved = {m: m.__dict__.pop("forward") for m in distinct
