@@ -499,11 +499,13 @@ class ValueTracer(fx.Tracer):
         self._computed: set[int] = set()  # storages of every value a node computed
         self._real_values = False  # example values hold data (not meta)
         self._host_rng: Any = None  # Python's and numpy's RNG states between eager runs
+        self._thread = threading.get_ident()  # the thread tracing (see _elsewhere)
 
     # -- entry point ------------------------------------------------------------------
     def trace_call(self, root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
                    spec: CallSpec) -> fx.Graph:
         self._call = (args, kwargs, spec)
+        self._thread = threading.get_ident()
         tensors = _tensors_in((args, kwargs))
         self._real_values = bool(tensors) and all(_is_real(t) for t in tensors)
         patches = [*((torch, name, self._random(fn) if name in _RANDOM_FACTORIES
@@ -531,6 +533,12 @@ class ValueTracer(fx.Tracer):
                 self._host_rng_check("in its own code")
             return graph
 
+    def _elsewhere(self) -> bool:
+        """A call from another thread than the one tracing. fx patches ``Module.__call__``
+        and ``__getattr__`` process-wide while it traces: another thread's model calls must
+        run as plain Python, not land in this graph (and get proxies back)."""
+        return threading.get_ident() != self._thread
+
     def _random(self, orig: Callable[..., Any]) -> Callable[..., Any]:
         """``torch.rand`` & co while tracing: always a node, proxies among the arguments or
         not. A call with plain sizes (HF's LayerDrop: ``torch.rand([]) < self.layerdrop``)
@@ -540,7 +548,7 @@ class ValueTracer(fx.Tracer):
 
         @functools.wraps(orig)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if tracer._eager or kwargs.get("generator") is not None:
+            if tracer._eager or kwargs.get("generator") is not None or tracer._elsewhere():
                 return orig(*args, **kwargs)
             return tracer.create_proxy("call_function", orig, args, kwargs)
 
@@ -793,6 +801,8 @@ class ValueTracer(fx.Tracer):
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
+        if self._elsewhere():
+            return forward(*args, **kwargs)
         if self._eager:
             # a module run for its values: what goes in and out may be recorded around the
             # trace (forward hooks), so it counts as computed by this trace
@@ -807,7 +817,7 @@ class ValueTracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
-        if self._eager:
+        if self._eager or self._elsewhere():
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
