@@ -74,6 +74,7 @@ class _Recorder:
         self.eager = eager  # the tracer: reads while it runs children eagerly don't count
         self.thread = threading.get_ident()
         self.reads: dict[tuple[str, str], Any] = {}
+        self.count = 0  # reads recorded so far (a property's getter that read some: derived)
         self.modes: dict[tuple[str, str], tuple[str, ...]] = {}  # see StateReads
         self.swapped: list[tuple[Any, type]] = []
 
@@ -83,7 +84,9 @@ class _Recorder:
     def record(self, path: str, chain: str, modes: tuple[str, ...], value: Any) -> None:
         key = (path, chain)
         if key in self.reads:
+            self.count += 1  # read again inside a getter: still a read it derives from
             return
+        self.count += 1
         if value is MISSING or _is_plain(value):
             self.reads[key] = copy.deepcopy(value) if isinstance(
                 value, (list, dict, set)) else value
@@ -168,13 +171,15 @@ def _recording_class(cls: type) -> type:
     base_getattr = getattr(cls, "__getattr__", None)
 
     def __getattribute__(self: Any, name: str) -> Any:
+        before = _RECORDERS[-1].count if _RECORDERS else 0
         try:
             value = super(sub, self).__getattribute__(name)
         except AttributeError:
             if base_getattr is None:
                 _record_object(self, name, MISSING)
             raise
-        _record_object(self, name, value)
+        derived = bool(_RECORDERS) and _RECORDERS[-1].count > before
+        _record_object(self, name, value, derived)
         return value
 
     namespace: dict[str, Any] = {"__getattribute__": __getattribute__,
@@ -194,14 +199,21 @@ def _recording_class(cls: type) -> type:
     return sub
 
 
-def _record_object(obj: Any, name: str, value: Any) -> None:
+def _record_object(obj: Any, name: str, value: Any, derived: bool = False) -> None:
+    """Record a read off a tracked state object. ``derived``: a property whose getter read
+    other attributes that were recorded meanwhile (HF's ``config._attn_implementation`` reads
+    ``_attn_implementation_internal``): checking those is checking it, and HF's properties
+    are the slow part of a check, so it is not recorded itself."""
     if not _RECORDERS or name[:2] == "__":
         return
     rec = _RECORDERS[-1]
     where = rec.objects.get(id(obj))
     if where is not None and rec.active() and not isinstance(value, types.MethodType):
+        mode = _mode(obj, name, value)
+        if derived and mode == "get":
+            return
         path, chain, modes = where
-        rec.record(path, f"{chain}.{name}", (*modes, _mode(obj, name, value)), value)
+        rec.record(path, f"{chain}.{name}", (*modes, mode), value)
 
 
 class recording:
