@@ -1,7 +1,8 @@
 """Side-by-side benchmark: fxpass vs vLLM's module walk vs HF eager, in one run.
 
-Everything is measured in the same process, interleaved, as medians of repeated runs and
-reported as ratios (machines are noisy; ratios measured together are what carry over):
+Everything is measured in the same process, interleaved, as medians (and interquartile
+ranges) of ``torch.utils.benchmark`` Measurements (``fxpass.bench_stats``), and reported as
+ratios (machines are noisy; ratios measured together are what carry over):
 
 * pass time: ``fxpass.apply`` vs ``recursive_replace_linear`` on default-size Gemma4 vision
   and audio towers on the meta device, cold (empty trace cache) and warm (cache hit), next to
@@ -22,9 +23,10 @@ reported as ratios (machines are noisy; ratios measured together are what carry 
   (``fuse=True``: the speed rules) and fxpass under ``torch.compile``; each row with its max
   abs diff to HF (nf4: to HF bf16) and, for compiled rows, the first call's time.
 
-``--quick`` shrinks every size so the suite can prove the benchmark runs (no figures from it;
-no ``torch.compile`` rows: compiling costs seconds per tower). ``--only peers`` (or another
-section name) runs one section.
+``--quick`` shrinks every size and timing so the suite can prove the benchmark runs (no
+figures from it; no ``torch.compile`` rows: compiling costs seconds per tower). ``--only
+peers`` (or another section name) runs one section; ``--dtype fp32`` (repeatable) keeps only
+those rows of the forward / peers / rules sections.
 Run: ``.venv/bin/python tools/bench.py [--quick] [--json out.json]``.
 """
 
@@ -36,53 +38,45 @@ import gc
 import json
 import os
 import platform
-import statistics
-import time
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from fxpass.bench_stats import (
+    interleaved,
+    interleaved_on_copies,
+    iqrs,
+    measure,
+    medians,
+    samples,
+    time_once,
+)
+from fxpass.cli_options import BENCH_DTYPES, BENCH_SECTIONS, add_bench_arguments
 
-def _median_time(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-    """Median seconds per variant, variants alternating run by run (shared noise)."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+# Seconds of calls each variant gets per interleaved round (Timer.blocked_autorange's
+# min_run_time). --quick only proves the benchmark runs: one call per round (Timer.timeit),
+# except for the per-call overhead (graph_call: microseconds a call, blocked_autorange).
+MIN_RUN_TIME = 0.1
+QUICK_MIN_RUN_TIME = 0.002
 
 
-def _interleaved_on_copies(base: nn.Module, fns: dict[str, Callable[[nn.Module], Any]],
-                           repeats: int) -> dict[str, float]:
-    """Like :func:`_interleaved` for passes that change the model: each run gets a fresh deep
-    copy of ``base``, made (and the garbage collected) before the clock starts."""
-    for fn in fns.values():
-        fn(copy.deepcopy(base))
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            model = copy.deepcopy(base)
-            gc.collect()
-            t0 = time.perf_counter()
-            fn(model)
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+def _min_run_time(quick: bool) -> float | None:
+    return None if quick else MIN_RUN_TIME
+
+
+def _timed(fns: dict[str, Callable[[], Any]], repeats: int, quick: bool,
+           min_run_time: float | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """(median seconds, IQR seconds) per variant, variants interleaved round by round."""
+    ms = interleaved(fns, repeats, min_run_time or _min_run_time(quick))
+    return medians(ms), iqrs(ms)
+
+
+def _collect(quick: bool) -> None:
+    """Free the last variants before the next are built (a full collection costs ~0.1-1 s
+    in this heap: --quick's towers are small enough to skip it)."""
+    if not quick:
+        gc.collect()
 
 
 def _peak_forward_bytes(fn: Callable[[], Any]) -> int:
@@ -145,19 +139,19 @@ def pass_time(quick: bool, repeats: int) -> dict[str, Any]:
     for name, prefix in (("gemma4_vision", "vision_tower"), ("gemma4_audio", "audio_tower")):
         size = "tiny" if quick else "default"
         base = zoo.build_tower(name, size=size, device="meta", dtype=torch.bfloat16)
-        build = _median_time(lambda: zoo.build_tower(name, size=size, device="meta",
-                                                     dtype=torch.bfloat16), repeats)
+        build_m = measure(lambda: zoo.build_tower(name, size=size, device="meta",
+                                                  dtype=torch.bfloat16),
+                          repeats, _min_run_time(quick))
+        build = build_m.median
         DEFAULT_CACHE.clear()
         m = copy.deepcopy(base)
-        t0 = time.perf_counter()
-        fxpass.apply(m, None, prefix=prefix)
-        cold = time.perf_counter() - t0
+        cold = time_once(lambda: fxpass.apply(m, None, prefix=prefix))
 
-        t = _interleaved_on_copies(base, {
+        t = interleaved_on_copies(lambda: copy.deepcopy(base), {
             "walk": lambda m: recursive_replace_linear(m, None, prefix=prefix),
             "fxpass_warm": lambda m: fxpass.apply(m, None, prefix=prefix),
-        }, max(repeats, 15))
-        walk_s, warm_s = t["walk"], t["fxpass_warm"]
+        }, repeats if quick else max(repeats, 15), collect=not quick)
+        walk_s, warm_s = t["walk"].median, t["fxpass_warm"].median
         n_linear = sum(isinstance(x, nn.Linear) for x in base.modules())
         out[name] = {
             "linears": n_linear,
@@ -167,6 +161,7 @@ def pass_time(quick: bool, repeats: int) -> dict[str, Any]:
             "fxpass_warm_s": warm_s,
             "warm_over_walk": warm_s / walk_s,
             "cold_over_from_config": cold / build,
+            "iqr_s": {"from_config": build_m.iqr, **iqrs(t)},
         }
     return out
 
@@ -193,7 +188,8 @@ def _vision_inputs(tower: nn.Module, patches: int) -> dict[str, torch.Tensor]:
     return {"pixel_values": pixels, "pixel_position_ids": pos}
 
 
-def forward_latency(quick: bool, repeats: int) -> dict[str, Any]:
+def forward_latency(quick: bool, repeats: int,
+                    dtypes: tuple[str, ...] = BENCH_DTYPES) -> dict[str, Any]:
     from transformers import AutoModel
     from vllm.model_executor.models.transformers.utils import recursive_replace_linear
 
@@ -201,11 +197,13 @@ def forward_latency(quick: bool, repeats: int) -> dict[str, Any]:
     from fxpass.weights import bnb_config, load_linear_weights
 
     cfg, _ = _vision_config(quick)
-    patch_counts = (36, 81) if quick else (576, 256)
+    patch_counts = (36,) if quick else (576, 256)
     results: dict[str, Any] = {}
     for dtype_name, dtype, quant in (("fp32", torch.float32, None),
                                      ("bf16", torch.bfloat16, None),
                                      ("nf4", torch.bfloat16, "nf4")):
+        if dtype_name not in dtypes:
+            continue
         torch.manual_seed(0)
         hf = AutoModel.from_config(cfg).to(dtype).eval()
         qc = bnb_config(quant) if quant else None
@@ -233,16 +231,17 @@ def forward_latency(quick: bool, repeats: int) -> dict[str, Any]:
             x = _vision_inputs(hf, patches)
             fns = {k: (lambda v=v: v(**x)) for k, v in variants.items()}
             with torch.no_grad():
-                t = _interleaved(fns, repeats)
+                t, iqr = _timed(fns, repeats, quick)
                 peak = {k: _peak_forward_bytes(fn) for k, fn in fns.items()}
             row[f"patches_{patches}"] = {
                 "median_s": t,
+                "iqr_s": iqr,
                 "speedup_vs_hf": {k: t["hf"] / v for k, v in t.items()},
                 "peak_forward_bytes": peak,
             }
         results[dtype_name] = row
         del variants, hf, seed
-        gc.collect()
+        _collect(quick)
     return results
 
 
@@ -262,12 +261,11 @@ def verify_cost(quick: bool, repeats: int) -> dict[str, Any]:
     x = _vision_inputs(tower, 36 if quick else 576)
     fxpass.apply(tower, None, load_weights=True, example_inputs=x)
     with torch.no_grad():
-        fwd = _median_time(lambda: ref(**x), repeats)
-    t0 = time.perf_counter()
-    report = verify(ref, tower, [x], progress=False)
-    cost = time.perf_counter() - t0
-    return {"forward_s": fwd, "verify_s": cost, "verify_over_forward": cost / fwd,
-            "passed": bool(report.passed)}
+        fwd = measure(lambda: ref(**x), repeats, _min_run_time(quick))
+    reports = []
+    cost = time_once(lambda: reports.append(verify(ref, tower, [x], progress=False)))
+    return {"forward_s": fwd.median, "forward_iqr_s": fwd.iqr, "verify_s": cost,
+            "verify_over_forward": cost / fwd.median, "passed": bool(reports[0].passed)}
 
 
 def first_call_overhead(quick: bool, repeats: int) -> dict[str, Any]:
@@ -289,32 +287,32 @@ def first_call_overhead(quick: bool, repeats: int) -> dict[str, Any]:
         x = (_vision_inputs(base, 36 if quick else 256) if name == "gemma4_vision"
              else zoo.example_inputs(base, size_index=2))
         firsts, init_firsts, warms, traces = [], [], [], []
-        for _ in range(max(2, repeats // 2)):
+        for _ in range(max(1 if quick else 2, repeats // 2)):
             model = copy.deepcopy(base)
             report = fxpass.apply(model, None, load_weights=True, first_call=True)
             at_init = copy.deepcopy(base)
             fxpass.apply(at_init, None, load_weights=True, example_inputs=x)
-            gc.collect()
+            _collect(quick)
             with torch.no_grad():
-                t0 = time.perf_counter()
-                model(**x)
-                firsts.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                at_init(**x)
-                init_firsts.append(time.perf_counter() - t0)
-                warms.append(_median_time(lambda: model(**x), 3, warmup=0))
+                firsts.append(time_once(lambda: model(**x)))
+                init_firsts.append(time_once(lambda: at_init(**x)))
+                warms.extend(measure(lambda: model(**x), 1, _min_run_time(quick)).times)
             traces.append(report.first_call.get("trace_and_rewrite_s", 0.0))
             del model, at_init
-        first_s, init_first_s = statistics.median(firsts), statistics.median(init_firsts)
+        stats = {"first": samples(firsts, "first"), "init_first": samples(init_firsts,
+                                                                           "init_first"),
+                 "warm": samples(warms, "warm"), "trace_and_rewrite": samples(traces, "trace")}
+        first_s, init_first_s = stats["first"].median, stats["init_first"].median
         out[name] = {
             "layers": base.config.num_hidden_layers, "hidden": base.config.hidden_size,
-            "warm_s": statistics.median(warms), "first_s": first_s,
+            "warm_s": stats["warm"].median, "first_s": first_s,
             "init_first_s": init_first_s, "extra_s": first_s - init_first_s,
             "first_over_init_first": first_s / init_first_s,
-            "trace_and_rewrite_s": statistics.median(traces),
+            "trace_and_rewrite_s": stats["trace_and_rewrite"].median,
+            "iqr_s": iqrs(stats),
         }
         del base
-        gc.collect()
+        _collect(quick)
     return out
 
 
@@ -348,19 +346,19 @@ def graph_call_overhead(quick: bool, repeats: int) -> dict[str, Any]:
     pe = (torch.randn(1, 4), torch.randn(1, 4))
     eager = _LayerCall()
     graph = fxpass.trace(eager, ((x, pe), {}), cache=None).build()
-    n = 200 if quick else 5000
     forms = {"keywords": ((x, pe), {"attention_mask": None}), "defaults omitted": ((x, pe), {})}
     out: dict[str, Any] = {}
     with torch.no_grad():
         for form, (args, kwargs) in forms.items():
-            def loop(mod: nn.Module) -> Callable[[], None]:
-                def run_n() -> None:
-                    for _ in range(n):
-                        mod(*args, **kwargs)
-                return run_n
-            t = _interleaved({"module": loop(eager), "graph": loop(graph)}, repeats)
-            out[form] = {"module_us": t["module"] / n * 1e6, "graph_us": t["graph"] / n * 1e6,
-                         "overhead_us": (t["graph"] - t["module"]) / n * 1e6}
+            def call(mod: nn.Module) -> Callable[[], None]:
+                return lambda: mod(*args, **kwargs)
+            # blocked_autorange times blocks of calls; Measurement's times are per call
+            t, iqr = _timed({"module": call(eager), "graph": call(graph)}, repeats, quick,
+                            QUICK_MIN_RUN_TIME if quick else None)
+            out[form] = {"module_us": t["module"] * 1e6, "graph_us": t["graph"] * 1e6,
+                         "overhead_us": (t["graph"] - t["module"]) * 1e6,
+                         "module_iqr_us": iqr["module"] * 1e6,
+                         "graph_iqr_us": iqr["graph"] * 1e6}
     return out
 
 
@@ -456,13 +454,12 @@ def _compiled(model: nn.Module, x: dict[str, torch.Tensor]) -> tuple[Any, float]
     this process; inductor's on-disk caches may be warm from an earlier run)."""
     torch._dynamo.reset()
     compiled = torch.compile(model)
-    t0 = time.perf_counter()
     with torch.no_grad():
-        compiled(**x)
-    return compiled, time.perf_counter() - t0
+        first = time_once(lambda: compiled(**x))
+    return compiled, first
 
 
-def peers(quick: bool, repeats: int) -> dict[str, Any]:
+def peers(quick: bool, repeats: int, dtypes: tuple[str, ...] = BENCH_DTYPES) -> dict[str, Any]:
     from transformers import AutoModel
 
     import fxpass
@@ -474,6 +471,8 @@ def peers(quick: bool, repeats: int) -> dict[str, Any]:
         for dtype_name, dtype, quant in (("fp32", torch.float32, None),
                                          ("bf16", torch.bfloat16, None),
                                          ("nf4", torch.bfloat16, "nf4")):
+            if dtype_name not in dtypes:
+                continue
             torch.manual_seed(0)
             hf = AutoModel.from_config(cfg).to(dtype).eval()
             qc = bnb_config(quant) if quant else None
@@ -505,13 +504,14 @@ def peers(quick: bool, repeats: int) -> dict[str, Any]:
                 ref = _first_tensor(hf(**x)).float()
                 diffs = {k: (_first_tensor(v(**x)).float() - ref).abs().max().item()
                          for k, v in variants.items()}
-                t = _interleaved({k: (lambda v=v: v(**x)) for k, v in variants.items()},
-                                 repeats)
+                t, iqr = _timed({k: (lambda v=v: v(**x)) for k, v in variants.items()},
+                                repeats, quick)
             others = {k: v for k, v in t.items() if k not in ("fxpass", "fxpass+compile")
                       and not (quant and k == "hf")}
             fastest_peer = min(others, key=others.get) if others else None
             results.setdefault(name, {})[dtype_name] = {
                 "median_s": t,
+                "iqr_s": iqr,
                 "speedup_vs_hf": {k: t["hf"] / v for k, v in t.items()},
                 "max_abs_diff_vs_hf": diffs,
                 "max_abs_hf": ref.abs().max().item(),
@@ -527,23 +527,26 @@ def peers(quick: bool, repeats: int) -> dict[str, Any]:
             }
             del variants, hf, fx_model
             torch._dynamo.reset()
-            gc.collect()
+            _collect(quick)
     return results
 
 
-def rule_gains(quick: bool, repeats: int) -> dict[str, Any]:
+def rule_gains(quick: bool, repeats: int,
+               dtypes: tuple[str, ...] = BENCH_DTYPES) -> dict[str, Any]:
     """Each speed rule's gain: fxpass (fuse=True) against fxpass with that one rule left out
     (and against fuse=False: all of them), interleaved, eager, on both peer towers."""
     from transformers import AutoModel
 
     import fxpass
-    from fxpass.rewrite.registry import SPEED_RULES, disabled
+    from fxpass.rules.registry import SPEED_RULES, disabled
 
     out: dict[str, Any] = {}
     for name in PEER_TOWERS:
         cfg = _peer_config(name, quick)
-        dtypes = (("fp32", torch.float32),) + (() if quick else (("bf16", torch.bfloat16),))
-        for dtype_name, dtype in dtypes:
+        rows = (("fp32", torch.float32),) + (() if quick else (("bf16", torch.bfloat16),))
+        for dtype_name, dtype in rows:
+            if dtype_name not in dtypes:
+                continue
             torch.manual_seed(0)
             hf = AutoModel.from_config(cfg).to(dtype).eval()
             x = _peer_inputs(name, hf, dtype, quick)
@@ -561,16 +564,16 @@ def rule_gains(quick: bool, repeats: int) -> dict[str, Any]:
                     continue  # the rule does not apply to this tower
                 variants[label] = m
             with torch.no_grad():
-                t = _interleaved({k: (lambda v=v: v(**x)) for k, v in variants.items()},
-                                 repeats)
+                t, iqr = _timed({k: (lambda v=v: v(**x)) for k, v in variants.items()},
+                                repeats, quick)
             base = t["all rules"]
             out.setdefault(name, {})[dtype_name] = {
-                "median_s": t, "fixes": fixes,
+                "median_s": t, "iqr_s": iqr, "fixes": fixes,
                 # > 1: the tower is that much faster with the rule (or all rules) than without
                 "gain": {k: v / base for k, v in t.items() if k != "all rules"},
             }
             del variants, hf
-            gc.collect()
+            _collect(quick)
     return out
 
 
@@ -638,13 +641,20 @@ def _count_fixes(report: Any) -> dict[str, int]:
     return counts
 
 
+def _ms(r: dict[str, Any], k: str, width: int = 0) -> str:
+    """``r["median_s"][k]`` in ms, with its IQR when the result has one (older JSON not)."""
+    text = f"{r['median_s'][k] * 1e3:{width}.1f} ms"
+    iqr = r.get("iqr_s", {}).get(k)
+    return text + (f" (IQR {iqr * 1e3:.1f})" if iqr is not None else "")
+
+
 def peers_table(peers_result: dict[str, Any]) -> list[str]:
     lines = ["", "peers: tower forward, interleaved medians (speedup vs HF eager; max abs diff "
                  "vs HF; nf4: vs HF bf16)"]
     for name, by_dtype in peers_result.items():
         for dt, r in by_dtype.items():
             cells = "  ".join(
-                f"{k} {r['median_s'][k] * 1e3:.1f} ms ({r['speedup_vs_hf'][k]:.2f}x, "
+                f"{k} {_ms(r, k)} ({r['speedup_vs_hf'][k]:.2f}x, "
                 f"{r['max_abs_diff_vs_hf'][k]:.1e})" for k in r["median_s"])
             lines.append(f"  {name:<13} {dt:<4} {cells}")
             extra = [f"fxpass / fastest peer ({r['fastest_peer']}): "
@@ -658,14 +668,27 @@ def peers_table(peers_result: dict[str, Any]) -> list[str]:
     return lines
 
 
-SECTIONS = ("pass_time", "forward", "peers", "rules", "verify", "graph_call", "first_call")
+SECTIONS = BENCH_SECTIONS
+DTYPES = BENCH_DTYPES  # the forward / peers / rules rows
+_BY_DTYPE = ("forward", "peers", "rules")
 
 
 def run(quick: bool = False, repeats: int | None = None,
-        only: tuple[str, ...] | None = None) -> dict[str, Any]:
-    from fxpass.runtime import vllm_runtime
+        only: tuple[str, ...] | None = None,
+        dtypes: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Run the sections (``only``: these; ``dtypes``: only these rows of the forward / peers
+    / rules sections) in one process, inside vLLM's runtime; ``repeats`` interleaved rounds
+    per measurement (default 7; quick: 3)."""
+    from fxpass.errors import UsageError
+    from fxpass.vllm_context import vllm_runtime
 
+    for name, given, valid in (("section", only, SECTIONS), ("dtype", dtypes, DTYPES)):
+        bad = sorted(set(given or ()) - set(valid))
+        if bad:
+            raise UsageError(f"unknown bench {name} {', '.join(map(repr, bad))}; valid: "
+                             f"{', '.join(valid)}")
     repeats = repeats or (3 if quick else 7)
+    dtypes = tuple(dtypes) if dtypes else DTYPES
     sections = {"pass_time": pass_time, "forward": forward_latency, "peers": peers,
                 "rules": rule_gains, "verify": verify_cost, "graph_call": graph_call_overhead,
                 "first_call": first_call_overhead}
@@ -675,10 +698,14 @@ def run(quick: bool = False, repeats: int | None = None,
                         "threads": torch.get_num_threads(), "torch": torch.__version__},
             "quick": quick,
             "repeats": repeats,
+            "stats": "torch.utils.benchmark: median and IQR of interleaved rounds",
         }
+        if dtypes != DTYPES:
+            result["dtypes"] = list(dtypes)
         for key in SECTIONS:
             if only is None or key in only:
-                result[key] = sections[key](quick, repeats)
+                extra = {"dtypes": dtypes} if key in _BY_DTYPE else {}
+                result[key] = sections[key](quick, repeats, **extra)
     return result
 
 
@@ -694,8 +721,8 @@ def _cpu_model() -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"machine: {result['machine']}  (medians of {result['repeats']}; quick="
-             f"{result['quick']})"]
+    lines = [f"machine: {result['machine']}  (medians of {result['repeats']} interleaved rounds; "
+             f"quick={result['quick']})"]
     if "pass_time" in result:
         lines += ["", "pass time (meta towers, bf16)"]
     for name, r in result.get("pass_time", {}).items():
@@ -710,7 +737,7 @@ def table(result: dict[str, Any]) -> str:
         for key, r in row.items():
             if not key.startswith("patches_"):
                 continue
-            cells = "  ".join(f"{k} {r['median_s'][k] * 1e3:7.1f} ms ({r['speedup_vs_hf'][k]:.2f}x)"
+            cells = "  ".join(f"{k} {_ms(r, k, 7)} ({r['speedup_vs_hf'][k]:.2f}x)"
                               for k in r["median_s"])
             lines.append(f"  {dt:<4} {key:<12} {cells}")
         wb = row["weight_bytes"]
@@ -725,8 +752,11 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"  nf4 / bf16 weight bytes: linears {nf4['linear'] / bf16['linear']:.2f}x, "
                      f"whole tower {nf4['total'] / bf16['total']:.2f}x")
     for form, r in result.get("graph_call", {}).items():
+        iqr = (f" (IQRs {r['graph_iqr_us']:.1f} / {r['module_iqr_us']:.1f} us)"
+               if "graph_iqr_us" in r else "")
         lines.append(f"graph forward call ({form}): {r['graph_us']:.1f} us vs the module's own "
-                     f"forward {r['module_us']:.1f} us: {r['overhead_us']:+.1f} us per call")
+                     f"forward {r['module_us']:.1f} us: {r['overhead_us']:+.1f} us per call"
+                     + iqr)
     fc = result.get("first_call") or {}
     if fc:
         lines += ["", "first call after apply without example inputs (trace + rewrite + the "
@@ -748,26 +778,28 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fxpass bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: proves it runs")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--json", help="write the results as JSON here")
-    parser.add_argument("--only", action="append", choices=SECTIONS,
-                        help="run only this section (repeatable)")
-    parser.add_argument("--markdown", metavar="JSON",
-                        help="print the peers / rules tables of a --json result as markdown")
-    args = parser.parse_args(argv)
+def run_args(args: argparse.Namespace) -> int:
+    """``fxpass bench`` with parsed arguments (fxpass.cli_options.add_bench_arguments)."""
     if args.markdown:
         with open(args.markdown) as f:
             print(peers_markdown(json.load(f)))
         return 0
-    result = run(args.quick, args.repeats, tuple(args.only) if args.only else None)
+    result = run(args.quick, args.repeats, tuple(args.only) if args.only else None,
+                 tuple(args.dtypes) if args.dtypes else None)
     print(table(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fxpass.cli_options import BENCH_DESCRIPTION, BENCH_EPILOG, HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="fxpass bench", description=BENCH_DESCRIPTION,
+                                     epilog=BENCH_EPILOG, formatter_class=HelpFormatter)
+    add_bench_arguments(parser)
+    return run_args(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

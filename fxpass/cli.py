@@ -1,7 +1,9 @@
 """The ``fxpass`` command line.
 
 Subcommands register in :data:`SUBCOMMANDS` (name -> function adding its parser); each
-parser sets ``func`` (args -> exit code). ``viz`` goes there next to ``diff``.
+parser sets ``func`` (args -> exit code). Building the parsers imports nothing heavy (no
+torch, transformers or vLLM: ``fxpass --help`` is instant): option values and help texts
+live in :mod:`fxpass.cli_options`, and each command imports what it needs when it runs.
 
 ``fxpass diff MODEL_DIR --tower ATTR`` loads a local checkpoint, rewrites a copy of the
 tower with ``fxpass.apply`` (weights loaded, quantized in flight for ``--quant bnb-*``),
@@ -32,6 +34,7 @@ import argparse
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import sys
@@ -41,6 +44,30 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from fxpass.cli_options import (
+    BENCH_DESCRIPTION,
+    BENCH_EPILOG,
+    BENCH_HELP,
+    DIFF_DESCRIPTION,
+    DIFF_EPILOG,
+    DIFF_HELP,
+    DTYPE_HELP,
+    LORA_CHECK_DESCRIPTION,
+    LORA_CHECK_EPILOG,
+    LORA_CHECK_HELP,
+    MAIN_DESCRIPTION,
+    MAIN_EPILOG,
+    QUANT_HELP,
+    VIZ_DESCRIPTION,
+    VIZ_EPILOG,
+    VIZ_HELP,
+    HelpFormatter,
+    add_bench_arguments,
+    add_viz_arguments,
+    dtype_arg,
+    quant_arg,
+    subparser,
+)
 from fxpass.errors import FxpassError, QuantConfigError, UsageError
 
 SCHEMA = "fxpass.diff/1"
@@ -49,8 +76,6 @@ SCHEMA = "fxpass.diff/1"
 # above it a difference is rounding, and the near-exact budget judges it.
 BASELINE_MARGIN_DB = 1.0
 BASELINE_CAP_DB = 60.0
-QUANTS = ("none", "bnb-nf4", "bnb-fp4", "bnb-int8")
-DTYPES = ("float32", "bfloat16", "float16")
 DEMO_TOWERS = ("model.vision_tower", "model.audio_tower")
 
 
@@ -58,24 +83,19 @@ DEMO_TOWERS = ("model.vision_tower", "model.audio_tower")
 
 
 def _add_diff(sub: Any) -> None:
-    p = sub.add_parser(
-        "diff", help="rewrite a tower onto vLLM layers and verify it numerically",
-        description=("Rewrite a copy of a tower with fxpass.apply (weights loaded, quantized in "
-                     "flight for bnb-*) and compare it node by node with the original. Exit 0 "
-                     "within budget, 1 on a numeric failure, 2 on a usage error."),
-        epilog=("Planted faults for tests: FXPASS_PLANT_FAULT=KIND:LAYER (KIND: drop-bias, "
-                "transpose, wrong-weights, wrong-dtype) corrupts that rewritten layer."))
+    p = subparser(sub, "diff", DIFF_HELP, DIFF_DESCRIPTION, DIFF_EPILOG)
     p.add_argument("model_dir", nargs="?", metavar="MODEL_DIR",
                    help="local HF checkpoint directory (save_pretrained output)")
     p.add_argument("--demo", action="store_true",
-                   help="write a tiny random Gemma4 checkpoint to a temp dir and diff its vision "
-                        "and audio towers (quant defaults to bnb-nf4)")
+                   help="try it without a checkpoint: write a tiny random Gemma4 checkpoint to "
+                        "a temporary directory and diff its vision and audio towers (--quant "
+                        "defaults to bnb-nf4)")
     p.add_argument("--tower", metavar="ATTR",
                    help="the tower's attribute path in the loaded model, e.g. model.vision_tower")
-    p.add_argument("--quant", choices=QUANTS, default=None,
-                   help="quantization (default: none; with --demo: bnb-nf4)")
-    p.add_argument("--dtype", choices=DTYPES, default="bfloat16",
-                   help="dtype to load the tower in (default: bfloat16)")
+    p.add_argument("--quant", type=quant_arg, default=None, metavar="QUANT",
+                   help=QUANT_HELP + " (default: none; with --demo: bnb-nf4)")
+    p.add_argument("--dtype", type=dtype_arg, default="bfloat16", metavar="DTYPE",
+                   help=DTYPE_HELP + " (default: bfloat16)")
     p.add_argument("--mode", choices=("propagated", "isolated"), default="propagated",
                    help="propagated: each model on its own activations; isolated: each "
                         "rewritten layer fed the reference's input (default: propagated)")
@@ -92,72 +112,67 @@ def _add_diff(sub: Any) -> None:
     p.add_argument("--all-nodes", action="store_true",
                    help="list every compared module in the table, not only layers and failures")
     p.add_argument("--no-fake-quant", dest="fake_quant", action="store_false",
-                   help="skip the fake-quant reference (quantized runs)")
+                   help="quantized runs: skip the second reference (the original layers on "
+                        "fake-quantized weights, which tells quantization error from "
+                        "rewrite error)")
     p.add_argument("--lora", type=Path, metavar="ADAPTER_DIR",
-                   help="a PEFT LoRA adapter: the rewritten tower runs vLLM's own LoRA layers "
-                        "(CPU punica wrapper, adapter in slot 0) and is compared with the HF "
-                        "tower carrying the adapter through PEFT")
+                   help="a PEFT LoRA adapter directory: run the rewritten tower with vLLM's own "
+                        "LoRA layers carrying it and compare it with the HF tower carrying it "
+                        "through PEFT")
     p.add_argument("--lora-prefix", metavar="PREFIX",
                    help="the tower's path in the adapter's keys (default: ATTR, e.g. "
                         "model.vision_tower for base_model.model.model.vision_tower.*)")
     p.add_argument("--fuse", action="store_true",
-                   help="fxpass.apply(fuse=True): sibling linears become one vLLM layer "
-                        "(with --lora, a member's LoRA loads into its slice)")
+                   help="merge sibling linears that read the same input (q/k/v, gate/up) into "
+                        "one vLLM layer, as vLLM's own models do (with --lora, each member's "
+                        "LoRA loads into its slice)")
     p.add_argument("--tp", type=int, default=1, metavar="N",
                    help="shard the rewritten tower over N tensor-parallel ranks (N CPU "
-                        "processes) and verify each rank against the unsharded original "
-                        "(default: 1, replicated)")
+                        "processes) and check each rank against the unsharded original "
+                        "(default: 1, no sharding)")
+    # Tests only (README): corrupt one rewritten layer, as FXPASS_PLANT_FAULT=KIND:LAYER does.
     p.add_argument("--plant-fault", metavar="KIND:LAYER", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_diff)
 
 
 def _add_lora_check(sub: Any) -> None:
-    p = sub.add_parser(
-        "lora-check", help="which adapter keys land on which tower layers, and which nowhere",
-        description=("Check a PEFT LoRA adapter against a local checkpoint (built on the meta "
-                     "device: no weights read): each adapted module lands on a linear layer, "
-                     "or lands nowhere (vLLM would ignore it without a word), with the key "
-                     "vLLM would need. Exit 0 when every key lands, 1 when one lands nowhere, "
-                     "2 on a usage error."))
-    p.add_argument("model_dir", metavar="MODEL_DIR", type=Path)
-    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", type=Path)
+    p = subparser(sub, "lora-check", LORA_CHECK_HELP, LORA_CHECK_DESCRIPTION, LORA_CHECK_EPILOG)
+    p.add_argument("model_dir", metavar="MODEL_DIR", type=Path,
+                   help="local HF checkpoint directory (save_pretrained output)")
+    p.add_argument("adapter_dir", metavar="ADAPTER_DIR", type=Path,
+                   help="PEFT adapter directory (adapter_config.json and weights)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the result as JSON")
     p.set_defaults(func=cmd_lora_check)
 
 
-# name -> function(subparsers) adding the subcommand's parser (which sets ``func``).
 def _add_viz(sub: Any) -> None:
-    from fxpass.viz import add_cli
+    # The arguments live in fxpass.cli_options: importing fxpass.viz imports torch.fx.
+    p = subparser(sub, "viz", VIZ_HELP, VIZ_DESCRIPTION, VIZ_EPILOG)
+    add_viz_arguments(p)
+    p.set_defaults(func=_run_viz)
 
-    add_cli(sub)
+
+def _run_viz(args: argparse.Namespace) -> int:
+    from fxpass.viz.cli import run
+
+    with _vllm_noise_filtered():
+        return int(run(args))
 
 
 def _add_bench(sub: Any) -> None:
-    p = sub.add_parser("bench", help="fxpass vs its peers (HF, vLLM's walk, compiled, "
-                       "vLLM's own tower), side by side",
-                       description="Pass time, tower forward latency, weight bytes, peak "
-                                   "memory and verify cost, measured in one run (see README).")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: proves it runs")
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--json", help="write the results as JSON here")
-    p.add_argument("--only", action="append",
-                   choices=("pass_time", "forward", "peers", "rules", "verify", "graph_call",
-                            "first_call"),
-                   help="run only this section (repeatable)")
-    p.add_argument("--markdown", metavar="JSON",
-                   help="print the peers / rules tables of a --json result as markdown")
+    p = subparser(sub, "bench", BENCH_HELP, BENCH_DESCRIPTION, BENCH_EPILOG)
+    add_bench_arguments(p)
+    p.set_defaults(func=_run_bench)
 
-    def run(args: Any) -> int:
-        from fxpass.bench import main as bench_main
 
-        argv = (["--quick"] if args.quick else []) + (
-            ["--repeats", str(args.repeats)] if args.repeats else []) + (
-            ["--json", args.json] if args.json else []) + (
-            ["--markdown", args.markdown] if args.markdown else []) + [
-            a for s in (args.only or []) for a in ("--only", s)]
-        return bench_main(argv)
+def _run_bench(args: argparse.Namespace) -> int:
+    from fxpass.bench import run_args
 
-    p.set_defaults(func=run)
+    with _vllm_noise_filtered():
+        return run_args(args)
+
+
+# name -> function(subparsers) adding the subcommand's parser (which sets ``func``).
 
 
 SUBCOMMANDS: dict[str, Callable[[Any], None]] = {
@@ -169,8 +184,8 @@ SUBCOMMANDS: dict[str, Callable[[Any], None]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fxpass", description="Rewrite HF vision/audio towers onto vLLM layers.")
+    parser = argparse.ArgumentParser(prog="fxpass", description=MAIN_DESCRIPTION,
+                                     epilog=MAIN_EPILOG, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add in SUBCOMMANDS.values():
@@ -197,11 +212,61 @@ def main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------------ diff
 
 
+# vLLM-CPU's warnings about its own kernels, which read as errors in a report but are not:
+# (logger, start of the message) -> None to drop the record, or the one line shown instead.
+# vLLM warns that Triton (its GPU / triton-cpu kernel compiler) is missing when it imports
+# vllm.triton_utils, builds its config and picks a model runner: fxpass builds layers on
+# CPU and never runs Triton kernels. oneDNN refusing a GEMM (bf16 on a CPU without bf16
+# instructions) makes vLLM fall back to torch's F.linear: slower, same results.
+_VLLM_NOISE: dict[tuple[str, str], str | None] = {
+    ("vllm.triton_utils.importing", "Triton is installed, but doesn't include CPU"): None,
+    ("vllm.platforms.cpu", "Triton is not installed"): None,
+    ("vllm.config.vllm", "Model Runner V2 requires Triton"): None,
+    ("vllm.model_executor.layers.utils", "Failed to create oneDNN linear"):
+        "note: vLLM-CPU's oneDNN has no GEMM for this dtype / shape on this CPU; vLLM runs "
+        "those unquantized linears with torch's F.linear instead (expected, not an error)",
+}
+
+
+class _VllmNoiseFilter(logging.Filter):
+    def __init__(self, logger: str) -> None:
+        super().__init__()
+        self.rules = [(start, line) for (name, start), line in _VLLM_NOISE.items()
+                      if name == logger]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        for start, line in self.rules:
+            if message.startswith(start):
+                if line is None:
+                    return False
+                record.msg, record.args = line, ()
+        return True
+
+
+@contextlib.contextmanager
+def _vllm_noise_filtered() -> Iterator[None]:
+    """Drop (or say in one line) vLLM-CPU's kernel warnings listed in :data:`_VLLM_NOISE`.
+    Filters sit on the loggers vLLM's modules log to (created here if vLLM is not imported
+    yet), for the command's duration."""
+    added = []
+    for name in {name for name, _ in _VLLM_NOISE}:
+        f = _VllmNoiseFilter(name)
+        logging.getLogger(name).addFilter(f)
+        added.append((name, f))
+    try:
+        yield
+    finally:
+        for name, f in added:
+            logging.getLogger(name).removeFilter(f)
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Keep library chatter (vLLM info logs, bnb's per-call int8 warning) out of the report."""
+    """Keep library chatter (vLLM info logs and its kernel warnings, bnb's per-call int8
+    warning) out of the report."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _vllm_noise_filtered():
         warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)

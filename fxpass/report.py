@@ -1,13 +1,23 @@
-"""The report ``fxpass.apply`` returns; the CLI, CI and the visualisation all read this one."""
+"""The report ``fxpass.apply`` returns; the CLI, CI and the visualisation all read this one.
+
+A rewrite session does not fill a report: its rules emit :class:`Event` records into an
+:class:`EventLog` (a swap, a fix, a refusal, a shard, a fusion, ...), and :class:`Report` is
+a read-only view built from that log. The first call of a tower ``apply`` had no inputs for
+appends to the same log, so the report the caller holds shows what the first call learnt.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
-from typing import Any
+import threading
+import types
+from collections.abc import Mapping
+from typing import Any, Literal
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Fix:
     """One graph edit a rule made besides the linear swap (a probe folded, a contiguous())."""
 
@@ -20,53 +30,294 @@ class Fix:
         return dataclasses.asdict(self)
 
 
+EventKind = Literal[
+    "swap",         # target: a linear now a vLLM layer; data: method
+    "placement",    # target: a swapped linear; data: graph (a graph calls it) or why not
+    "placements-reset",  # forget placements (the first call states them all again)
+    "skip",         # target: a linear left as nn.Linear; data: reason
+    "fusion",       # target: the fused layer; data: members, method
+    "fix",          # data: fix (a Fix)
+    "check",        # a contiguity check left in a graph
+    "refusal",      # target: what the rule looked at (its describe); data: reason
+    "untraced",     # target: a module that stays Python; data: reason
+    "scope",        # target: a module traced again at the first call (its old fixes and
+                    # untraced records go)
+    "shard",        # target: a linear sharded; data: style
+    "replicated",   # target: a linear left replicated under tp; data: reason
+    "tp-pair",      # data: pair (the sharded pair's record)
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One thing a rewrite session did or refused, emitted by the rule (or stage) ``rule``."""
+
+    kind: EventKind
+    rule: str
+    target: str = ""
+    data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class EventLog:
+    """The events of one ``apply`` (and of its first call), plus the session's facts
+    (timings, where the graphs were traced, the first call's state)."""
+
+    def __init__(self, prefix: str = "", tp: int = 1) -> None:
+        self.prefix = prefix
+        self.tp = tp
+        self.events: list[Event] = []
+        self.facts: dict[str, Any] = {
+            "traced_at": "apply", "weights_loaded": False, "timings_s": {}, "first_call": {},
+            "already_applied": False, "already_applied_with": {}, "already_applied_note": "",
+            "tp_sharded_fraction": 0.0, "runtime": None}
+        self.version = 0
+        self.lock = threading.RLock()
+        self._report: Report | None = None
+
+    def emit(self, kind: EventKind, rule: str, target: str = "", **data: Any) -> None:
+        with self.lock:
+            self.events.append(Event(kind, rule, target, types.MappingProxyType(data)))
+            self.version += 1
+
+    def extend(self, events: list[Event]) -> None:
+        with self.lock:
+            self.events.extend(events)
+            self.version += 1
+
+    def set(self, fact: str, value: Any) -> None:
+        with self.lock:
+            self.facts[fact] = value
+            self.version += 1
+
+    def update(self, fact: str, **values: Any) -> dict[str, Any]:
+        """Merge ``values`` into a dict fact (``timings_s``, ``first_call``); returns it."""
+        with self.lock:
+            self.facts[fact].update(values)
+            self.version += 1
+            return self.facts[fact]
+
+    def count(self, kind: EventKind) -> int:
+        return sum(1 for e in self.events if e.kind == kind)
+
+    def report(self) -> "Report":
+        """The report built from this log (one object: a caller's reference stays live)."""
+        if self._report is None:
+            self._report = Report(self)
+        return self._report
+
+
+def _inside(name: str, path: str) -> bool:
+    return not path or name == path or name.startswith(path + ".")
+
+
 @dataclasses.dataclass
-class Report:
-    """What apply replaced, what it left alone and why, and what else it fixed.
+class _State:
+    """The report's fields, built from a log (see :meth:`Report._state`)."""
 
-    ``replaced`` holds full prefixed names (``<prefix>.<qualified name>``), as vLLM's loaders
-    and quant skip lists see them; the other dicts are keyed the same way.
-    """
-
-    prefix: str = ""
-    replaced: list[str] = dataclasses.field(default_factory=list)
+    swapped: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> method
+    placements: dict[str, str | None] = dataclasses.field(default_factory=dict)  # None: graph
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
-    graph_rewrites: list[str] = dataclasses.field(default_factory=list)
-    plain_swaps: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> why no graph
-    quant_methods: dict[str, str] = dataclasses.field(default_factory=dict)
+    fused: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    fused_methods: dict[str, str] = dataclasses.field(default_factory=dict)
     fixes: list[Fix] = dataclasses.field(default_factory=list)
-    # vLLM GEMM inputs given a .contiguous() as a precaution (strides may change with shape)
-    contiguity_checks: int = 0
-    fused: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # fused -> members
-    refusals: list[dict[str, str]] = dataclasses.field(default_factory=list)  # rule, target, why
+    checks: int = 0
+    refusals: list[dict[str, str]] = dataclasses.field(default_factory=list)
     untraced: dict[str, str] = dataclasses.field(default_factory=dict)
-    # tensor parallelism (apply(..., tp=N)): the TP size, each rewritten linear's parallel
-    # style (ColumnParallelLinear, RowParallelLinear, QKVParallelLinear,
-    # MergedColumnParallelLinear), why the others stayed replicated, the pairs sharded, and
-    # the share of the tower's parameter bytes in sharded layers
-    tp: int = 1
     tp_styles: dict[str, str] = dataclasses.field(default_factory=dict)
     tp_replicated: dict[str, str] = dataclasses.field(default_factory=dict)
     tp_pairs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    tp_sharded_fraction: float = 0.0
-    already_applied: bool = False
-    # for already_applied: the settings of the apply that rewrote the model ("module": where
-    # it was applied, "quant_config", "prefix", "fuse", "tp", "load_weights", "first_call"),
-    # and, where this call asked for others, why nothing changed and what to do
-    already_applied_with: dict[str, Any] = dataclasses.field(default_factory=dict)
-    already_applied_note: str = ""
-    weights_loaded: bool = False
-    # "apply": traced on example inputs inside apply; "first call": apply had none, so the
-    # linears were swapped at init and the graphs come from the model's first real call
-    traced_at: str = "apply"
-    # for traced_at == "first call": state ("armed" until the first call, then "traced", or
-    # "python" when that trace failed: the tower runs as vLLM's walk left it), the call's
-    # form, its wall time (trace + rewrite + the call through the graphs) and any error
-    first_call: dict[str, Any] = dataclasses.field(default_factory=dict)
-    timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
-    # live: graphs traced after apply (calls the first graphs did not cover) and calls served
-    # by Python, per module (fxpass.trace.RuntimeStats)
-    runtime: Any = None
+
+    @classmethod
+    def build(cls, events: list[Event]) -> "_State":
+        s = cls()
+        for e in events:
+            k, t, d = e.kind, e.target, e.data
+            if k == "swap":
+                s.swapped[t] = d["method"]
+                s.skipped.pop(t, None)
+            elif k == "placement":
+                s.placements.pop(t, None)  # a new placement goes to the end, as it came
+                s.placements[t] = None if d.get("graph") else d["why"]
+            elif k == "placements-reset":
+                s.placements.clear()
+            elif k == "skip":
+                s.skipped[t] = d["reason"]
+                s.swapped.pop(t, None)
+                s.placements.pop(t, None)
+            elif k == "fusion":
+                s.fused[t] = list(d["members"])
+                s.fused_methods[t] = d["method"]
+                for m in d["members"]:
+                    if s.placements.get(m, "") is None:
+                        del s.placements[m]
+            elif k == "fix":
+                s.fixes.append(d["fix"])
+            elif k == "check":
+                s.checks += 1
+            elif k == "refusal":
+                s.refusals.append({"rule": e.rule, "target": t, "reason": d["reason"]})
+            elif k == "untraced":
+                s.untraced[t] = d["reason"]
+            elif k == "scope":
+                s.fixes = [f for f in s.fixes if not _inside(f.module, t)]
+                s.untraced = {m: r for m, r in s.untraced.items() if not _inside(m, t)}
+            elif k == "shard":
+                s.tp_styles[t] = d["style"]
+            elif k == "replicated":
+                s.tp_replicated[t] = d["reason"]
+            elif k == "tp-pair":
+                s.tp_pairs.append(dict(d["pair"]))
+        return s
+
+
+class Report:
+    """What apply replaced, what it left alone and why, and what else it fixed.
+
+    Read-only: every field is built from the session's :class:`EventLog` (the first call
+    of a tower apply had no inputs for adds to it, and the report shows that at once), and
+    what a field returns is a copy. ``replaced`` holds full prefixed names (``<prefix>.<
+    qualified name>``), as vLLM's loaders and quant skip lists see them; the other dicts are
+    keyed the same way.
+    """
+
+    __slots__ = ("_log", "_cache")
+
+    def __init__(self, log: EventLog) -> None:
+        self._log = log
+        self._cache: tuple[int, _State] | None = None
+
+    def _state(self) -> _State:
+        log = self._log
+        with log.lock:
+            if self._cache is None or self._cache[0] != log.version:
+                self._cache = (log.version, _State.build(log.events))
+            return self._cache[1]
+
+    @property
+    def events(self) -> tuple[Event, ...]:
+        """Every event of the session, in order (what the fields are built from)."""
+        with self._log.lock:
+            return tuple(self._log.events)
+
+    @property
+    def prefix(self) -> str:
+        return self._log.prefix
+
+    @property
+    def tp(self) -> int:
+        return self._log.tp
+
+    @property
+    def replaced(self) -> list[str]:
+        s = self._state()
+        members = [m for ms in s.fused.values() for m in ms]
+        gone = set(members) | set(s.fused)
+        return [n for n in s.swapped if n not in gone] + members
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        return dict(self._state().skipped)
+
+    @property
+    def graph_rewrites(self) -> list[str]:
+        return [n for n, why in self._state().placements.items() if why is None]
+
+    @property
+    def plain_swaps(self) -> dict[str, str]:
+        """Swapped linears no graph calls (name -> why)."""
+        return {n: why for n, why in self._state().placements.items() if why is not None}
+
+    @property
+    def quant_methods(self) -> dict[str, str]:
+        s = self._state()
+        return {**s.swapped, **s.fused_methods}
+
+    @property
+    def fixes(self) -> list[Fix]:
+        return list(self._state().fixes)
+
+    @property
+    def contiguity_checks(self) -> int:
+        """vLLM GEMM inputs given a .contiguous() as a precaution (strides may change with
+        shape)."""
+        return self._state().checks
+
+    @property
+    def fused(self) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in self._state().fused.items()}
+
+    @property
+    def refusals(self) -> list[dict[str, str]]:
+        return [dict(r) for r in self._state().refusals]
+
+    @property
+    def untraced(self) -> dict[str, str]:
+        return dict(self._state().untraced)
+
+    @property
+    def tp_styles(self) -> dict[str, str]:
+        """Tensor parallelism (apply(..., tp=N)): each sharded linear's parallel style
+        (ColumnParallelLinear, RowParallelLinear, QKVParallelLinear,
+        MergedColumnParallelLinear)."""
+        return dict(self._state().tp_styles)
+
+    @property
+    def tp_replicated(self) -> dict[str, str]:
+        return dict(self._state().tp_replicated)
+
+    @property
+    def tp_pairs(self) -> list[dict[str, Any]]:
+        return copy.deepcopy(self._state().tp_pairs)
+
+    @property
+    def tp_sharded_fraction(self) -> float:
+        """The share of the tower's parameter bytes in sharded layers."""
+        return self._log.facts["tp_sharded_fraction"]
+
+    @property
+    def already_applied(self) -> bool:
+        return self._log.facts["already_applied"]
+
+    @property
+    def already_applied_with(self) -> dict[str, Any]:
+        """For already_applied: the settings of the apply that rewrote the model ("module":
+        where it was applied, "quant_config", "prefix", "fuse", "tp", "load_weights",
+        "first_call")."""
+        return dict(self._log.facts["already_applied_with"])
+
+    @property
+    def already_applied_note(self) -> str:
+        """Where a second apply asked for other settings: why nothing changed, what to do."""
+        return self._log.facts["already_applied_note"]
+
+    @property
+    def weights_loaded(self) -> bool:
+        return self._log.facts["weights_loaded"]
+
+    @property
+    def traced_at(self) -> str:
+        """"apply": traced on example inputs inside apply; "first call": apply had none, so
+        the linears were swapped at init and the graphs come from the model's first call."""
+        return self._log.facts["traced_at"]
+
+    @property
+    def first_call(self) -> dict[str, Any]:
+        """For traced_at == "first call": state ("armed" until the first call, then
+        "traced", or "python" when that trace failed: the tower runs as vLLM's walk left
+        it), the call's wall time (trace + rewrite + the call through the graphs) and any
+        error."""
+        with self._log.lock:
+            return copy.deepcopy(self._log.facts["first_call"])
+
+    @property
+    def timings_s(self) -> dict[str, float]:
+        return dict(self._log.facts["timings_s"])
+
+    @property
+    def runtime(self) -> Any:
+        """Live: graphs traced after apply (calls the first graphs did not cover) and calls
+        served by Python, per module (``fxpass.runtime.RuntimeStats``)."""
+        return self._log.facts["runtime"]
 
     @property
     def probes(self) -> list[Fix]:

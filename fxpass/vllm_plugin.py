@@ -339,7 +339,7 @@ def tp_for(world_size: int, mode: str | None) -> int:
 
 def engine_tp() -> tuple[int, dict[str, Any]]:
     """(TP size to shard over, what it was decided from) inside vLLM's model init."""
-    from fxpass.runtime import tp_world_size
+    from fxpass.vllm_context import tp_world_size
 
     world = tp_world_size()
     mode = None

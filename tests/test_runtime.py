@@ -9,10 +9,10 @@ def test_import_is_light():
     code = textwrap.dedent(
         """
         import sys
-        import fxpass.weights, fxpass.runtime
+        import fxpass.weights, fxpass.vllm_context
         heavy = [m for m in ("vllm", "bitsandbytes", "vllm_bnb_plugin") if m in sys.modules]
         assert not heavy, heavy
-        assert fxpass.runtime.runtime_active() is False
+        assert fxpass.vllm_context.runtime_active() is False
         assert "vllm" not in sys.modules
         """
     )
@@ -20,7 +20,7 @@ def test_import_is_light():
 
 
 def test_runtime_active_inside_fixture(vllm_rt):
-    from fxpass.runtime import runtime_active
+    from fxpass.vllm_context import runtime_active
 
     assert runtime_active()
 
@@ -29,7 +29,7 @@ def test_reentrant_and_keeps_outer_config(vllm_rt):
     from vllm.config import get_current_vllm_config
     from vllm.distributed.parallel_state import get_tp_group, get_world_group
 
-    from fxpass.runtime import runtime_active, vllm_runtime
+    from fxpass.vllm_context import runtime_active, vllm_runtime
 
     outer = get_current_vllm_config()
     world, tp = get_world_group(), get_tp_group()
@@ -51,7 +51,7 @@ def test_sets_config_only_for_its_block(vllm_rt, monkeypatch):
     from vllm.config import VllmConfig, get_current_vllm_config_or_none, set_current_vllm_config
     from vllm.distributed.parallel_state import get_world_group
 
-    from fxpass.runtime import runtime_active, vllm_runtime
+    from fxpass.vllm_context import runtime_active, vllm_runtime
 
     monkeypatch.setattr(vllm_config_module, "_current_vllm_config", None)
     world = get_world_group()

@@ -32,10 +32,12 @@ def _why(text: str) -> str:
     for key, short in (("computed reached the graph outside", "output capturing (hooks)"),
                        ("do not cover this call either", "past the bound"),
                        ("data-dependent", "data-dependent"),
-                       ("in place", "changes an input in place")):
+                       ("in place", "changes an input in place"),
+                       ("baked in", "an argument traced as a constant changed")):
         if key in text:
             return short
-    return text[:60]
+    # a value's repr in a reason (a tensor's runs over lines) is cut to its first line
+    return text.split("\n", 1)[0][:60]
 
 
 def main() -> int:

@@ -36,7 +36,7 @@ def landing_kind(module: nn.Module | None) -> str | None:
     cls = type(module)
     if cls.__name__.endswith("WithLoRA") and hasattr(module, "base_layer"):
         return "lora"
-    from fxpass.rewrite.base import is_vllm_linear
+    from fxpass.layers import is_vllm_linear
 
     if is_vllm_linear(module):
         return "vllm"

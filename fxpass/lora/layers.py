@@ -114,7 +114,7 @@ def attach_lora(tower: nn.Module, adapter_dir: str | Path, *, key_prefix: str = 
     from vllm.lora.utils import from_layer, replace_submodule
     from vllm.model_executor.models.utils import WeightsMapper
 
-    from fxpass.rewrite.base import is_vllm_linear
+    from fxpass.layers import is_vllm_linear
 
     adapter = read_adapter(adapter_dir)
     fused = dict(fused or {})

@@ -11,7 +11,7 @@ apart. In each traced graph:
 * **match** — for each linear site (an ``nn.Linear`` call, or a thin wrapper module around
   one such as ``Gemma4ClippableLinear``), the linears its input comes from (stopping at the
   first linear on every path) are the column group; everything downstream of the group is
-  followed by :mod:`fxpass.rewrite.sharding`, and any other linear the sharded values reach
+  followed by :mod:`fxpass.parallel.sharding`, and any other linear the sharded values reach
   joins as row-parallel;
 * **check** — refuses the pair, naming the op, where an op between them mixes heads or
   channels (or is not on the whitelist), where a sharded dim (a head count) does not divide
@@ -38,9 +38,17 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxpass.rewrite.analysis import is_probe, weight_uses
-from fxpass.rewrite.base import RewriteContext, Site, is_vllm_linear
-from fxpass.rewrite.sharding import (
+from fxpass.rules.analysis import is_probe, weight_uses
+from fxpass.rules.base import (
+    Mode,
+    Options,
+    Phase,
+    RewriteContext,
+    RuleBase,
+    Site,
+    is_vllm_linear,
+)
+from fxpass.parallel.sharding import (
     Analysis,
     NeedsRow,
     Propagator,
@@ -49,7 +57,7 @@ from fxpass.rewrite.sharding import (
     is_rep,
     spec,
 )
-from fxpass.trace import ModuleGraph
+from fxpass.trace.graph import ModuleGraph
 
 # weight metadata a sharded layer still reports as HF's (dtype / device); shapes differ
 _SAFE_PROBES = frozenset({"dtype", "device", "is_cuda", "is_meta", "is_floating_point",
@@ -80,11 +88,14 @@ class TPPair:
         return [s.linear for s in (*self.columns, *self.rows)]
 
 
-class TensorParallel:
+class TensorParallel(RuleBase):
     name = "tensor-parallel"
-    report_refusals = True
+    phase = Phase.SHARD
+
+    def enabled(self, options: Options, mode: Mode) -> bool:
+        return options.tp > 1 and mode is Mode.APPLY  # later graphs: ``reshard``
     # it only fires inside a tensor-parallel group of more than one rank (its failure
-    # injection runs on two ranks: tests/rewrite/test_tensor_parallel_ranks.py)
+    # injection runs on two ranks: tests/parallel/test_tensor_parallel_ranks.py)
     needs_tp_group = True
 
     def describe(self, ctx: RewriteContext, p: TPPair) -> str:
@@ -95,8 +106,6 @@ class TensorParallel:
     # -- match -------------------------------------------------------------------------------
 
     def match(self, ctx: RewriteContext) -> list[TPPair]:
-        if ctx.tp <= 1:
-            return []
         planner = _Planner(ctx)
         pairs = []
         for mg in ctx.graphs():
@@ -117,7 +126,7 @@ class TensorParallel:
         from fxpass.weights import build_parallel_linear, quant_method_name
 
         assert p.analysis is not None
-        fused = _fuse_groups(ctx, p) if ctx.fuse else []
+        fused = _fuse_groups(ctx, p) if ctx.options.fuse else []
         in_group = {s.node for g in fused for s in g}
         for s in p.columns:
             if s.node not in in_group:
@@ -147,7 +156,7 @@ class TensorParallel:
                 node.args, node.kwargs = _replace_at((node.args, node.kwargs), path, new)
 
             ctx.fix(self.name, Site(p.graph, p.graph.node(edit.node)), edit.why, rewrite)
-        ctx.report.tp_pairs.append({
+        ctx.emit("tp-pair", self.name, p.graph.qualname, pair={
             "graph": p.graph.qualname,
             "columns": [ctx.full_name(s.linear) for s in p.columns],
             "rows": [ctx.full_name(s.linear) for s in p.rows],
@@ -162,7 +171,7 @@ class TensorParallel:
         ctx.new_layers[s.linear] = layer
         ctx.tp_roles[s.linear] = type(layer).__name__
         method = method_name(ctx.quant_config, layer)
-        ctx.report.quant_methods[full] = method
+        ctx.emit("swap", self.name, full, method=method)
         info = {"style": type(layer).__name__, "tp": ctx.tp,
                 "pair": " + ".join(c.linear for c in p.columns) + " -> "
                         + " + ".join(r.linear for r in p.rows)}
@@ -182,7 +191,7 @@ class TensorParallel:
             inner.annotate(node.name, "rewrite", rewrite)
 
     def _fuse(self, ctx: RewriteContext, p: TPPair, group: list[LinearSite]) -> None:
-        from fxpass.rewrite.fusion import FusionGroup, Member, install_fused
+        from fxpass.rules.fusion import FusionGroup, Member, install_fused
         from fxpass.weights import build_fused_parallel_linear
 
         linears = [ctx.module(s.linear) for s in group]
@@ -250,7 +259,7 @@ def reshard(module: nn.Module, mg: ModuleGraph) -> None:
     constants that bake a full head count rewritten; TraceError (with the reason) where the
     new graph cannot run on each rank's block."""
     from fxpass.errors import TraceError
-    from fxpass.trace import installed_graph
+    from fxpass.runtime.install import installed_graph
     from fxpass.trace.tracer import is_constant
     from fxpass.weights import tp_style
 
@@ -342,7 +351,7 @@ def _replace_at(obj: Any, path: tuple[Any, ...], value: Any) -> Any:
 def _fuse_groups(ctx: RewriteContext, p: TPPair) -> list[list[LinearSite]]:
     """Column members reading one input, fusable exactly (same dtype / bias / quant method,
     thin wrappers without per-layer ops): one fused column-parallel layer each."""
-    from fxpass.rewrite.fusion import _thin_wrapper_linear
+    from fxpass.rules.fusion import _thin_wrapper_linear
 
     by_input: dict[Any, list[LinearSite]] = {}
     for s in p.columns:
@@ -561,15 +570,16 @@ def plan(model: nn.Module, tp: int, *, example_inputs: Any = None, prefix: str =
     """The pairs ``apply(model, tp=tp)`` would shard or refuse, without a TP group or
     changing the model: ``[{"columns", "rows", "constants", "refusal"}]`` (full names; the
     refusal None for a pair that would be sharded). For checks and tests on one process."""
-    from fxpass.report import Report
-    from fxpass.rewrite.linear import LinearToVllm
-    from fxpass.rewrite.pipeline import _mark_unsafe
-    from fxpass.runtime import vllm_runtime
-    from fxpass.trace import trace
+    from fxpass.report import EventLog
+    from fxpass.rules.analysis import mark_unsafe
+    from fxpass.rules.linear import LinearToVllm
+    from fxpass.trace.hierarchy import trace
+    from fxpass.vllm_context import vllm_runtime
 
     tr = trace(model, example_inputs)
-    ctx = RewriteContext(model, tr, None, prefix, Report(prefix=prefix, tp=tp), tp=tp)
-    _mark_unsafe(ctx)
+    ctx = RewriteContext(model, tr, Options(prefix=prefix, tp=tp), EventLog(prefix, tp),
+                         prefix=prefix)
+    mark_unsafe(ctx)
     rule = LinearToVllm()
     with vllm_runtime():
         for m in rule.match(ctx):

@@ -442,7 +442,7 @@ class Propagator:
 
     def _enter(self, node: fx.Node, mg: Any, module: Any, role: str | None = None) -> AV:
         """Propagate into a child's traced graph, its placeholders fed from this call."""
-        from fxpass.trace.tracer import bind_module_call
+        from fxpass.trace.binding import bind_module_call
 
         if self.depth > 6:
             raise Refuse(f"{self._at(node)}: sharded value nested too deep in submodules")

@@ -11,7 +11,8 @@ inputs:
    vLLM's Gemma4 calls ``vision_tower.patch_embedder`` and ``vision_tower.encoder``, never the
    root), traces that module's subtree with the call's real arguments, the vLLM layers as
    leaves that show the tracer HF's logical weights (the re-specialisation policy,
-   :class:`~fxpass.rewrite.respecialise.RuleRespecialiser`), runs the graph rules, installs
+   :class:`~fxpass.rewrite.respecialise.RuleRespecialiser`), runs a rewrite session in
+   ``Mode.FIRST_CALL`` (graph rules only: the layers exist), installs
    the graphs and only then computes the call through them, so the weight-probe and
    contiguity fixes already hold for it. Later calls of other structures re-specialise like
    any graph's; an enclosing module called later is traced with its whole subtree.
@@ -38,11 +39,15 @@ from torch import nn
 
 from fxpass.errors import FxpassError, NotLoadedError, RewriteError
 from fxpass.layers import is_linear, is_vllm_gemm
-from fxpass.report import Fix, Report
-from fxpass.rewrite.base import RewriteContext, is_vllm_linear
+from fxpass.report import EventLog, Fix, Report
+from fxpass.rewrite.session import RewriteSession, gemm_input
+from fxpass.rules.base import Mode, Options, is_vllm_linear
 from fxpass.rewrite.unloaded import not_loaded_message, unloaded_layers
-from fxpass.trace import GraphForward, TraceCache, TreeIndex, install, trace
-from fxpass.trace.graph_runtime import _Family, _why_no_trace, fxpass_forward
+from fxpass.runtime.dispatch import Family, GraphForward
+from fxpass.runtime.install import fxpass_forward, install
+from fxpass.runtime.policy import why_no_trace
+from fxpass.trace.cache import TraceCache, TreeIndex
+from fxpass.trace.hierarchy import trace
 from fxpass.trace.tracer import TRACE_LOCK
 
 logger = logging.getLogger("fxpass")
@@ -60,20 +65,19 @@ class FirstCall:
     """What the armed forwards of one ``apply`` share: the report they complete, the
     rewrite policy, and what the traced entry points learnt (root-relative names)."""
 
-    def __init__(self, report: Report, runtime: Any, quant_config: Any, prefix: str, *,
-                 swapped: dict[str, str], strict: bool = False,
+    def __init__(self, log: EventLog, runtime: Any, options: Options, *,
+                 swapped: dict[str, str],
                  on_traced: Callable[[Report], None] | None = None) -> None:
-        self.report = report
+        self.log = log  # the apply's: the report the caller holds is built from it
         self.runtime = runtime  # RuleRespecialiser: tracing policy and the graphs' runtime
-        self.quant_config = quant_config
-        self.prefix = prefix
+        self.options = options
+        self.prefix = options.prefix
         self.swapped = swapped  # qualified name -> full name, the linears swapped at init
-        self.strict = strict
+        self.strict = options.strict
         self.on_traced = on_traced
         self.lock = threading.RLock()
         self.sites: dict[str, str] = {}  # linear -> the graph that calls it
         self.untraced: dict[str, str] = {}
-        self.fixes: list[Fix] = []
         self.plain: dict[str, str] = {}  # linear -> why no graph calls it
         self.traced: dict[str, float] = {}  # entry path -> seconds (trace + rewrite + call)
 
@@ -86,7 +90,7 @@ class FirstCall:
         if unloaded:  # fxpass's error now, still armed (tracing would meet it in vLLM's code)
             raise NotLoadedError(not_loaded_message(
                 unloaded[0], len(unloaded) - 1, _join(self.prefix, armed.path)))
-        blocked = _why_no_trace()
+        blocked = why_no_trace()
         if blocked:
             return self._python_call(module, args, kwargs, blocked)
         with TRACE_LOCK, self.lock:  # the trace lock first (see tracer.TRACE_LOCK)
@@ -113,15 +117,16 @@ class FirstCall:
             out = module.forward(*args, **kwargs)
             done = time.perf_counter()
             self.traced[armed.path] = done - t0
-            fc = self.report.first_call
-            fc.update(state="traced", entries={p or "<root>": round(s, 6)
-                                               for p, s in self.traced.items()},
-                      elapsed_s=sum(self.traced.values()))
-            fc["trace_and_rewrite_s"] = fc.get("trace_and_rewrite_s", 0.0) + (t1 - t0)
-            fc["graph_call_s"] = fc.get("graph_call_s", 0.0) + (done - t1)
+            with self.log.lock:
+                fc = self.log.facts["first_call"]
+                self.log.update("first_call", state="traced", entries={
+                    p or "<root>": round(s, 6) for p, s in self.traced.items()},
+                    elapsed_s=sum(self.traced.values()),
+                    trace_and_rewrite_s=fc.get("trace_and_rewrite_s", 0.0) + (t1 - t0),
+                    graph_call_s=fc.get("graph_call_s", 0.0) + (done - t1))
         if self.on_traced is not None:
             try:
-                self.on_traced(self.report)
+                self.on_traced(self.log.report())
             except Exception as e:  # noqa: BLE001 - a log callback must never break the call
                 logger.debug("fxpass: first-call callback failed: %s", e)
         return out
@@ -130,10 +135,6 @@ class FirstCall:
                            kwargs: dict[str, Any]) -> bool:
         """Trace ``module`` (at ``path``) on this call, rewrite and install; False when the
         module itself rejects the call."""
-        from fxpass.rewrite.analysis import weight_uses
-        from fxpass.rewrite.pipeline import run_rules
-        from fxpass.rewrite.respecialise import _gemm_input, _positional_gemm_inputs
-
         t0 = time.perf_counter()
         tr, index = self._trace(module, args, kwargs)
         # HF code that reads a swapped layer's weight itself (Python a graph does not cover,
@@ -148,43 +149,25 @@ class FirstCall:
             self._rejected(path, tr.eager_errors[""])
             return False
         t1 = time.perf_counter()
-        scratch = Report(prefix=_join(self.prefix, path))
-        ctx = RewriteContext(module, tr, self.quant_config, _join(self.prefix, path), scratch,
-                             modules=index.paths, respecialising=True)
         # Python code calling a vLLM layer with a keyword or a non-contiguous input (vLLM's
         # GEMM takes neither): the layer keeps the graphs' positional, contiguous input
         for linear, why in tr.python_linear_uses.items():
             layer = index.paths.get(linear)
             if layer is not None and is_vllm_gemm(layer) and "calls it" in why and not getattr(
                     layer, "_fxpass_gemm_input", False):
-                layer.register_forward_pre_hook(_gemm_input, with_kwargs=True)
+                layer.register_forward_pre_hook(gemm_input, with_kwargs=True)
                 layer._fxpass_gemm_input = True
-        # A graph still reading a vLLM layer's weight values (no way back to nn.Linear) would
-        # read vLLM's storage: that module runs as Python, as the walk leaves it.
-        for use in weight_uses(ctx):
-            q = use.site.graph.qualname
-            if use.value_users and q in tr.graphs and is_vllm_linear(ctx.module(use.linear)):
-                users = ", ".join(u.format_node() for u in use.value_users[:2])
-                del tr.graphs[q]
-                for linear in [n for n, owner in tr.linear_sites.items() if owner == q]:
-                    del tr.linear_sites[linear]
-                tr.untraced[q] = (
-                    f"its graph reads the values of {use.linear}.{use.attr} ({users}), which "
-                    "the vLLM layer swapped at init does not keep in HF's layout; it runs as "
-                    "Python, as vLLM's walk leaves it")
-        _positional_gemm_inputs(ctx)
-        run_rules(ctx)
-        for mg in ctx.graphs():
-            mg.settle()
-            if mg.qualname in ctx.edited:
-                mg.graph.lint()
+        scratch = EventLog(_join(self.prefix, path))
+        session = RewriteSession(module, self.options, Mode.FIRST_CALL, scratch,
+                                 prefix=_join(self.prefix, path), modules=index.paths)
+        ctx = session.rewrite(tr)
         installed: list[nn.Module] = []
         try:
-            families: dict[int, _Family] = {}
+            families: dict[int, Family] = {}
             for qualname, mg in tr.graphs.items():
                 sub = index.paths[qualname]
                 mg.qualname = _join(path, qualname)  # root-relative, for errors and stats
-                family = families.setdefault(id(mg.graph), _Family())
+                family = families.setdefault(id(mg.graph), Family())
                 install(sub, GraphForward(mg, self.runtime, family))
                 installed.append(sub)
         except Exception:
@@ -196,11 +179,9 @@ class FirstCall:
 
     def _trace(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                ) -> tuple[Any, TreeIndex]:
-        from fxpass.rewrite.respecialise import _gemm_input
-
         index = TreeIndex.of(module)
         # Python parts of the tower (modules that do not trace) call the vLLM layers directly
-        hooks = [sub.register_forward_pre_hook(_gemm_input, with_kwargs=True)
+        hooks = [sub.register_forward_pre_hook(gemm_input, with_kwargs=True)
                  for sub in index.paths.values() if is_vllm_gemm(sub)]
         try:
             # A private trace cache: its entries hold the captured inputs of every module,
@@ -216,15 +197,15 @@ class FirstCall:
                         ) -> dict[str, tuple[nn.Linear, str]]:
         """Swapped layers whose weight HF code reads itself, each with a dense nn.Linear
         that serves the read and why (only those that can go back)."""
-        from fxpass.rewrite.analysis import weight_uses
+        from fxpass.rules.analysis import weight_uses
         from fxpass.weights import dense_linear
 
         why: dict[str, str] = {}
         for linear, use in tr.python_linear_uses.items():
             if ".weight" in use:
                 why[linear] = use
-        ctx = RewriteContext(module, tr, self.quant_config, self.prefix, Report(),
-                             modules=index.paths, respecialising=True)
+        ctx = RewriteSession(module, self.options, Mode.FIRST_CALL, EventLog(),
+                             modules=index.paths).context(tr)
         for use in weight_uses(ctx):
             if use.value_users and use.attr == "weight":
                 users = ", ".join(u.format_node() for u in use.value_users[:2])
@@ -239,13 +220,14 @@ class FirstCall:
             if dense is not None:
                 out[linear] = (dense, reason)
             else:
-                self.report.first_call.setdefault("kept", {})[
-                    _join(self.prefix, linear)] = f"{reason}; it cannot go back: {no}"
+                with self.log.lock:
+                    kept = self.log.facts["first_call"].setdefault("kept", {})
+                    kept[_join(self.prefix, linear)] = f"{reason}; it cannot go back: {no}"
+                    self.log.update("first_call")
         return out
 
     def _unswap(self, path: str, module: nn.Module,
                 back: dict[str, tuple[nn.Linear, str]]) -> None:
-        report = self.report
         for linear, (dense, why) in back.items():
             parent, _, child = linear.rpartition(".")
             setattr(module.get_submodule(parent), child, dense)
@@ -253,68 +235,75 @@ class FirstCall:
             full = self.swapped.pop(q, _join(self.prefix, q))
             self.plain.pop(q, None)
             self.sites.pop(q, None)
-            if full in report.graph_rewrites:
-                report.graph_rewrites.remove(full)
-            report.plain_swaps.pop(full, None)
-            if full in report.replaced:
-                report.replaced.remove(full)
-            report.quant_methods.pop(full, None)
-            report.skipped[full] = (
+            self.log.emit("skip", "first call", full, reason=(
                 f"{why}; back to nn.Linear at the first call, holding the weight its vLLM "
-                "layer computed with (bitsandbytes: dequantized)")
+                "layer computed with (bitsandbytes: dequantized)"))
 
-    def _record(self, path: str, ctx: RewriteContext, tr: Any, scratch: Report,
+    def _record(self, path: str, ctx: Any, tr: Any, scratch: EventLog,
                 trace_s: float, rewrite_s: float) -> None:
-        """Merge what tracing ``path`` learnt into the report (it replaces what an earlier
-        trace of a module inside it said)."""
-        from fxpass.rewrite.linear import _why_no_graph
+        """Append what tracing ``path`` learnt to the apply's log: it replaces what an earlier
+        trace of a module inside it said (a ``scope`` event), names made root-relative."""
+        from fxpass.rules.linear import why_no_graph
 
         self.sites = {k: v for k, v in self.sites.items() if not _inside(k, path)}
         self.sites.update({_join(path, k): _join(path, v) for k, v in tr.linear_sites.items()})
-        self.untraced = {k: v for k, v in self.untraced.items() if not _inside(k, path)}
-        self.untraced.update({_join(path, k): v for k, v in tr.untraced.items()})
-        self.fixes = [f for f in self.fixes if not _inside(f.module, path)]
-        self.fixes += [Fix(f.rule, _join(path, f.module), f.node, _join(path, f.detail))
-                       for f in scratch.fixes]
-        report = self.report
-        report.untraced = dict(self.untraced)
-        report.fixes = list(self.fixes)
-        report.contiguity_checks += scratch.contiguity_checks
-        report.refusals += scratch.refusals
-        report.graph_rewrites = [full for q, full in self.swapped.items() if q in self.sites]
+        log = self.log
+        with log.lock:
+            log.emit("scope", "first call", path)
+            for k, why in tr.untraced.items():
+                log.emit("untraced", "first call", _join(path, k), reason=why)
+            for e in scratch.events:
+                if e.kind == "fix":
+                    f = e.data["fix"]
+                    fix = Fix(f.rule, _join(path, f.module), f.node, _join(path, f.detail))
+                    log.emit("fix", e.rule, fix.module, fix=fix)
+                elif e.kind in ("check", "refusal"):
+                    log.extend([e])
+            for q in self.swapped:
+                if q in self.sites:
+                    self.plain.pop(q, None)
+                elif _inside(q, path):
+                    rel = q[len(path) + 1:] if path else q
+                    self.plain[q] = why_no_graph(ctx, rel).replace("the example inputs",
+                                                                   "the first call")
+                elif q not in self.plain:
+                    self.plain[q] = ("no module above it has been called yet (its graph "
+                                     "comes at its first call)")
+            self._placements()
+            fc = log.facts["first_call"]
+            log.update("first_call", trace_s=fc.get("trace_s", 0.0) + trace_s,
+                       rewrite_s=fc.get("rewrite_s", 0.0) + rewrite_s,
+                       graphs=fc.get("graphs", 0) + len(tr.graphs))
+
+    def _placements(self) -> None:
+        """Where every swapped linear stands now: called from a graph, or why not."""
+        self.log.emit("placements-reset", "first call")
         for q, full in self.swapped.items():
             if q in self.sites:
-                self.plain.pop(q, None)
-            elif _inside(q, path):
-                rel = q[len(path) + 1:] if path else q
-                self.plain[q] = _why_no_graph(ctx, rel).replace("the example inputs",
-                                                                "the first call")
-            elif q not in self.plain:
-                self.plain[q] = ("no module above it has been called yet (its graph comes "
-                                 "at its first call)")
-        report.plain_swaps = {self.swapped[q]: why for q, why in self.plain.items()}
-        fc = report.first_call
-        fc["trace_s"] = fc.get("trace_s", 0.0) + trace_s
-        fc["rewrite_s"] = fc.get("rewrite_s", 0.0) + rewrite_s
-        fc["graphs"] = fc.get("graphs", 0) + len(tr.graphs)
+                self.log.emit("placement", "first call", full, graph=True)
+            elif q in self.plain:
+                self.log.emit("placement", "first call", full, why=self.plain[q])
 
     def _rejected(self, path: str, error: str) -> None:
         """The module raised on this call (its own error, or one of vLLM's layers as after
         the walk): nothing installed, armed again; the report says so."""
-        self.report.first_call.setdefault("rejected", {})[path or "<root>"] = error
+        with self.log.lock:
+            self.log.facts["first_call"].setdefault("rejected", {})[path or "<root>"] = error
+            self.log.update("first_call")
         why = (f"every call of {path or '<root>'} so far raised ({error}); it stays armed "
                "(its graph comes at its first call that runs)")
         for q in self.swapped:
             if _inside(q, path) and q not in self.sites and not any(
                     _inside(q, p) for p in self.traced):
                 self.plain[q] = why
-        self.report.plain_swaps = {self.swapped[q]: w for q, w in self.plain.items()}
+        self._placements()
 
     def _failed(self, path: str, module: nn.Module, e: BaseException) -> None:
         reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         where = _join(self.prefix, path) or type(module).__name__
-        self.report.first_call.update(state="python", error=reason)
-        self.report.first_call.setdefault("failed", {})[path or "<root>"] = reason
+        with self.log.lock:
+            self.log.facts["first_call"].setdefault("failed", {})[path or "<root>"] = reason
+            self.log.update("first_call", state="python", error=reason)
         if not isinstance(e, FxpassError):
             logger.debug("fxpass: first-call trace of %s failed", where, exc_info=e)
         logger.warning("fxpass[%s]: tracing its first call failed, so it runs as Python with "
@@ -372,7 +361,7 @@ def arm(model: nn.Module, first_call: FirstCall) -> int:
             continue
         install(module, Armed(first_call, path))
         count += 1
-    first_call.report.first_call.update(state="armed", armed_modules=count)
+    first_call.log.update("first_call", state="armed", armed_modules=count)
     return count
 
 

@@ -1,9 +1,11 @@
-"""``fxpass.apply``: trace, plan the rewrites, load weights, then commit all at once.
+"""``fxpass.apply``: trace, run a rewrite session, load weights, then commit all at once.
 
-Rules only edit the Trace's graphs (not yet installed) and plan module swaps; weights are
-loaded into the new layers before anything on the model changes. The commit swaps modules
-and installs the graphs' forwards; if any step fails the model is restored and the error is
-raised with its cause, so a tower is never left half-rewritten.
+The session (``session.py``, ``Mode.APPLY``) only edits the Trace's graphs (not yet
+installed) and plans module swaps; weights are loaded into the new layers before anything on
+the model changes. The commit swaps modules and installs the graphs' forwards; if any step
+fails the model is restored and the error is raised with its cause, so a tower is never left
+half-rewritten. Without example inputs the graphs come at the first call
+(``first_call.py``).
 """
 
 from __future__ import annotations
@@ -12,57 +14,32 @@ import contextlib
 import itertools
 import time
 import warnings
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.utils._pytree
 from torch import nn
 
 from fxpass.errors import FxpassError, RewriteError, UsageError, WeightLoadError
-from fxpass.report import Report
-from fxpass.rewrite.analysis import tied_linears, weight_uses
-from fxpass.rewrite.base import RewriteContext, is_vllm_linear
-from fxpass.rewrite.registry import rules
-from fxpass.runtime import vllm_runtime
-from fxpass.rewrite.fusion import FusedSlice
+from fxpass.report import EventLog, Report
 from fxpass.rewrite.respecialise import RuleRespecialiser
-from fxpass.trace import (
-    GraphForward,
-    RuntimeStats,
-    Trace,
-    TreeIndex,
-    install,
-    trace,
-)
-from fxpass.trace.graph_runtime import is_graph_forward
-from fxpass.trace.graph_runtime import _Family
+from fxpass.rewrite.session import RewriteSession
+from fxpass.rules.base import Mode, Options, RewriteContext, is_vllm_linear
+from fxpass.rules.fusion import FusedSlice
+from fxpass.vllm_context import vllm_runtime
+
+if TYPE_CHECKING:
+    from vllm.model_executor.layers.quantization import QuantizationConfig
+from fxpass.runtime.dispatch import Family, GraphForward
+from fxpass.runtime.install import install, is_graph_forward
+from fxpass.runtime.stats import RuntimeStats
+from fxpass.trace.cache import TreeIndex
+from fxpass.trace.hierarchy import Trace, trace
 
 
-def _mark_unsafe(ctx: RewriteContext) -> None:
-    for use in weight_uses(ctx):
-        if use.value_users and isinstance(ctx.module(use.linear), nn.Linear):
-            users = ", ".join(u.format_node() for u in use.value_users[:2])
-            ctx.unsafe.setdefault(
-                use.linear,
-                f"graph {use.site.graph.qualname or '<root>'} reads its {use.attr} values "
-                f"outside its call ({users}); a vLLM layer does not keep them in HF's layout")
-    for name, mod in ctx.modules.items():
-        if isinstance(mod, nn.MultiheadAttention) and isinstance(mod.out_proj, nn.Linear):
-            # known without a graph (apply may have none yet): torch's own module
-            ctx.unsafe.setdefault(
-                f"{name}.out_proj" if name else "out_proj",
-                "its owner is torch's nn.MultiheadAttention, whose forward reads "
-                "out_proj.weight / .bias without calling it (F.multi_head_attention_forward); "
-                "a vLLM layer does not keep them in HF's layout")
-    for name, other in tied_linears(ctx.modules).items():
-        ctx.unsafe.setdefault(name, f"its weight is shared with {other} (tied weights)")
-    for name, why in getattr(ctx.trace, "python_linear_uses", {}).items():
-        ctx.unsafe.setdefault(name, f"{why}; a vLLM layer does not serve that as nn.Linear does")
-
-
-def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
-          load_weights: bool = False, fuse: bool = False, example_inputs: Any = None,
-          strict: bool = False, trace_result: Trace | None = None,
+def apply(model: nn.Module, quant_config: QuantizationConfig | None = None, *,
+          prefix: str = "", load_weights: bool = False, fuse: bool = False,
+          example_inputs: Any = None, strict: bool = False, trace_result: Trace | None = None,
           tp: int | None = None, first_call: bool | None = None,
           on_first_call: Callable[[Report], None] | None = None) -> Report:
     """Rewrite every nn.Linear of ``model`` to a vLLM ReplicatedLinear, in place.
@@ -88,8 +65,10 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
     After apply, a call an installed graph does not cover is traced again and rewritten
     (or served by the module's Python forward); ``strict=True`` raises GuardError for it
     instead, which is how tests prove what the graphs cover. ``report.runtime`` counts both,
-    per module, as calls come. A module sharded for tensor parallelism is neither traced
-    again nor run as Python (it would see per-rank shapes): such a call raises.
+    per module, as calls come. A module that owns tensor-parallel pairs is traced again as its
+    unsharded self and sharded again (``respecialise.py``); one fed a sharded value by its
+    caller is neither traced again nor run as Python (it would see per-rank shapes): such a
+    call raises.
     """
     if not isinstance(model, nn.Module):
         raise UsageError(f"fxpass.apply expects an nn.Module, got {type(model).__name__}")
@@ -101,7 +80,10 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
         raise UsageError("fxpass.apply: first_call=True traces at the model's first real "
                          "call; do not pass example_inputs or trace_result with it")
     _check_quant_config(quant_config)
-    report = Report(prefix=prefix, tp=tp or 1)
+    options = Options(quant_config=quant_config, prefix=prefix, fuse=bool(fuse), tp=tp or 1,
+                      load_weights=bool(load_weights), strict=bool(strict))
+    log = EventLog(prefix, tp or 1)
+    report = log.report()
     t0 = time.perf_counter()
     index = TreeIndex.of(model)
     modules = index.paths
@@ -109,13 +91,13 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
                 "tp": tp or 1, "load_weights": bool(load_weights)}
     if any(is_graph_forward(m.__dict__.get("forward")) or APPLIED in m.__dict__
            for m in modules.values()):
-        report.already_applied = True
+        log.set("already_applied", True)
         for name, mod in model.named_modules():
             if isinstance(mod, nn.Linear):
-                report.skipped[f"{prefix}.{name}" if prefix else name] = (
-                    "left by the earlier fxpass.apply; applying again changes nothing")
-        _explain_already_applied(report, modules, settings)
-        report.timings_s["total"] = time.perf_counter() - t0
+                log.emit("skip", "apply", f"{prefix}.{name}" if prefix else name, reason=(
+                    "left by the earlier fxpass.apply; applying again changes nothing"))
+        _explain_already_applied(log, modules, settings)
+        log.update("timings_s", total=time.perf_counter() - t0)
         return report
 
     has_linears = any(isinstance(m, nn.Linear) for m in modules.values())
@@ -126,7 +108,7 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
         example_inputs, deferred = _inputs_or_first_call(model, first_call, fuse=fuse, tp=tp)
     if deferred:  # the linear rule alone matches on an empty trace: the walk's swap
         trace_result = Trace(root=model)
-        report.traced_at = "first call"
+        log.set("traced_at", "first call")
     elif trace_result is None:
         if has_linears:
             try:
@@ -140,30 +122,25 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
             trace_result = Trace(root=model)
     if not deferred:
         _check_examples_ran(model, trace_result)
-    report.untraced = dict(trace_result.untraced)
-    report.timings_s["trace"] = time.perf_counter() - t0
+    for name, why in trace_result.untraced.items():
+        log.emit("untraced", "trace", name, reason=why)
+    log.update("timings_s", trace=time.perf_counter() - t0)
 
-    ctx = RewriteContext(model, trace_result, quant_config, prefix, report, fuse=fuse,
-                         modules=modules, tp=tp or 1)
+    session = RewriteSession(model, options, Mode.APPLY, log, modules=modules)
     t1 = time.perf_counter()
     try:
-        _mark_unsafe(ctx)
         with vllm_runtime() if has_linears else contextlib.nullcontext():
-            if ctx.tp > 1:
-                _check_tp_group(ctx.tp)
-            run_rules(ctx)
-        if ctx.tp > 1:
+            if options.tp > 1:
+                _check_tp_group(options.tp)
+            ctx = session.rewrite(trace_result)
+        if options.tp > 1:
             _tp_report(ctx)
-        for mg in ctx.graphs():
-            mg.settle()
-            if mg.qualname in ctx.edited:
-                mg.graph.lint()
     except FxpassError:
         raise
     except Exception as e:
         raise RewriteError(f"planning the rewrite of {type(model).__name__} failed: "
                            f"{type(e).__name__}: {e}; the model was not changed") from e
-    report.timings_s["rewrite"] = time.perf_counter() - t1
+    log.update("timings_s", rewrite=time.perf_counter() - t1)
 
     t2 = time.perf_counter()
     if load_weights:
@@ -176,13 +153,13 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
                 raise WeightLoadError(f"{ctx.full_name(qualname)}: loading its weights failed: "
                                       f"{type(e).__name__}: {e}; the model was not changed"
                                       ) from e
-        report.weights_loaded = True
-    report.timings_s["weights"] = time.perf_counter() - t2
+        log.set("weights_loaded", True)
+    log.update("timings_s", weights=time.perf_counter() - t2)
 
     t3 = time.perf_counter()
-    report.runtime = RuntimeStats()
-    runtime = RuleRespecialiser(quant_config=quant_config, prefix=prefix, fuse=fuse,
-                                strict=strict, stats=report.runtime)
+    stats = RuntimeStats()
+    log.set("runtime", stats)
+    runtime = RuleRespecialiser(options, stats)
     _commit(ctx, runtime)
     if not load_weights:  # vLLM's loader fills them; until then a call says so (unloaded.py)
         from fxpass.rewrite.unloaded import guard_unloaded
@@ -190,16 +167,15 @@ def apply(model: nn.Module, quant_config: Any = None, *, prefix: str = "",
         for qualname, layer in ctx.new_layers.items():
             guard_unloaded(layer, ctx.full_name(qualname) or type(layer).__name__)
     model.__dict__[APPLIED] = dict(settings, first_call=deferred)
-    report.replaced = [ctx.full_name(q) for q in ctx.new_layers if q not in ctx.fused]
-    report.replaced += [ctx.full_name(m) for members in ctx.fused.values() for m in members]
     if deferred:
         from fxpass.rewrite.first_call import FirstCall, arm
 
-        report.plain_swaps = {}  # which linears the graphs show: known at the first call
-        arm(model, FirstCall(report, runtime, quant_config, prefix, strict=strict,
+        # which linears the graphs call is known at the first call
+        log.emit("placements-reset", "apply")
+        arm(model, FirstCall(log, runtime, options,
                              swapped={q: ctx.full_name(q) for q in ctx.new_layers},
                              on_traced=on_first_call))
-    report.timings_s["commit"] = time.perf_counter() - t3
+    log.update("timings_s", commit=time.perf_counter() - t3)
     return report
 
 
@@ -254,7 +230,7 @@ def describe_quant_config(quant_config: Any) -> str:
     return text
 
 
-def _explain_already_applied(report: Report, modules: dict[str, nn.Module],
+def _explain_already_applied(log: EventLog, modules: dict[str, nn.Module],
                              settings: dict[str, Any]) -> None:
     """``report.already_applied_with``: the settings of the apply that rewrote the model;
     where this call asks for others, a note (report and warning) that nothing changed, why,
@@ -263,11 +239,11 @@ def _explain_already_applied(report: Report, modules: dict[str, nn.Module],
                          if APPLIED in m.__dict__), ("", None))
     if before is None:
         return
-    report.already_applied_with = {
+    log.set("already_applied_with", {
         "module": path or "<root>",
         "quant_config": describe_quant_config(before["quant_config"]),
         "prefix": before["prefix"], "fuse": before["fuse"], "tp": before["tp"],
-        "load_weights": before["load_weights"], "first_call": before.get("first_call", False)}
+        "load_weights": before["load_weights"], "first_call": before.get("first_call", False)})
     differ = []
     old_q, new_q = before["quant_config"], settings["quant_config"]
     if old_q is not new_q and describe_quant_config(old_q) != describe_quant_config(new_q):
@@ -291,7 +267,7 @@ def _explain_already_applied(report: Report, modules: dict[str, nn.Module],
             "nn.Linear layers, and those are gone. Rebuild the tower from the original module "
             "(from_pretrained / from_config and its weights again, or a copy taken before the "
             "first apply) and apply once with the settings you want.")
-    report.already_applied_note = note
+    log.set("already_applied_note", note)
     warnings.warn(note, UserWarning, stacklevel=3)
 
 
@@ -322,7 +298,7 @@ def _inputs_or_first_call(model: nn.Module, first_call: bool | None, *, fuse: bo
 
 
 def _check_tp_group(tp: int) -> None:
-    from fxpass.runtime import tp_world_size
+    from fxpass.vllm_context import tp_world_size
 
     have = tp_world_size()
     if have != tp:
@@ -336,29 +312,16 @@ def _check_tp_group(tp: int) -> None:
 def _tp_report(ctx: RewriteContext) -> None:
     """Each linear's parallel style or why it stayed replicated; the share of the tower's
     parameter bytes that is sharded."""
-    from fxpass.rewrite.tensor_parallel import replicated_reasons
+    from fxpass.parallel.rule import replicated_reasons
 
-    report = ctx.report
-    report.tp_styles = {ctx.full_name(q): s for q, s in ctx.tp_roles.items()}
-    report.tp_replicated = replicated_reasons(ctx)
+    for q, style in ctx.tp_roles.items():
+        ctx.emit("shard", "tensor-parallel", ctx.full_name(q), style=style)
+    for name, why in replicated_reasons(ctx).items():
+        ctx.emit("replicated", "tensor-parallel", name, reason=why)
     total = sum(p.numel() * p.element_size() for p in ctx.model.parameters())
     sharded = sum(p.numel() * p.element_size() for q in ctx.tp_roles
                   for p in ctx.module(q).parameters())
-    report.tp_sharded_fraction = sharded / total if total else 0.0
-
-
-def run_rules(ctx: RewriteContext) -> None:
-    """Each rule in order: match, then check each match, then apply or record why not."""
-    for rule in rules():
-        for m in rule.match(ctx):
-            reason = rule.check(ctx, m)
-            if reason is None:
-                rule.apply(ctx, m)
-            elif rule.name == "linear":
-                ctx.report.skipped[ctx.full_name(m.qualname)] = reason
-            elif getattr(rule, "report_refusals", False):
-                ctx.report.refusals.append({"rule": rule.name, "target": rule.describe(ctx, m),
-                                            "reason": reason})
+    ctx.log.set("tp_sharded_fraction", sharded / total if total else 0.0)
 
 
 def _check_examples_ran(model: nn.Module, tr: Trace) -> None:
@@ -424,18 +387,27 @@ def _commit(ctx: RewriteContext, runtime: RuleRespecialiser) -> None:
             old = getattr(parent, child, None)
             setattr(parent, child, layer)
             swapped.append((parent, child, old))
+        for qualname, module in ctx.added.items():
+            parent_name, _, child = qualname.rpartition(".")
+            parent = ctx.module(parent_name)
+            if child in parent._modules or hasattr(parent, child):
+                raise RewriteError(f"{qualname}: a rule adds a module there, but "
+                                   f"{type(parent).__name__} already has {child!r}")
+            children.setdefault(id(parent), (parent, dict(parent._modules)))
+            setattr(parent, child, module)
+            swapped.append((parent, child, None))
         for qualname, (fused_q, start, end) in ctx.fused_slices.items():
             parent_name, _, child = qualname.rpartition(".")
             parent = ctx.module(parent_name)
             setattr(parent, child, FusedSlice(ctx.new_layers[fused_q], start, end))
             swapped.append((parent, child, None))
-        families: dict[int, _Family] = {}  # identical modules share their later graphs
+        families: dict[int, Family] = {}  # identical modules share their later graphs
         for qualname, mg in ctx.trace.graphs.items():
             sub = ctx.module(qualname)
             installed.append((sub, sub.__dict__.get("forward")))
             # Each module gets its own forward (its errors name it); the generated code of a
             # shared graph is compiled once for all the modules running it.
-            family = families.setdefault(id(mg.graph), _Family())
+            family = families.setdefault(id(mg.graph), Family())
             install(sub, GraphForward(mg, runtime, family))
     except Exception as e:
         for sub, previous in reversed(installed):

@@ -27,21 +27,22 @@ from torch import nn
 
 from fxpass.errors import FallbackError, TraceError
 from fxpass.layers import is_vllm_gemm
-from fxpass.report import Report
-from fxpass.rewrite.base import RewriteContext, is_vllm_linear
-from fxpass.trace import ModuleGraph, Respecialiser, RuntimeStats, Trace
-from fxpass.trace.graph_runtime import graph_notes
+from fxpass.report import EventLog
+from fxpass.rewrite.session import RewriteSession, gemm_input
+from fxpass.rules.base import Mode, Options, is_vllm_linear
+from fxpass.runtime.policy import Respecialiser
+from fxpass.runtime.stats import RuntimeStats
+from fxpass.trace.graph import ModuleGraph, graph_notes
+from fxpass.trace.hierarchy import Trace
 
 
 class RuleRespecialiser(Respecialiser):
     """Re-specialisation for a model ``apply`` rewrote (one per apply)."""
 
-    def __init__(self, *, quant_config: Any, prefix: str, fuse: bool, strict: bool,
-                 stats: RuntimeStats) -> None:
-        super().__init__(strict=strict, stats=stats)
-        self.quant_config = quant_config
-        self.prefix = prefix
-        self.fuse = fuse
+    def __init__(self, options: Options, stats: RuntimeStats) -> None:
+        super().__init__(strict=options.strict, stats=stats)
+        self.options = options
+        self.prefix = options.prefix
 
     def specialise(self, module: nn.Module, qualname: str, args: tuple[Any, ...],
                    kwargs: dict[str, Any]) -> Any:
@@ -49,10 +50,10 @@ class RuleRespecialiser(Respecialiser):
         (its sharded layers stood in for by full-size ``nn.Linear`` of zeros: its inputs are
         replicated, only shapes matter), then the sharding analysis runs on the new graph
         with the layers' roles
-        (:func:`fxpass.rewrite.tensor_parallel.reshard`): the graph serves each rank's block,
+        (:func:`fxpass.parallel.rule.reshard`): the graph serves each rank's block,
         or the trace is refused (TraceError: the Python fallback refuses too)."""
-        from fxpass.rewrite.tensor_parallel import StandIns, owns_pairs, runs_sharded
-        from fxpass.trace import installed_graph
+        from fxpass.parallel.rule import StandIns, owns_pairs, runs_sharded
+        from fxpass.runtime.install import installed_graph
 
         fwd = installed_graph(module)
         if fwd is None or not runs_sharded(fwd.graph):
@@ -87,40 +88,31 @@ class RuleRespecialiser(Respecialiser):
     def leaf_inputs(self, module: nn.Module, args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if is_vllm_gemm(module):
-            return _gemm_input(module, args, kwargs)
+            return gemm_input(module, args, kwargs)
         return args, kwargs
 
     def rewrite(self, module: nn.Module, qualname: str, mg: ModuleGraph) -> ModuleGraph:
-        from fxpass.rewrite.analysis import weight_uses
-        from fxpass.rewrite.pipeline import run_rules
-
         stand_ins = self.__dict__.get("_stand_ins", {}).get(id(module))
         if stand_ins is not None:  # traced as the unsharded module: shard the new graph
-            from fxpass.rewrite.tensor_parallel import reshard
+            from fxpass.parallel.rule import reshard
 
             stand_ins.restore()
             reshard(module, mg)
         mg.qualname = ""  # the rules see the module as the model
         full = f"{self.prefix}.{qualname}" if self.prefix and qualname else (
             self.prefix or qualname)
-        ctx = RewriteContext(module, Trace(root=module, graphs={"": mg}), self.quant_config,
-                             full, Report(prefix=full), fuse=self.fuse, respecialising=True)
-        for use in weight_uses(ctx):
-            if use.value_users and is_vllm_linear(ctx.module(use.linear)):
-                users = ", ".join(u.format_node() for u in use.value_users[:2])
-                raise TraceError(f"the new graph reads the values of {use.linear}.{use.attr} "
-                                 f"({users}), which a vLLM layer does not keep in HF's layout")
-        _positional_gemm_inputs(ctx)
-        run_rules(ctx)
-        mg.settle()
-        mg.graph.lint()
+        # the rules' records of a graph traced after apply are not the apply's report: they
+        # are the graph's own annotations (verify and viz read them off the graph)
+        session = RewriteSession(module, self.options, Mode.RESPECIALISE, EventLog(full),
+                                 prefix=full)
+        session.rewrite(Trace(root=module, graphs={"": mg}))
         mg.qualname = qualname
         return mg
 
     @contextlib.contextmanager
     def python_forward(self, module: nn.Module, qualname: str, graphs: list[fx.Graph],
                        why: str) -> Iterator[None]:
-        from fxpass.rewrite.tensor_parallel import runs_sharded
+        from fxpass.parallel.rule import runs_sharded
 
         where = f"module {qualname or '<root>'!r} ({type(module).__name__})"
         if any(runs_sharded(g) for g in graphs):
@@ -142,7 +134,7 @@ class RuleRespecialiser(Respecialiser):
                     "leave this module unquantized")
         # what the graphs did for vLLM's GEMMs (a positional, contiguous input), for every
         # vLLM layer Python may call here
-        hooks = [sub.register_forward_pre_hook(_gemm_input, with_kwargs=True)
+        hooks = [sub.register_forward_pre_hook(gemm_input, with_kwargs=True)
                  for sub in module.modules() if is_vllm_gemm(sub)]
         try:
             yield
@@ -151,18 +143,6 @@ class RuleRespecialiser(Respecialiser):
                 h.remove()
 
 
-def _positional_gemm_inputs(ctx: RewriteContext) -> None:
-    """``self.linear(input=x)`` calls a vLLM layer as ``linear(x)`` (at apply, the linear
-    rule does this when it swaps the layer)."""
-    from fxpass.rewrite.linear import _positional_input
-
-    for mg in ctx.graphs():
-        for node in mg.nodes_of("call_module"):
-            if (not node.args and set(node.kwargs) == {"input"}
-                    and is_vllm_gemm(ctx.module(str(node.target)))):
-                name = node.name
-                mg.edit(("linear", "positional input", name),
-                        lambda graph, name=name: _positional_input(name, graph))
 
 
 def _stand_in(shape: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -174,13 +154,3 @@ def _read_probe(tensor: torch.Tensor, what: str, args: tuple[Any, ...]) -> Any:
     value = getattr(tensor, what)
     return value(*args) if callable(value) else value
 
-
-def _gemm_input(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-               ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """nn.Linear's call forms as vLLM's linear takes them: ``input=`` positional, contiguous."""
-    if not args and "input" in kwargs:
-        kwargs = dict(kwargs)
-        args = (kwargs.pop("input"),)
-    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
-        args = (args[0].contiguous(), *args[1:])
-    return args, kwargs

@@ -16,7 +16,7 @@ from collections import defaultdict
 import torch.fx as fx
 from torch import nn
 
-from fxpass.rewrite.base import RewriteContext, Site, is_vllm_linear
+from fxpass.rules.base import RewriteContext, Site, is_vllm_linear
 
 PROBE_ATTRS = frozenset({"dtype", "shape", "device", "ndim", "is_cuda", "is_meta"})
 PROBE_METHODS = frozenset({"is_floating_point", "size", "dim", "numel", "nelement",
@@ -81,3 +81,26 @@ def tied_linears(modules: dict[str, nn.Module]) -> dict[str, str]:
                 others = [o for o in names if o != n]
                 out[mod_name] = others[0]
     return out
+
+
+def mark_unsafe(ctx: RewriteContext) -> None:
+    """Record in ``ctx.unsafe`` the linears that must stay ``nn.Linear``: their weight values
+    read outside their call, a weight tied to another linear, a known owner that reads them
+    without a call (``fxpass.quirks``), or Python code using them as nn.Linear."""
+    from torch import nn
+
+    from fxpass import quirks
+
+    for use in weight_uses(ctx):
+        if use.value_users and isinstance(ctx.module(use.linear), nn.Linear):
+            users = ", ".join(u.format_node() for u in use.value_users[:2])
+            ctx.unsafe.setdefault(
+                use.linear,
+                f"graph {use.site.graph.qualname or '<root>'} reads its {use.attr} values "
+                f"outside its call ({users}); a vLLM layer does not keep them in HF's layout")
+    for name, why in quirks.linears_read_without_a_call(ctx.modules).items():
+        ctx.unsafe.setdefault(name, why)  # known without a graph (apply may have none yet)
+    for name, other in tied_linears(ctx.modules).items():
+        ctx.unsafe.setdefault(name, f"its weight is shared with {other} (tied weights)")
+    for name, why in getattr(ctx.trace, "python_linear_uses", {}).items():
+        ctx.unsafe.setdefault(name, f"{why}; a vLLM layer does not serve that as nn.Linear does")

@@ -1,23 +1,28 @@
 """The rewrite-rule protocol and the context rules share.
 
 A rule is a small unit: ``match`` finds candidate sites, ``check`` says why a site must be
-left alone (or None), ``apply`` edits. Rules edit the Trace's graphs and plan module swaps in
-the context; nothing touches the model until ``apply`` commits (see ``pipeline.py``), so a
-failure anywhere leaves the model as it was.
+left alone (or None), ``apply`` edits. It declares its ``name``, its ``phase`` (when it runs),
+the rules it must run ``after`` and when it is ``enabled`` (the session's options and mode);
+the registry (``registry.py``) builds the list a session runs from those. Rules edit the
+Trace's graphs, plan module swaps in the context and emit events (the report is built from
+them); nothing touches the model until the session commits (``fxpass.rewrite.session``),
+so a failure anywhere leaves the model as it was.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, Protocol
+import enum
+from typing import Any, Callable, ClassVar, Iterator, Protocol
 
 import torch.fx as fx
 from torch import nn
 
 from fxpass import meta
 from fxpass.layers import is_vllm_linear  # noqa: F401 - re-exported for the rules
-from fxpass.report import Fix, Report
-from fxpass.trace import ModuleGraph, Trace
+from fxpass.report import EventLog, Fix, Report
+from fxpass.trace.graph import ModuleGraph
+from fxpass.trace.hierarchy import Trace
 
 
 class Site:
@@ -45,22 +50,55 @@ class Site:
         return f"{q}.{self.node.target}" if q else str(self.node.target)
 
 
+class Mode(enum.Enum):
+    """Which entry point runs a session: the rules see it through ``enabled``."""
+
+    APPLY = "apply"  # fxpass.apply with a trace: layers are built here
+    FIRST_CALL = "first call"  # the tower's first real call: graphs for layers swapped at init
+    RESPECIALISE = "re-specialise"  # a call no installed graph covers: one module's new graph
+
+
+class Phase(enum.IntEnum):
+    """When a rule runs; within a phase, registry order and ``after``."""
+
+    SWAP = 0  # build the vLLM layers (they plan what the others look at)
+    SHARD = 1  # tensor parallelism
+    SPEED = 2  # opt-in speed rules (fuse=True)
+    FIX = 3  # graph fixes every rewritten graph needs
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What ``apply`` was asked for; one session's rules all read the same."""
+
+    quant_config: Any = None
+    prefix: str = ""
+    fuse: bool = False
+    tp: int = 1  # tensor-parallel size the tower is sharded for (1: replicated)
+    load_weights: bool = False
+    strict: bool = False
+    disabled: frozenset[str] = frozenset()  # rule names switched off
+
+
 @dataclasses.dataclass
 class RewriteContext:
     model: nn.Module
     trace: Trace
-    quant_config: Any
-    prefix: str
-    report: Report
-    fuse: bool = False
-    tp: int = 1  # tensor-parallel size the tower is sharded for (1: replicated)
+    options: Options
+    log: EventLog
+    mode: Mode = Mode.APPLY
+    prefix: str = ""  # the full name of ``model`` (the apply's prefix, and a path below it)
     # linear qualified name -> its tensor-parallel style, for the linears sharded by the
     # tensor-parallel rule (the other rules leave them to it)
     tp_roles: dict[str, str] = dataclasses.field(default_factory=dict)
     # linear qualified name -> why the tensor-parallel rule left it replicated
     tp_refused: dict[str, str] = dataclasses.field(default_factory=dict)
-    # qualified name -> vLLM layer planned to replace the module there (not yet installed)
+    # qualified name -> vLLM layer planned to replace the module there (not yet installed);
+    # its weights come from the module it replaces (load_weights) or vLLM's loader
     new_layers: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
+    # qualified name -> a module a rule adds at a new path (an attention layer: no weights
+    # to load), registered on its parent at the commit (Mode.APPLY only)
+    added: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
     # qualified name -> why this linear must stay nn.Linear
     unsafe: dict[str, str] = dataclasses.field(default_factory=dict)
     edited: set[str] = dataclasses.field(default_factory=set)  # graphs changed
@@ -68,8 +106,6 @@ class RewriteContext:
     fused: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # fused -> members
     # removed member path -> (fused layer path, first output, end): a FusedSlice stands there
     fused_slices: dict[str, tuple[str, int, int]] = dataclasses.field(default_factory=dict)
-    # a graph traced after apply (graph_runtime): graph fixes only, no layers are built
-    respecialising: bool = False
     # every module of the model by qualified name (each path of a shared one); read once,
     # as the model does not change until the commit
     modules: dict[str, nn.Module] = dataclasses.field(default_factory=dict, repr=False)
@@ -77,6 +113,22 @@ class RewriteContext:
     def __post_init__(self) -> None:
         if not self.modules:
             self.modules = dict(self.model.named_modules(remove_duplicate=False))
+
+    @property
+    def quant_config(self) -> Any:
+        return self.options.quant_config
+
+    @property
+    def tp(self) -> int:
+        return self.options.tp
+
+    @property
+    def report(self) -> Report:
+        """What the session's events say so far (read-only)."""
+        return self.log.report()
+
+    def emit(self, kind: Any, rule: str, target: str = "", **data: Any) -> None:
+        self.log.emit(kind, rule, target, **data)
 
     def full_name(self, qualname: str) -> str:
         return f"{self.prefix}.{qualname}" if self.prefix else qualname
@@ -118,7 +170,7 @@ class RewriteContext:
         mg.edit((rule, name, note), run)
         if detail is None:
             detail = f"{mg.qualname}.{note}" if mg.qualname else note
-        self.report.fixes.append(Fix(rule, mg.qualname, before, detail))
+        self.log.emit("fix", rule, mg.qualname, fix=Fix(rule, mg.qualname, before, detail))
         self.edited.add(mg.qualname)
 
 
@@ -135,12 +187,55 @@ def module_sites(ctx: RewriteContext, pred: Callable[[nn.Module], bool]
 
 
 class Rule(Protocol):
-    """match -> check -> apply. Register new rules in ``registry.RULES``."""
+    """match -> check -> apply. Register new rules in ``registry.RULES``.
 
-    name: str
+    ``check`` returns why a match is left alone; the session emits that as a refusal
+    (``describe`` names the match) unless the rule reports it itself (``refuse``).
+    """
+
+    name: ClassVar[str]
+    phase: ClassVar[Phase]
+    after: ClassVar[tuple[str, ...]]
+
+    def enabled(self, options: Options, mode: Mode) -> bool: ...
 
     def match(self, ctx: RewriteContext) -> list[Any]: ...
 
     def check(self, ctx: RewriteContext, m: Any) -> str | None: ...
 
     def apply(self, ctx: RewriteContext, m: Any) -> None: ...
+
+    def describe(self, ctx: RewriteContext, m: Any) -> str: ...
+
+    def refuse(self, ctx: RewriteContext, m: Any, reason: str) -> None: ...
+
+
+class RuleBase:
+    """Defaults for a rule: every phase-FIX rule runs in every mode, refusals are reported
+    with ``describe``'s text (the graph and node)."""
+
+    name: ClassVar[str] = ""
+    phase: ClassVar[Phase] = Phase.FIX
+    after: ClassVar[tuple[str, ...]] = ()
+
+    def enabled(self, options: Options, mode: Mode) -> bool:
+        return True
+
+    def describe(self, ctx: RewriteContext, m: Any) -> str:
+        site = getattr(m, "site", None)
+        if isinstance(site, Site):
+            q = site.graph.qualname
+            return f"{ctx.full_name(q) if q else ctx.prefix or '<root>'}: {site.name}"
+        return str(m)
+
+    def refuse(self, ctx: RewriteContext, m: Any, reason: str) -> None:
+        ctx.emit("refusal", self.name, target=self.describe(ctx, m), reason=reason)
+
+
+class SpeedRule(RuleBase):
+    """An opt-in speed rule (``fuse=True``): graph edits only, so it runs in every mode."""
+
+    phase = Phase.SPEED
+
+    def enabled(self, options: Options, mode: Mode) -> bool:
+        return options.fuse

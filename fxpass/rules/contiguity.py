@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from fxpass import meta
 from fxpass.layers import is_vllm_gemm
-from fxpass.rewrite.base import RewriteContext, Site
+from fxpass.rules.base import RewriteContext, RuleBase, Site
 
 LAYOUT_METHODS = frozenset({"transpose", "permute", "t", "expand", "narrow", "movedim",
                             "swapaxes", "swapdims", "unfold", "as_strided", "diagonal"})
@@ -63,8 +63,11 @@ def _insert_contiguous(graph: fx.Graph, node: fx.Node, input_name: str) -> None:
     node.replace_input_with(inp, c)
 
 
-class Contiguity:
+class Contiguity(RuleBase):
     name = "contiguity"
+
+    def refuse(self, ctx: RewriteContext, m: ContiguityMatch, reason: str) -> None:
+        pass  # an input that is contiguous needs nothing
 
     def match(self, ctx: RewriteContext) -> list[ContiguityMatch]:
         out = []
@@ -97,7 +100,7 @@ class Contiguity:
             mg.edit((self.name, "check", site, input_name), lambda graph: _insert_contiguous(
                 graph, next(n for n in graph.nodes if n.name == site), input_name))
             ctx.edited.add(mg.qualname)
-            ctx.report.contiguity_checks += 1
+            ctx.emit("check", self.name, m.site.graph.qualname)
             return
 
         ctx.fix(self.name, m.site,

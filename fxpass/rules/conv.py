@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxpass import meta
-from fxpass.rewrite.base import RewriteContext, Site, module_sites
+from fxpass.rules.base import RewriteContext, Site, SpeedRule, module_sites
 
 
 def patch_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -50,16 +50,13 @@ def _pair(v: object) -> tuple[int, ...] | object:
     return tuple(v) if isinstance(v, (tuple, list)) else v
 
 
-class PatchConvAsGemm:
+class PatchConvAsGemm(SpeedRule):
     name = "patch-conv"
-    report_refusals = True
 
     def describe(self, ctx: RewriteContext, m: ConvMatch) -> str:
         return ctx.full_name(m.qualname)
 
     def match(self, ctx: RewriteContext) -> list[ConvMatch]:
-        if not ctx.fuse:
-            return []
         return [ConvMatch(site, q) for site, q in module_sites(ctx, lambda m: type(m) is nn.Conv2d)]
 
     def check(self, ctx: RewriteContext, m: ConvMatch) -> str | None:

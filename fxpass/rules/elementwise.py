@@ -23,10 +23,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxpass import meta
-from fxpass.rewrite.base import RewriteContext, Site, is_vllm_linear
-from fxpass.rewrite.layout import add_contiguous, mul_contiguous, sub_contiguous
-from fxpass.rewrite.norms import rms_norm
-from fxpass.rewrite.rope import multidim_rope
+from fxpass.rules.base import RewriteContext, Site, SpeedRule, is_vllm_linear
+from fxpass.rules.layout import add_contiguous, mul_contiguous, sub_contiguous
+from fxpass.rules.norms import rms_norm
+from fxpass.rules.rope import multidim_rope
 
 INPLACE = {operator.mul: "mul_", operator.add: "add_", operator.sub: "sub_",
            operator.truediv: "div_", torch.mul: "mul_", torch.add: "add_", torch.sub: "sub_",
@@ -113,12 +113,15 @@ def _fresh_module_output(ctx: RewriteContext, mg_qualname: str, node: fx.Node,
     return isinstance(out, fx.Node) and _fresh(ctx, full, out, depth + 1)
 
 
-class InplaceElementwise:
+class InplaceElementwise(SpeedRule):
     name = "elementwise"
+    # reads what the norm, rope and layout rules produce
+    after = ("rms-norm", "rope", "layout")
+
+    def refuse(self, ctx: RewriteContext, m: InplaceMatch, reason: str) -> None:
+        pass  # a value that must stay is the common case, not news
 
     def match(self, ctx: RewriteContext) -> list[InplaceMatch]:
-        if not ctx.fuse:
-            return []
         out = []
         for mg in ctx.graphs():
             for node in mg.nodes_of("call_function"):

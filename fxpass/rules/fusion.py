@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxpass import meta
-from fxpass.rewrite.base import RewriteContext, Site
+from fxpass.rules.base import Mode, Options, Phase, RewriteContext, RuleBase, Site
 
 
 @dataclasses.dataclass
@@ -89,26 +89,28 @@ def _thin_wrapper_linear(ctx: RewriteContext, qualname: str) -> tuple[str | None
     return target, None
 
 
-class SiblingFusion:
+class SiblingFusion(RuleBase):
+    """Sibling linears on one input become one vLLM layer and a split (fuse=True, at apply:
+    it builds layers)."""
+
     name = "fusion"
-    report_refusals = True
+    phase = Phase.SPEED
+
+    def enabled(self, options: Options, mode: Mode) -> bool:
+        return options.fuse and mode is Mode.APPLY
 
     def describe(self, ctx: RewriteContext, g: FusionGroup | SliceGroup) -> str:
         if isinstance(g, SliceGroup):
             return g.describe()
         return " + ".join(ctx.full_name(n) for n in g.names())
 
-    def match(self, ctx: RewriteContext) -> list[FusionGroup | SliceGroup]:
-        if ctx.respecialising:  # fusion builds layers at apply only; a new graph regroups
-            return _slice_groups(ctx)
-        if not ctx.fuse:
-            return []
+    def match(self, ctx: RewriteContext) -> list[FusionGroup]:
         call_counts: dict[str, int] = {}
         for mg in ctx.graphs():
             for node in mg.nodes_of("call_module"):
                 q = f"{mg.qualname}.{node.target}" if mg.qualname else str(node.target)
                 call_counts[q] = call_counts.get(q, 0) + 1
-        from fxpass.rewrite.analysis import weight_uses
+        from fxpass.rules.analysis import weight_uses
 
         read = {u.linear for u in weight_uses(ctx)}
         groups = []
@@ -141,10 +143,7 @@ class SiblingFusion:
             groups += [FusionGroup(ms) for ms in by_input.values() if len(ms) > 1]
         return groups
 
-    def check(self, ctx: RewriteContext, g: FusionGroup | SliceGroup) -> str | None:
-        if isinstance(g, SliceGroup):
-            return None if g.merged_path else (
-                "the merged layer is not a submodule of the module traced again")
+    def check(self, ctx: RewriteContext, g: FusionGroup) -> str | None:
         for m in g.members:
             if m.refusal:
                 return m.refusal
@@ -162,10 +161,7 @@ class SiblingFusion:
             return f"members have different quant methods {sorted(methods)}"
         return None
 
-    def apply(self, ctx: RewriteContext, g: FusionGroup | SliceGroup) -> None:
-        if isinstance(g, SliceGroup):
-            _regroup(ctx, g, self.name)
-            return
+    def apply(self, ctx: RewriteContext, g: FusionGroup) -> None:
         from fxpass.weights import build_fused_linear
 
         linears = [ctx.module(n) for n in g.names()]
@@ -185,6 +181,30 @@ class SliceGroup:
 
     def describe(self) -> str:
         return " + ".join(s.name for s in self.sites)
+
+
+class FusedSlices(RuleBase):
+    """In a graph traced after apply, the members of a fused layer (``FusedSlice``) called
+    on one input become one call of the fused layer again."""
+
+    name = "fused-slices"
+    phase = Phase.SPEED
+
+    def enabled(self, options: Options, mode: Mode) -> bool:
+        return mode is not Mode.APPLY
+
+    def describe(self, ctx: RewriteContext, g: SliceGroup) -> str:
+        return g.describe()
+
+    def match(self, ctx: RewriteContext) -> list[SliceGroup]:
+        return _slice_groups(ctx)
+
+    def check(self, ctx: RewriteContext, g: SliceGroup) -> str | None:
+        return None if g.merged_path else (
+            "the merged layer is not a submodule of the module traced again")
+
+    def apply(self, ctx: RewriteContext, g: SliceGroup) -> None:
+        _regroup(ctx, g, "fusion")
 
 
 def _slice_groups(ctx: RewriteContext) -> list[SliceGroup]:
@@ -277,13 +297,10 @@ def install_fused(ctx: RewriteContext, g: FusionGroup, layer: nn.Module, rule: s
         start += size
         if m.wrapper:
             ctx.trace.graphs.pop(m.wrapper, None)
-        full = ctx.full_name(m.linear)
-        if full in ctx.report.graph_rewrites:
-            ctx.report.graph_rewrites.remove(full)
     ctx.new_layers[fused_q] = layer
     ctx.fused[fused_q] = list(g.names())
-    ctx.report.fused[ctx.full_name(fused_q)] = [ctx.full_name(n) for n in g.names()]
-    ctx.report.quant_methods[ctx.full_name(fused_q)] = method
+    ctx.emit("fusion", rule, ctx.full_name(fused_q),
+             members=[ctx.full_name(n) for n in g.names()], method=method)
     text = (f"{', '.join(g.names())} read one input: one {type(layer).__name__} "
             f"({'+'.join(map(str, sizes))} outputs) and a split")
     ctx.fix(rule, Site(mg, fused), text, detail=text)

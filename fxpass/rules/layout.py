@@ -24,8 +24,8 @@ import torch
 import torch.fx as fx
 
 from fxpass import meta
-from fxpass.rewrite.base import RewriteContext, Site
-from fxpass.rewrite.contiguity import LAYOUT_METHODS
+from fxpass.rules.base import RewriteContext, Site, SpeedRule
+from fxpass.rules.contiguity import LAYOUT_METHODS
 
 _RELAYOUT = LAYOUT_METHODS | {"view", "reshape", "flatten", "unflatten", "contiguous"}
 
@@ -75,17 +75,14 @@ def _relayout_user(node: fx.Node) -> str | None:
     return None
 
 
-class ContiguousStream:
+class ContiguousStream(SpeedRule):
     name = "layout"
-    report_refusals = True
 
     def describe(self, ctx: RewriteContext, m: LayoutMatch) -> str:
         q = m.site.graph.qualname
         return f"{ctx.full_name(q) if q else ctx.prefix or '<root>'}: {m.site.name}"
 
     def match(self, ctx: RewriteContext) -> list[LayoutMatch]:
-        if not ctx.fuse:
-            return []
         out = []
         for mg in ctx.graphs():
             for node in mg.nodes_of("call_function"):

@@ -14,7 +14,7 @@ import functools
 import torch.fx as fx
 from torch import nn
 
-from fxpass.rewrite.base import RewriteContext, Site
+from fxpass.rules.base import Mode, Options, Phase, RewriteContext, RuleBase, Site
 
 
 @dataclasses.dataclass
@@ -24,12 +24,17 @@ class LinearMatch:
     sites: list[Site]
 
 
-class LinearToVllm:
+class LinearToVllm(RuleBase):
     name = "linear"
+    phase = Phase.SWAP
+
+    def enabled(self, options: Options, mode: Mode) -> bool:
+        return mode is Mode.APPLY  # later graphs find the layers swapped at apply
+
+    def refuse(self, ctx: RewriteContext, m: LinearMatch, reason: str) -> None:
+        ctx.emit("skip", self.name, ctx.full_name(m.qualname), reason=reason)
 
     def match(self, ctx: RewriteContext) -> list[LinearMatch]:
-        if ctx.respecialising:  # the layers were swapped at apply
-            return []
         sites: dict[str, list[Site]] = {}
         for mg in ctx.graphs():
             for node in mg.nodes_of("call_module"):
@@ -76,11 +81,11 @@ class LinearToVllm:
         layer = build_vllm_linear(m.linear, ctx.quant_config, full)
         ctx.new_layers[m.qualname] = layer
         method = quant_method_name(ctx.quant_config, layer)
-        ctx.report.quant_methods[full] = method
+        ctx.emit("swap", self.name, full, method=method)
         for site in m.sites:
             if site.node.kwargs:  # nn.Linear(input=x) -> ReplicatedLinear(x)
                 site.graph.edit((self.name, "positional input", site.name), functools.partial(
-                    _positional_input, site.name))
+                    positional_input, site.name))
                 ctx.edited.add(site.graph.qualname)
             # the same for every identical layer (the prefix follows from the node's path),
             # so identical graphs share one annotated copy
@@ -89,17 +94,17 @@ class LinearToVllm:
                 "quant_method": method, "was": type(m.linear).__name__,
             })
         if m.qualname in ctx.trace.linear_sites and m.sites:
-            ctx.report.graph_rewrites.append(full)
+            ctx.emit("placement", self.name, full, graph=True)
         else:
-            ctx.report.plain_swaps[full] = _why_no_graph(ctx, m.qualname)
+            ctx.emit("placement", self.name, full, why=why_no_graph(ctx, m.qualname))
 
 
-def _positional_input(name: str, graph: fx.Graph) -> None:
+def positional_input(name: str, graph: fx.Graph) -> None:
     node = next(n for n in graph.nodes if n.name == name)
     node.args, node.kwargs = (node.kwargs["input"],), {}
 
 
-def _why_no_graph(ctx: RewriteContext, qualname: str) -> str:
+def why_no_graph(ctx: RewriteContext, qualname: str) -> str:
     parts = qualname.split(".")
     for i in range(len(parts) - 1, -1, -1):
         anc = ".".join(parts[:i])

@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxpass import meta
-from fxpass.rewrite.base import RewriteContext, Site, module_sites
+from fxpass.rules.base import RewriteContext, Site, SpeedRule, module_sites
 
 EPS_ATTRS = ("eps", "variance_epsilon", "epsilon")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -131,16 +131,13 @@ def _is_rms_norm_class(module: nn.Module) -> bool:
     return "rmsnorm" in type(module).__name__.lower()
 
 
-class RmsNormToVllm:
+class RmsNormToVllm(SpeedRule):
     name = "rms-norm"
-    report_refusals = True
 
     def describe(self, ctx: RewriteContext, m: NormMatch) -> str:
         return ctx.full_name(m.qualname)
 
     def match(self, ctx: RewriteContext) -> list[NormMatch]:
-        if not ctx.fuse:
-            return []
         return [NormMatch(site, q) for site, q in module_sites(ctx, _is_rms_norm_class)]
 
     def check(self, ctx: RewriteContext, m: NormMatch) -> str | None:

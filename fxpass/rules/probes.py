@@ -16,14 +16,17 @@ import torch
 import torch.fx as fx
 
 from fxpass import meta
-from fxpass.rewrite.analysis import WeightUse, weight_uses
-from fxpass.rewrite.base import RewriteContext, Site, is_vllm_linear
+from fxpass.rules.analysis import WeightUse, weight_uses
+from fxpass.rules.base import RewriteContext, RuleBase, Site, is_vllm_linear
 
 _KEEP = frozenset({"device", "is_cuda", "is_meta", "get_device"})
 
 
-class WeightProbes:
+class WeightProbes(RuleBase):
     name = "weight-probes"
+
+    def refuse(self, ctx: RewriteContext, m: WeightUse, reason: str) -> None:
+        pass  # a read it leaves is the linear rule's business (it keeps nn.Linear)
 
     def match(self, ctx: RewriteContext) -> list[WeightUse]:
         return [u for u in weight_uses(ctx) if u.probes]

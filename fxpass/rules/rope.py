@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxpass.rewrite.base import RewriteContext, Site
+from fxpass.rules.base import RewriteContext, Site, SpeedRule
 
 _SPLITS = (torch.functional.split, torch.split)
 
@@ -185,17 +185,14 @@ class _Pattern:
         return True
 
 
-class MultidimRope:
+class MultidimRope(SpeedRule):
     name = "rope"
-    report_refusals = True
 
     def describe(self, ctx: RewriteContext, m: RopeMatch) -> str:
         q = m.site.graph.qualname
         return f"{ctx.full_name(q) if q else ctx.prefix or '<root>'}: {m.site.name}"
 
     def match(self, ctx: RewriteContext) -> list[RopeMatch]:
-        if not ctx.fuse:
-            return []
         out = []
         for mg in ctx.graphs():
             for node in mg.nodes_of("call_function"):

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from fxpass.rewrite.base import RewriteContext, Site
+from fxpass.rules.base import RewriteContext, RuleBase, Site
 
 _checked = threading.local()  # .last: (weakref to the mask, its _version, masks nothing?)
 
@@ -63,9 +63,8 @@ class SdpaMatch:
     site: Site
 
 
-class SdpaFullMask:
+class SdpaFullMask(RuleBase):
     name = "sdpa-mask"
-    report_refusals = True
 
     def describe(self, ctx: RewriteContext, m: SdpaMatch) -> str:
         q = m.site.graph.qualname

@@ -21,11 +21,12 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from fxpass.layers import is_linear
-from fxpass.trace.state import MISSING, read, same
-from fxpass.trace.tracer import Capture, CallSpec
+from fxpass.trace.state import read, same
+from fxpass.trace.binding import CallSpec
+from fxpass.trace.tracer import Capture
 
 if TYPE_CHECKING:
-    from fxpass.trace.graph_runtime import GraphForward
+    from fxpass.runtime.dispatch import GraphForward
 
 # -- cache -------------------------------------------------------------------------------
 

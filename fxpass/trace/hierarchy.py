@@ -38,27 +38,20 @@ from fxpass.trace.cache import (
     _structure_key,
     _Subtree,
 )
-from fxpass.trace.graph_runtime import (
-    GraphForward,
-    ModuleGraph,
-    Respecialiser,
-    _Family,
-    foreign_forward,
-    install,
-    is_graph_forward,
-)
+from fxpass.runtime.dispatch import Family, GraphForward
+from fxpass.runtime.install import foreign_forward, install, is_graph_forward
+from fxpass.runtime.policy import Respecialiser
+from fxpass.trace.binding import bind_module_call, forward_signature, make_call_spec
+from fxpass.trace.graph import ModuleGraph
 from fxpass.trace.memo import MemoForward, MetaMemo
 from fxpass.trace.state import StateReads, read, recording, same
 from fxpass.trace.tracer import (
     Capture,
     ValueTracer,
-    bind_module_call,
     clone_values,
     error_location,
     finalize,
-    forward_signature,
     is_constant,
-    make_call_spec,
     trace_session,
 )
 
@@ -88,13 +81,13 @@ class Trace:
 
         The tree, classes and state_dict stay as they are: only the instance ``forward``
         of traced modules is set. A call a graph does not cover is traced again (see
-        ``graph_runtime``); ``strict=True`` raises GuardError for it instead.
+        ``fxpass.runtime``); ``strict=True`` raises GuardError for it instead.
         """
         target = self.root if module is None else module
         runtime = runtime if runtime is not None else Respecialiser(strict=strict)
-        families: dict[int, _Family] = {}
+        families: dict[int, Family] = {}
         for qualname, mg in self.graphs.items():
-            family = families.setdefault(id(mg.graph), _Family())
+            family = families.setdefault(id(mg.graph), Family())
             install(target.get_submodule(qualname), GraphForward(mg, runtime, family))
         return target
 

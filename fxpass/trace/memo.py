@@ -10,7 +10,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from fxpass.trace.graph_runtime import GraphForward
+from fxpass.runtime.dispatch import GraphForward
 
 # values a memo key holds as they are (hashable, compared by equality)
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)

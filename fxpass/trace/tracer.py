@@ -28,7 +28,6 @@ import inspect
 import operator
 import os
 import random
-import re
 import sys
 import threading
 from typing import Any, Callable, Iterator
@@ -39,9 +38,15 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx.node import map_aggregate
 
-from fxpass import meta
+from fxpass import meta, quirks
 from fxpass.errors import TraceError
 from fxpass.trace.guards import guard
+from fxpass.trace.binding import (
+    CallSpec,
+    bind_module_call,
+    forward_signature,
+    make_call_spec,
+)
 from fxpass.trace.state import StateReads, recording
 
 # Reads of these give tensor metadata, never data: fine to specialise on (with a guard).
@@ -328,143 +333,6 @@ def is_constant(target: Any) -> bool:
 
 
 @dataclasses.dataclass
-class CallSpec:
-    """How a call's ``(args, kwargs)`` map to graph placeholders.
-
-    Tensor leaves and integers become placeholders; other leaves (flags, None, configs) are
-    baked in and checked at every call.
-    """
-
-    treespec: pytree.TreeSpec
-    placeholders: list[int]  # leaf indices fed to the graph, in placeholder order
-    constants: dict[int, Any]  # leaf index -> value baked into the graph
-    names: list[str]
-    training: bool | None = None  # the module's training flag when traced (None: unchecked)
-    tensor_inputs: tuple[bool, ...] = ()  # per placeholder: a tensor (else an int)
-    # module / config state the forward read while tracing, checked per call (see state.py)
-    reads: StateReads | None = None
-
-
-def _leaf_names(treespec: pytree.TreeSpec, sig: inspect.Signature | None) -> list[str]:
-    """Readable placeholder names for each leaf: ``hidden_states``, ``position_embeddings_0``."""
-    dummy = pytree.tree_unflatten(list(range(treespec.num_leaves)), treespec)
-    names: dict[int, str] = {}
-    args, kwargs = dummy
-    positional = [n for n, p in (sig.parameters.items() if sig is not None else ())
-                  if p.kind in (p.POSITIONAL_ONLY, p.VAR_POSITIONAL)]
-
-    def walk(obj: Any, path: str) -> None:
-        for kp, leaf in pytree.tree_flatten_with_path(obj)[0]:
-            suffix = "_".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                              for k in kp)
-            names[leaf] = re.sub(r"\W", "_", f"{path}_{suffix}" if suffix else path)
-
-    for i, a in enumerate(args):
-        walk(a, positional[i] if i < len(positional) else f"arg{i}")
-    for k, v in kwargs.items():
-        walk(v, k)
-    return [names.get(i, f"leaf{i}") for i in range(treespec.num_leaves)]
-
-
-# per class (a plain dict, not lru_cache: torch.compile traces these calls too)
-_SIGNATURES: dict[type, tuple[inspect.Signature | None, bool]] = {}
-
-
-def _forward_info(cls: type) -> tuple[inspect.Signature | None, bool]:
-    info = _SIGNATURES.get(cls)
-    if info is None:
-        fwd = getattr(cls, "forward", None)
-        try:
-            sig = inspect.signature(fwd)
-            sig = sig.replace(parameters=list(sig.parameters.values())[1:])
-        except (TypeError, ValueError):
-            sig = None
-        wrapped = fwd is not None and inspect.unwrap(fwd) is not fwd
-        info = _SIGNATURES[cls] = (sig, wrapped)
-    return info
-
-
-def forward_signature(cls: type) -> inspect.Signature | None:
-    """Signature of ``cls.forward`` without ``self`` (through decorators), or None."""
-    return _forward_info(cls)[0]
-
-
-def forward_is_wrapped(cls: type) -> bool:
-    """Whether ``cls.forward`` is decorated (``functools.wraps``): the decorator may accept
-    arguments the inner signature does not (HF's ``deprecate_kwarg`` renames keywords)."""
-    return _forward_info(cls)[1]
-
-
-def bind_call(sig: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any],
-              *, raw: bool = False, defaults: bool = True
-              ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The same call whether the caller passed arguments by position or by name, or left
-    a defaulted argument out.
-
-    vLLM calls ``tower(features, mask)`` where HF code and example inputs use keywords, and
-    HF users call ``tower(pixel_values)`` where the traced call spelled out
-    ``interpolate_pos_encoding=False``: each pair binds to the same parameters. Canonical
-    form: positional-only and ``*args`` values as positionals, every other parameter by name
-    in signature order (defaults filled in, ``**kwargs`` sorted). A call that does not bind
-    raises TypeError, as the call itself would; with ``raw`` (a decorated forward, whose
-    decorator may rename keywords) it is kept as given instead. ``defaults=False`` leaves
-    an omitted argument omitted: a decorator may tell it from one passed as its default
-    (HF's ``capture_outputs`` reads ``kwargs.get("output_hidden_states", config value)``).
-    """
-    if sig is None:
-        return tuple(args), dict(kwargs)
-    try:
-        bound = sig.bind(*args, **kwargs)
-    except TypeError:
-        if raw:
-            return tuple(args), dict(kwargs)
-        raise
-    if defaults:
-        bound.apply_defaults()
-    pos: list[Any] = []
-    named: dict[str, Any] = {}
-    extra: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = sig.parameters[name].kind
-        if kind is inspect.Parameter.POSITIONAL_ONLY:
-            pos.append(value)
-        elif kind is inspect.Parameter.VAR_POSITIONAL:
-            pos.extend(value)
-        elif kind is inspect.Parameter.VAR_KEYWORD:
-            extra.update(value)
-        else:
-            named[name] = value
-    named.update(sorted(extra.items()))
-    return tuple(pos), named
-
-
-def bind_module_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-                     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """:func:`bind_call` for a call of ``module`` (raw form allowed for decorated forwards)."""
-    sig, wrapped = _forward_info(type(module))
-    return bind_call(sig, args, kwargs, raw=wrapped, defaults=not wrapped)
-
-
-def make_call_spec(sig: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any],
-                   symbolic_ints: set[int] | None = None) -> CallSpec:
-    """Spec of a call already in canonical form (see :func:`bind_call`)."""
-    leaves, treespec = pytree.tree_flatten((tuple(args), dict(kwargs)))
-    names = _leaf_names(treespec, sig)
-    placeholders, constants = [], {}
-    for i, leaf in enumerate(leaves):
-        symbolic = isinstance(leaf, torch.Tensor) or (
-            type(leaf) is int and (symbolic_ints is None or i in symbolic_ints)
-        )
-        if symbolic:
-            placeholders.append(i)
-        else:
-            constants[i] = leaf
-    return CallSpec(treespec, placeholders, constants, [names[i] for i in placeholders],
-                    tensor_inputs=tuple(isinstance(leaves[i], torch.Tensor)
-                                        for i in placeholders))
-
-
-@dataclasses.dataclass
 class Capture:
     """The first call of a submodule seen while tracing its caller."""
 
@@ -515,13 +383,8 @@ class ValueTracer(fx.Tracer):
         patches.append((nn.Module, "__setattr__", self._state_write(nn.Module.__setattr__)))
         for name in ("_check", "_check_with"):  # torch._check(cond, ...) on a traced bool
             patches.append((torch, name, self._checked(getattr(torch, name))))
-        hf = sys.modules.get("transformers.utils.import_utils")
-        if self._real_values and hf is not None and hasattr(hf, "is_torch_fx_proxy"):
-            # On real values, HF's eager path: transformers takes a trace-safe path for fx
-            # proxies (an attention mask is always built), which can compute something else
-            # than eager (no mask -> SDPA's is_causal); taking its data-dependent shortcut as
-            # eager does keeps the deciding module Python (its submodules are traced).
-            patches.append((hf, "is_torch_fx_proxy", _not_our_proxy(hf.is_torch_fx_proxy)))
+        if self._real_values:  # HF's eager path on real values (see quirks)
+            patches += quirks.hf_trace_patches(lambda x: isinstance(x, ValueProxy))
         with contextlib.ExitStack() as stack:
             for owner, name, new in patches:
                 old = getattr(owner, name)
@@ -929,13 +792,6 @@ def _is_real(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return value.device.type != "meta"
     return True
-
-
-def _not_our_proxy(orig: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    def is_torch_fx_proxy(x: Any) -> bool:
-        return not isinstance(x, ValueProxy) and orig(x)
-
-    return is_torch_fx_proxy
 
 
 _NOT_NONE = object()

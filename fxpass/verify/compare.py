@@ -54,7 +54,7 @@ from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from fxpass.errors import UsageError
-from fxpass.rewrite.base import is_vllm_linear
+from fxpass.layers import is_vllm_linear
 from fxpass.verify.budgets import QUANT_ORDER, Budget, dtype_name, resolve_budget
 from fxpass.verify.metrics import Metrics, compare_tensors
 from fxpass.verify.report import FAKE_QUANT, REFERENCE, NodeResult, VerifyReport
@@ -162,11 +162,11 @@ def tp_layout(candidate: nn.Module
               ) -> tuple[dict[str, list[Any]], dict[str, tuple[str, int]]]:
     """How a tensor-parallel candidate splits what it computes, from the annotations the
     tensor-parallel rule left in its graphs: module path -> the splits of that call's output
-    (``fxpass.rewrite.sharding.spec``; one per distinct annotation over the module's caller's
+    (``fxpass.parallel.sharding.spec``; one per distinct annotation over the module's caller's
     graphs, the graphs traced again after apply included), and path -> (style, TP size) of
     its sharded layers. Both empty for a replicated candidate."""
     from fxpass import meta
-    from fxpass.trace import installed_graph
+    from fxpass.runtime.install import installed_graph
     from fxpass.weights import tp_style
 
     outputs: dict[str, list[Any]] = {}
@@ -212,7 +212,7 @@ def _rank_block(ref: torch.Tensor, cand: torch.Tensor, split: Any) -> torch.Tens
     equal); else None."""
     if split is None or not isinstance(ref, torch.Tensor):
         return None
-    from fxpass.runtime import tp_rank
+    from fxpass.vllm_context import tp_rank
 
     d = split["dim"]
     if ref.dim() != cand.dim() or not 0 <= d < ref.dim():
@@ -297,7 +297,7 @@ def _float_dtype(module: nn.Module) -> torch.dtype:
 
 def _node_names(reference: nn.Module, example: Inputs) -> dict[str, list[tuple[str, str]]]:
     """module path -> [(graph qualname, node name)] of the call_module nodes calling it."""
-    from fxpass.trace import trace
+    from fxpass.trace.hierarchy import trace
 
     try:
         tr = trace(reference, example)
@@ -766,7 +766,7 @@ def _isolated(report: VerifyReport, checker: _Checker, candidate: nn.Module,
                    for a in (*args, *kwargs.values())]
             style, _ = checker.shards.get(path, (None, 1))
             if style == "row":  # the layer takes this rank's block of its input channels
-                from fxpass.runtime import tp_rank
+                from fxpass.vllm_context import tp_rank
 
                 n = layer.input_size_per_partition
                 fed = [a.narrow(-1, tp_rank() * n, n).contiguous()

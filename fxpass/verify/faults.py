@@ -48,7 +48,7 @@ def parse_fault(spec: str) -> tuple[str, str]:
 
 
 def _resolve(candidate: nn.Module, layer: str, prefix: str) -> str:
-    from fxpass.rewrite.base import is_vllm_linear
+    from fxpass.layers import is_vllm_linear
 
     names = [n for n, m in candidate.named_modules() if is_vllm_linear(m)]
     for path in (layer, layer[len(prefix) + 1:] if prefix and layer.startswith(prefix + ".")

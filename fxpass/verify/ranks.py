@@ -28,7 +28,7 @@ DEFAULT_TIMEOUT_S = 600.0
 def _worker(fn: Callable[..., Any], rank: int, tp: int, init_method: str, out: Any,
             args: tuple[Any, ...]) -> None:
     try:
-        from fxpass.runtime import vllm_runtime
+        from fxpass.vllm_context import vllm_runtime
 
         with vllm_runtime(tp=tp, rank=rank, init_method=init_method):
             result = fn(rank, *args)

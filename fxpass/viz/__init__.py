@@ -35,31 +35,36 @@ __all__ = ["FORMATS", "MissingToolError", "Overlay", "VizModel", "add_cli", "bui
 FORMATS = ("html", "svg", "dot")
 
 
-def _model(trace: Any, report: Any, verify: Any, before: Any, title: str | None) -> VizModel:
+def _model(trace: Any, report: Any, verify: Any, before: Any, title: str | None,
+           layout: str | None = None) -> VizModel:
     if isinstance(trace, VizModel):
         return trace
-    return build_model(trace, report, verify, before, title=title)
+    return build_model(trace, report, verify, before, title=title, layout=layout)
 
 
 def render_html(trace: Any, report: Any = None, verify: Any = None, before: Any = None, *,
-                title: str | None = None, expand_depth: int = 1) -> str:
+                title: str | None = None, expand_depth: int = 1,
+                layout: str | None = None) -> str:
     """One self-contained HTML page (str). ``trace``: a Trace (or a built VizModel);
     ``report``: apply's Report; ``verify``: a VerifyReport or its ``to_dict()``; ``before``:
     ``snapshot(trace)`` taken before apply, or a Trace of an untouched copy.
-    ``expand_depth``: tree levels open on load (1: the root's graph and its children)."""
-    return _render_html(_model(trace, report, verify, before, title), expand_depth=expand_depth)
+    ``expand_depth``: tree levels open on load (1: the root's graph and its children).
+    ``layout``: the graphs' layout engine, ``auto`` (Graphviz dot when installed, else pure
+    Python), ``dot`` or ``python``; None reads ``$FXPASS_VIZ_LAYOUT``."""
+    return _render_html(_model(trace, report, verify, before, title, layout),
+                        expand_depth=expand_depth)
 
 
 def render_dot(trace: Any, report: Any = None, verify: Any = None, before: Any = None, *,
                title: str | None = None, view: str = "after") -> str:
     """Graphviz DOT source (needs nothing installed)."""
-    return to_dot(_model(trace, report, verify, before, title), view)
+    return to_dot(_model(trace, report, verify, before, title, "none"), view)
 
 
 def render_svg(trace: Any, report: Any = None, verify: Any = None, before: Any = None, *,
                title: str | None = None, view: str = "after") -> str:
     """SVG laid out by Graphviz ``dot`` (MissingToolError, naming it, when not installed)."""
-    return to_svg(_model(trace, report, verify, before, title), view)
+    return to_svg(_model(trace, report, verify, before, title, "none"), view)
 
 
 def render(fmt: str, trace: Any, report: Any = None, verify: Any = None, before: Any = None,

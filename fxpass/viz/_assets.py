@@ -108,6 +108,13 @@ g.node .mark.fix { fill: var(--fix); }
 g.node .mark.ins { fill: var(--ins); }
 body.diff-on g.node.has-m rect.bg { fill: var(--sq); }
 body.diff-on g.node.failed rect.bg { stroke: var(--rm); stroke-width: 2.5; }
+g.node text.sq { fill: #495057; font-size: 10px; display: none; }
+body.diff-on g.node text.sq { display: inline; }
+g.node.shape-op rect.bg { stroke: #ced4da; stroke-dasharray: 2 2; fill: #f8f9fa; }
+g.node.shape-op text { fill: #868e96; }
+g.node g.fold rect { fill: #f1f3f5; stroke: #adb5bd; stroke-width: 1; }
+g.node g.fold text { font: 9px system-ui, sans-serif; fill: #495057; }
+#tip .refnote { color: #495057; font-size: 11px; }
 g.node.first rect.firstring { fill: none; stroke: var(--first); stroke-width: 3; stroke-dasharray: 6 3; }
 g.node.first text.firstlabel { font: bold 10px system-ui, sans-serif; fill: var(--first); }
 g.node.flash rect.bg { animation: flash 1.2s ease-in-out 2; }
@@ -135,7 +142,7 @@ JS = r"""
   var SVGNS = "http://www.w3.org/2000/svg";
   var NW = D.geom.w, NH = D.geom.h;
   var mods = D.modules;
-  var state = { view: "after", open: {}, bodies: {}, rows: {} };
+  var state = { view: "after", open: {}, bodies: {}, rows: {}, shapes: false };
   var tree = document.getElementById("tree");
   var tip = document.getElementById("tip");
 
@@ -207,9 +214,17 @@ JS = r"""
     if (r.python && !(m.k === "python" && r.python === 1)) head.appendChild(badge("b-py", r.python + " Python", "modules left as Python in this subtree"));
     if (r.fixes) head.appendChild(badge("b-fix", r.fixes + " fix" + (r.fixes > 1 ? "es" : ""), "probe / contiguity fixes in this subtree"));
     if (r.skipped) head.appendChild(badge("b-sk", r.skipped + " kept nn.Linear"));
-    if (r.failed) head.appendChild(badge("b-fail", r.failed + " over budget"));
+    if (r.failed) {
+      var fb = badge("b-fail", r.failed + " over budget", "comparisons in this subtree over the verify budget, vs " +
+                     Object.keys(D.refs || {}).map(function (k) { return refOf(k).long; }).join(" / "));
+      fb.setAttribute("data-ref", Object.keys(D.refs || {}).join(" "));
+      head.appendChild(fb);
+    }
     if (r.worst_sqnr !== null && r.worst_sqnr !== undefined) {
-      var sq = badge("b-sq", "min " + fmtDb(r.worst_sqnr), "lowest SQNR in this subtree");
+      var pr = refOf(D.primary);
+      var sq = badge("b-sq", "min SQNR " + fmtDb(r.worst_sqnr) + " vs " + pr.tag,
+                     "lowest SQNR in this subtree vs " + pr.long);
+      sq.setAttribute("data-ref", D.primary);
       sq.style.background = sqColor(r.worst_sqnr);
       head.appendChild(sq);
     }
@@ -255,7 +270,10 @@ JS = r"""
     if (m.metrics && m.metrics.length) {
       var worst = null;
       m.metrics.forEach(function (e) { var s = sqOf(e); if (s !== null && (worst === null || s < worst)) worst = s; });
-      var note = el("div", "modnote", "verify: " + m.metrics.length + " comparison(s) of this module's output, lowest SQNR " + fmtDb(worst));
+      var note = el("div", "modnote metric", "verify: " + m.metrics.length + " comparison(s) of this module's output, lowest SQNR " +
+                    fmtDb(worst) + " vs " + refOf(D.primary).short);
+      note.title = "vs " + refOf(D.primary).long;
+      note.setAttribute("data-ref", D.primary);
       body.appendChild(note);
     }
     var gbox = el("div", "graphs");
@@ -282,7 +300,9 @@ JS = r"""
         panel.appendChild(el("div", "modnote empty", v === "before" ? "no before view (pass before=snapshot(trace))" : "no graph"));
       } else {
         var G = D.graphs[gi];
-        panel.appendChild(el("div", "panel-title", title + " — " + G.n.length + " nodes"));
+        var shown = shownCount(G);
+        panel.appendChild(el("div", "panel-title", title + " — " + shown + " nodes" +
+          (shown < G.n.length ? " (" + (G.n.length - shown) + " shape bookkeeping folded)" : "")));
         panel.appendChild(graphSvg(gi, mid, v));
       }
       panels.appendChild(panel);
@@ -308,24 +328,52 @@ JS = r"""
     if (n.m) c += " has-m";
     if (n.fail) c += " failed";
     if (n.first) c += " first";
+    if (n.so) c += " shape-op";
+    if (n.fo && !state.shapes) c += " has-folded";
     return c;
   }
+  // the layout drawn: every node, or (default) shape bookkeeping folded out
+  function layoutOf(G) {
+    if (state.shapes || !G.f) {
+      return { w: G.w, h: G.h, e: G.e, pos: function (i) { return [G.n[i].x, G.n[i].y]; } };
+    }
+    return { w: G.f.w, h: G.f.h, e: G.f.e, pos: function (i) { return G.f.p[i] || null; } };
+  }
+  function shownCount(G) {
+    if (state.shapes || !G.f) return G.n.length;
+    var k = 0;
+    for (var i = 0; i < G.f.p.length; i++) if (G.f.p[i]) k++;
+    return k;
+  }
+  function refOf(name) {
+    return (D.refs && D.refs[name]) || { tag: name, short: name, long: name };
+  }
   function graphSvg(gi, mid, view) {
-    var G = D.graphs[gi];
-    var svg = sv("svg", { "class": "graph", width: G.w, height: G.h, viewBox: "0 0 " + G.w + " " + G.h,
-                          "data-view": view, "data-module": mods[mid].p });
+    var G = D.graphs[gi], L = layoutOf(G);
+    var svg = sv("svg", { "class": "graph", width: L.w, height: L.h, viewBox: "0 0 " + L.w + " " + L.h,
+                          "data-view": view, "data-module": mods[mid].p,
+                          "data-shapes": (state.shapes || !G.f) ? "shown" : "folded" });
     var edges = sv("g", { "class": "edges" });
-    for (var k = 0; k < G.e.length; k++) {
-      var a = G.n[G.e[k][0]], b = G.n[G.e[k][1]];
-      var x1 = a.x + NW / 2, y1 = a.y + (a.h || NH), x2 = b.x + NW / 2, y2 = b.y - 2;
-      var dy = Math.max(12, (y2 - y1) / 2);
-      edges.appendChild(sv("path", { "class": "edge", "marker-end": "url(#fx-arrow)",
-        d: "M" + x1 + " " + y1 + "C" + x1 + " " + (y1 + dy) + " " + x2 + " " + (y2 - dy) + " " + x2 + " " + y2 }));
+    for (var k = 0; k < L.e.length; k++) {
+      var d, r = L.e[k][2];
+      if (r) {
+        d = "M" + r[0] + " " + r[1];
+        for (var j = 2; j + 5 < r.length; j += 6) {
+          d += "C" + r[j] + " " + r[j + 1] + " " + r[j + 2] + " " + r[j + 3] + " " + r[j + 4] + " " + r[j + 5];
+        }
+      } else {
+        var a = G.n[L.e[k][0]], b = G.n[L.e[k][1]], pa = L.pos(L.e[k][0]), pb = L.pos(L.e[k][1]);
+        var x1 = pa[0] + NW / 2, y1 = pa[1] + (a.h || NH), x2 = pb[0] + NW / 2, y2 = pb[1] - 2;
+        var dy = Math.max(12, (y2 - y1) / 2);
+        d = "M" + x1 + " " + y1 + "C" + x1 + " " + (y1 + dy) + " " + x2 + " " + (y2 - dy) + " " + x2 + " " + y2;
+      }
+      edges.appendChild(sv("path", { "class": "edge", "marker-end": "url(#fx-arrow)", d: d }));
     }
     svg.appendChild(edges);
     for (var i = 0; i < G.n.length; i++) {
-      var n = G.n[i];
-      var g = sv("g", { "class": nodeClasses(n), transform: "translate(" + n.x + "," + n.y + ")",
+      var n = G.n[i], p = L.pos(i);
+      if (!p) continue;  // folded into its host
+      var g = sv("g", { "class": nodeClasses(n), transform: "translate(" + p[0] + "," + p[1] + ")",
                         id: "n-" + mid + "-" + view + "-" + i, "data-gi": gi, "data-ni": i, "data-mid": mid });
       g.setAttribute("data-node", n.n);
       g.setAttribute("data-module", mods[mid].p);
@@ -339,11 +387,27 @@ JS = r"""
         g.appendChild(sv("rect", { "class": "firstring", x: -6, y: -6, width: NW + 12, height: h + 12, rx: 9 }));
         g.appendChild(sv("text", { "class": "firstlabel", x: NW - 2, y: -8, "text-anchor": "end" }, "◆ first divergence"));
       }
-      g.appendChild(sv("text", { "class": "main", x: 7, y: 15 }, n.l));
-      if (n.bd) g.appendChild(sv("text", { "class": "layer", x: 7, y: 30 }, n.bd));
-      g.appendChild(sv("text", { "class": "sub", x: 7, y: n.bd ? 45 : 30 }, n.s));
+      var ty = 15;
+      g.appendChild(sv("text", { "class": "main", x: 7, y: ty }, n.l));
+      if (n.bd) g.appendChild(sv("text", { "class": "layer", x: 7, y: ty += 15 }, n.bd));
+      g.appendChild(sv("text", { "class": "sub", x: 7, y: ty += 15 }, n.s));
+      if (n.q !== undefined && n.q !== null) {
+        // the number and what it is measured against, on the box itself
+        var ref = refOf(D.primary);
+        var sq = sv("text", { "class": "sq", x: 7, y: ty += 14, "data-ref": D.primary },
+                    "SQNR " + fmtDb(n.q) + " vs " + ref.tag);
+        sq.appendChild(sv("title", {}, "lowest SQNR of this node's output vs " + ref.long));
+        g.appendChild(sq);
+      }
       if (n.fx) g.appendChild(sv("text", { "class": "mark fix", x: NW - 12, y: 14 }, "⚑"));
       if (n.ins) g.appendChild(sv("text", { "class": "mark ins", x: NW - 12, y: 14 }, "+"));
+      if (n.fo && !state.shapes) {
+        // shape bookkeeping folded into this node: a tab on its bottom edge
+        var tab = sv("g", { "class": "fold", transform: "translate(" + (NW - 62) + "," + (h - 6) + ")" });
+        tab.appendChild(sv("rect", { width: 56, height: 12, rx: 6 }));
+        tab.appendChild(sv("text", { x: 28, y: 9, "text-anchor": "middle" }, "+" + n.fo.length + " shape"));
+        g.appendChild(tab);
+      }
       svg.appendChild(g);
     }
     return svg;
@@ -367,7 +431,11 @@ JS = r"""
         if (gi === null || gi === undefined) continue;
         var ns = D.graphs[gi].n;
         for (var i = 0; i < ns.length; i++) {
-          if (ns[i].n === nodeName) { target = document.getElementById("n-" + mid + "-" + order[j] + "-" + i); break; }
+          if (ns[i].n !== nodeName) continue;
+          // folded shape bookkeeping: its host stands for it
+          var k = (ns[i].so && !state.shapes && ns[i].ho !== undefined) ? ns[i].ho : i;
+          target = document.getElementById("n-" + mid + "-" + order[j] + "-" + k);
+          break;
         }
       }
     }
@@ -422,8 +490,9 @@ JS = r"""
     var t = el("table"), hr = el("tr");
     hr.appendChild(el("th", "", ""));
     cols.forEach(function (c) {
-      var th = el("th", "", "vs " + c.ref + (entries.length > 1 ? " · " + c.e.label + " in" + c.e.input : " · input " + c.e.input));
-      th.title = c.e.label;
+      var th = el("th", "", "vs " + refOf(c.ref).short + (entries.length > 1 ? " · " + c.e.label + " in" + c.e.input : " · input " + c.e.input));
+      th.title = c.e.label + ": vs " + refOf(c.ref).long;
+      th.setAttribute("data-ref", c.ref);
       hr.appendChild(th);
     });
     t.appendChild(hr);
@@ -442,7 +511,7 @@ JS = r"""
     });
     return t;
   }
-  function fillTip(n, mid) {
+  function fillTip(n, mid, gi) {
     tip.textContent = "";
     tip.appendChild(el("h4", "", (mods[mid].p ? mods[mid].p + " / " : "<root> / ") + n.n));
     var box = el("div", "kv");
@@ -470,10 +539,18 @@ JS = r"""
     (n.fx || []).forEach(function (f) { kv(box, "fix: " + f.rule, f.detail); });
     if (n.gd) kv(box, "guard", JSON.stringify(n.gd));
     if (n.un) kv(box, "note", "result not used by the output");
+    if (n.fo) kv(box, "shape bookkeeping", n.fo.length + " node(s) folded into this one: " + n.fo.join(", ") +
+                 (state.shapes ? "" : " (tick \u201cshape bookkeeping\u201d to draw them)"));
+    if (n.so) kv(box, "shape bookkeeping", "sizes / dtypes / guards only, no tensor data" +
+                 (n.ho !== undefined ? "; folded into " + D.graphs[+gi].n[n.ho].n + " by default" : ""));
     kv(box, "node", n.tx);
     tip.appendChild(box);
     if (n.m && n.m.length) {
-      tip.appendChild(el("div", "sec", "verify: lowest SQNR " + fmtDb(n.q) + (n.fail ? " — over budget" : "")));
+      tip.appendChild(el("div", "sec", "verify: lowest SQNR " + fmtDb(n.q) + " vs " + refOf(D.primary).short +
+                         (n.fail ? " — over budget" : "")));
+      Object.keys(D.refs || {}).forEach(function (k) {
+        tip.appendChild(el("div", "refnote", "vs " + refOf(k).short + ": " + refOf(k).long));
+      });
       n.m.forEach(function (e) {
         if (e.violations && e.violations.length) tip.appendChild(el("div", "", "✗ " + e.violations.join("; ")));
       });
@@ -483,7 +560,7 @@ JS = r"""
   document.addEventListener("mouseover", function (ev) {
     var g = ev.target.closest ? ev.target.closest("g.node") : null;
     if (!g) { tip.style.display = "none"; return; }
-    fillTip(D.graphs[+g.getAttribute("data-gi")].n[+g.getAttribute("data-ni")], +g.getAttribute("data-mid"));
+    fillTip(D.graphs[+g.getAttribute("data-gi")].n[+g.getAttribute("data-ni")], +g.getAttribute("data-mid"), +g.getAttribute("data-gi"));
     tip.style.display = "block";
   });
   document.addEventListener("mousemove", function (ev) {
@@ -499,6 +576,14 @@ JS = r"""
   function setView(v) {
     state.view = v;
     Object.keys(state.bodies).forEach(function (mid) { renderGraphs(+mid); });
+  }
+  var shapes = document.getElementById("shape-toggle");
+  if (shapes) {
+    state.shapes = shapes.checked;
+    shapes.addEventListener("change", function () {
+      state.shapes = shapes.checked;
+      setView(state.view);
+    });
   }
   Array.prototype.forEach.call(document.querySelectorAll("input[name=view]"), function (r) {
     r.addEventListener("change", function () { if (r.checked) setView(r.value); });

@@ -15,41 +15,21 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from fxpass.cli_options import (
+    VIZ_DESCRIPTION,
+    VIZ_EPILOG,
+    VIZ_HELP,
+    HelpFormatter,
+    add_viz_arguments,
+    subparser,
+)
 from fxpass.errors import FxpassError, UsageError
-
-QUANT_CHOICES = ("none", "bnb-nf4", "bnb-fp4", "bnb-int8")
 
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("model_dir", metavar="MODEL_DIR",
-                        help="local checkpoint directory (save_pretrained layout)")
-    parser.add_argument("--tower", required=True, metavar="ATTR",
-                        help="dotted attribute path of the tower, e.g. model.vision_tower")
-    parser.add_argument("-o", "--output", required=True, metavar="OUT",
-                        help="file to write (.html, .svg or .dot)")
-    parser.add_argument("--quant", choices=QUANT_CHOICES, default="none",
-                        help="quantize the rewritten layers with bitsandbytes (default: none)")
-    parser.add_argument("--diff", action="store_true",
-                        help="run fxpass.verify against the original tower and overlay the "
-                             "per-node metrics (SQNR colour scale, first divergence)")
-    parser.add_argument("--lora", default=None, metavar="ADAPTER_DIR",
-                        help="put vLLM's LoRA layers with this PEFT adapter on the rewritten "
-                             "tower and diff it against HF + PEFT (implies --diff)")
-    parser.add_argument("--format", choices=("html", "svg", "dot"), default=None,
-                        help="output format (default: from OUT's suffix, else html); svg "
-                             "needs Graphviz's dot")
-    parser.add_argument("--view", choices=("after", "before"), default="after",
-                        help="which graphs svg/dot show (html shows both)")
-    parser.add_argument("--prefix", default=None,
-                        help="checkpoint prefix for the vLLM layers (default: --tower)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="dtype to load the tower in (default: the checkpoint's)")
-    parser.add_argument("--size-index", type=int, default=0, choices=(0, 1, 2),
-                        help="which zoo example input size to trace with (default 0)")
-    parser.add_argument("--tp", type=int, default=1, metavar="N",
-                        help="shard the tower over N tensor-parallel ranks (N CPU processes; "
-                             "the page shows rank 0, column / row layers and refused pairs "
-                             "marked; --diff verifies rank 0 against the original)")
+    """``viz``'s arguments (fxpass.cli_options.add_viz_arguments: ``fxpass viz --help``
+    imports no torch) and ``func``."""
+    add_viz_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 
@@ -58,10 +38,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``viz`` on ``parser.add_subparsers()``; the command runs ``args.func(args)``,
     which returns 0 once the file is written (the page itself says whether verify passed)
     and raises UsageError (bad paths/arguments, Graphviz missing) or another FxpassError."""
-    parser = subparsers.add_parser(
-        "viz", help="write an HTML/SVG/DOT view of a tower's rewrite (and numeric diff)",
-        description=__doc__.split("\n\n")[1] if __doc__ else None)
-    return configure(parser)
+    return configure(subparser(subparsers, "viz", VIZ_HELP, VIZ_DESCRIPTION, VIZ_EPILOG))
 
 
 def _format_of(args: argparse.Namespace) -> str:
@@ -73,7 +50,7 @@ def _format_of(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from fxpass import zoo
-    from fxpass.runtime import vllm_runtime
+    from fxpass.vllm_context import vllm_runtime
 
     fmt = _format_of(args)
     out = Path(args.output)
@@ -175,8 +152,10 @@ def _lora_diff(original: Any, tower: Any, inputs: Any, args: argparse.Namespace)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = configure(argparse.ArgumentParser(prog="python -m fxpass.viz",
-                                               description="fxpass viz: see a tower's rewrite"))
+    parser = configure(argparse.ArgumentParser(
+        prog="python -m fxpass.viz", description=VIZ_DESCRIPTION,
+        epilog=VIZ_EPILOG.replace("fxpass viz", "python -m fxpass.viz"),
+        formatter_class=HelpFormatter))
     args = parser.parse_args(argv)
     try:
         return args.func(args)

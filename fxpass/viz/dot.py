@@ -60,6 +60,8 @@ def _node_style(d: dict[str, Any], diff: bool) -> dict[str, Any]:
     if d.get("static"):
         style.append("dashed")
         classes.append("static")
+    if d.get("shape_op"):
+        classes.append("shape-op")
     if d.get("rewrite"):
         fill, color, penwidth = "#ffe8cc", "#e8590c", "2.5"
         classes.append("rewritten")
@@ -105,7 +107,13 @@ def _node_style(d: dict[str, Any], diff: bool) -> dict[str, Any]:
             "penwidth": penwidth, "class": " ".join(classes)}
 
 
-def _tooltip(path: str, name: str, d: dict[str, Any]) -> str:
+def _db(v: float) -> str:
+    if v == float("inf"):
+        return "exact"
+    return f"{v:.1f} dB"
+
+
+def _tooltip(path: str, name: str, d: dict[str, Any], overlay: Any = None) -> str:
     lines = [f"{path or '<root>'} / {name}", d.get("text", "")]
     if d.get("rewrite"):
         rw = d["rewrite"]
@@ -122,10 +130,20 @@ def _tooltip(path: str, name: str, d: dict[str, Any]) -> str:
                      + (f": {d['tp']['pair']}" if d["tp"].get("pair") else ""))
     if d.get("tp_refused"):
         lines.append(f"tensor parallel: replicated: {d['tp_refused']}")
+    refs: set[str] = set()
     for e in d.get("metrics") or []:
-        ms = ", ".join(f"{ref}: sqnr {m.get('sqnr_db')} dB, cos {m.get('cosine')}, "
-                       f"max_abs {m.get('max_abs')}" for ref, m in e.get("metrics", {}).items())
+        refs |= set(e.get("metrics", {}))
+        ms = ", ".join(
+            f"vs {overlay.reference_text(ref)['short'] if overlay else ref}: sqnr "
+            f"{m.get('sqnr_db')} dB, cos {m.get('cosine')}, max_abs {m.get('max_abs')}"
+            for ref, m in e.get("metrics", {}).items())
         lines.append(f"verify {e.get('label')} input {e.get('input')}: {ms}")
+    if overlay is not None:
+        for ref in sorted(refs):
+            rt = overlay.reference_text(ref)
+            lines.append(f"{rt['short']}: {rt['long']}")
+    if d.get("folded"):
+        lines.append(f"shape bookkeeping it uses: {', '.join(d['folded'])}")
     return "\n".join(lines)[:2000]
 
 
@@ -182,8 +200,12 @@ def to_dot(model: VizModel, view: str = "after") -> str:
                     label = "⚑ " + label
                 if nd.get("first"):
                     label = "◆ first divergence\n" + label
+                if diff and nd.get("sqnr") is not None:  # the number and its reference
+                    label += (f"\nSQNR {_db(nd['sqnr'])} vs "
+                              f"{model.overlay.reference_text(model.overlay.primary)['tag']}")
                 out.append(f"{ind}  {quote(f'm{ids[p]}_{n}')}"
-                           + _attrs(label=label, id=f"{p}/{n}", tooltip=_tooltip(p, n, nd),
+                           + _attrs(label=label, id=f"{p}/{n}",
+                                    tooltip=_tooltip(p, n, nd, model.overlay),
                                     **_node_style(nd, diff)))
             for a, b in g.edges:
                 out.append(f"{ind}  {quote(f'm{ids[p]}_{a}')} -> {quote(f'm{ids[p]}_{b}')};")

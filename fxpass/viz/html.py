@@ -3,6 +3,11 @@
 Everything is inlined (stylesheet, script, data as a JSON block); the page makes no
 request at view time. Graph bodies are built in the browser when a module is expanded, so
 a full-size tower (hundreds of modules, thousands of nodes) opens as fast as a tiny one.
+Each graph comes with two layouts (:mod:`fxpass.viz.layout`): the default one without the
+shape bookkeeping (folded into the node that uses it, "+N shape" on its box) and the full
+one the "shape bookkeeping" checkbox switches to. Every number measured by verify says
+what it was measured against (``refs``: :meth:`Overlay.reference_text`), on the badge or
+box and in its tooltip.
 
 Escaping: the static part is written with :func:`html.escape` on every value; the data
 block is JSON with ``<``, ``>``, ``&`` and the JS line separators as ``\\uXXXX`` escapes (so
@@ -83,10 +88,30 @@ def page_data(model: VizModel, *, expand_depth: int = 1) -> dict[str, Any]:
             call = d.get("call")
             if call is not None and d.get("call_kind") in ("graph", "python") and call in ids:
                 out["c"] = ids[call]
+            if d.get("shape_op"):
+                out["so"] = 1
+                if d.get("host") in pos:
+                    out["ho"] = pos[d["host"]]
+            if d.get("folded"):
+                out["fo"] = list(d["folded"])
             nodes.append(out)
-        edges = [[pos[a], pos[b]] for a, b in g.edges]
-        graphs.append({"w": g.graph.get("width", 0), "h": g.graph.get("height", 0),
-                       "n": nodes, "e": edges})
+
+        def edge(a: str, b: str, route: Any) -> list[Any]:
+            return [pos[a], pos[b], route] if route else [pos[a], pos[b]]
+
+        edges = [edge(a, b, r) for a, b, r in g.edges(data="route")]
+        entry: dict[str, Any] = {"w": g.graph.get("width", 0), "h": g.graph.get("height", 0),
+                                 "n": nodes, "e": edges}
+        fold = g.graph.get("fold")
+        if fold is not None:  # the default view: shape bookkeeping folded out
+            fp = fold["pos"]
+            entry["f"] = {
+                "w": fold["width"], "h": fold["height"],
+                "p": [list(fp[n]) if n in fp else 0 for n in names],
+                "e": [edge(a, b, fold["routes"].get((a, b))) for a, b in g.edges
+                      if a in fp and b in fp],
+            }
+        graphs.append(entry)
         gid[(view, q)] = len(graphs) - 1
         return gid[(view, q)]
 
@@ -136,6 +161,9 @@ def page_data(model: VizModel, *, expand_depth: int = 1) -> dict[str, Any]:
         "has_before": model.has_before,
         "diff": ov is not None,
         "primary": ov.primary if ov is not None else None,
+        # what each reference a number is measured against is, for every badge
+        "refs": {r: ov.reference_text(r) for r in ov.references} if ov is not None else {},
+        "layout": model.summary.get("layout"),
         "expand_depth": expand_depth,
         "modules": modules,
         "graphs": graphs,
@@ -241,11 +269,21 @@ def _summary_html(model: VizModel, data: dict[str, Any]) -> str:
                      f'{"PASSED" if ok else "FAILED"}</span> · mode {_e(vs.get("mode"))} · '
                      f'{_e(vs.get("dtype"))} · quant {_e(vs.get("quant_method"))}')
         for ref, v in (vs.get("output_sqnr_db") or {}).items():
-            parts.append(f' · output SQNR vs {_e(ref)}: <b>{_e(_fmt_db(v))}</b>')
+            rt = ov.reference_text(ref)
+            parts.append(f' · <span class="metric" data-ref="{_e(ref)}" title="tower output '
+                         f'SQNR vs {_e(rt["long"])}">output SQNR vs {_e(rt["short"])}: '
+                         f'<b>{_e(_fmt_db(v))}</b></span>')
         c = vs.get("counts") or {}
         if c:
-            parts.append(f' · {_e(c.get("failed_nodes", 0))}/{_e(c.get("nodes", 0))} '
-                         f'node comparisons over budget')
+            refs = "; ".join(f'vs {r["short"]}: {r["long"]}'
+                             for r in (ov.reference_text(x) for x in ov.references))
+            budget = ", ".join(f"{k} {v}" for k, v in (vs.get("budget") or {}).items()
+                               if v is not None and not isinstance(v, (dict, list)))
+            parts.append(f' · <span class="metric" title="{_e(f"budget: {budget}; {refs}")}">'
+                         f'{_e(c.get("failed_nodes", 0))}/{_e(c.get("nodes", 0))} '
+                         f'node comparisons over budget ('
+                         f'{_e(" / ".join("vs " + ov.reference_text(x)["short"] for x in ov.references))})'
+                         '</span>')
         fd = ov.first
         if fd is not None:
             first = data.get("first")
@@ -334,10 +372,19 @@ def render_html(model: VizModel, *, expand_depth: int = 1) -> str:
         f'<label><input type="radio" name="view" value="before" id="view-before"{dis}> before</label>',
         f'<label><input type="radio" name="view" value="both" id="view-both"{dis}> side by side</label>',
     ]
+    n_shape = sum(1 for g in [*model.graphs.values(), *model.before.values()]
+                  for _, d in g.nodes(data=True) if d.get("shape_op"))
+    controls.append('<label title="nodes that only compute shapes, sizes and dtypes, and the '
+                    'guards on them: folded into the node that uses them (+N on its box)">'
+                    f'<input type="checkbox" id="shape-toggle"{"" if n_shape else " disabled"}> '
+                    'shape bookkeeping</label>')
     if model.overlay is not None:
+        ov = model.overlay
+        rt = ov.reference_text(ov.primary)
         controls.append('<label><input type="checkbox" id="diff-toggle" checked> diff overlay</label>'
-                        '<span class="legend" title="colour of a node: lowest SQNR of its output '
-                        f'vs {_e(model.overlay.primary)}">0 dB<span class="scale"></span>40 dB'
+                        '<span class="legend" data-ref="' + _e(ov.primary) + '" title="colour of '
+                        f'a node: lowest SQNR of its output vs {_e(rt["long"])}">'
+                        f'SQNR vs {_e(rt["short"])}: 0 dB<span class="scale"></span>40 dB'
                         '<span class="exact"></span>exact</span>')
     controls.append('<button type="button" id="expand-all">expand all</button>'
                     '<button type="button" id="collapse-all">collapse all</button>'

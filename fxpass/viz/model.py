@@ -12,7 +12,12 @@ Two kinds of graph:
   node carries ``op``, ``target``, ``label``/``sub`` (what a box shows), ``tensor``
   (shape/dtype/contiguous from the example values), the fxpass annotations (``rewrite``,
   ``fixes``, ``inserted_by``, ``guard``), the call it makes (``call``: the called module's
-  path, ``call_kind``: graph / python / leaf), diff metrics, and a layout (``x``, ``y``).
+  path, ``call_kind``: graph / python / leaf), diff metrics, and a layout (``x``, ``y``;
+  long edges' ``route``; :mod:`fxpass.viz.layout`, Graphviz dot or pure Python).
+  Shape bookkeeping (``shape_op``: size reads, ints out of sizes, ``len``, int arithmetic,
+  guards; :func:`is_shape_op`) is folded out of the default view: ``host`` names the node
+  it folds into, whose ``folded`` lists it, and ``g.graph["fold"]`` is the layout without
+  it; the full layout keeps every node.
 
 Nothing here imports vLLM or renders anything: ``html.py`` and ``dot.py`` read this model.
 """
@@ -30,15 +35,15 @@ import torch.fx as fx
 
 from fxpass import meta
 from fxpass.errors import UsageError
+from fxpass.viz.layout import GAP_X, GAP_Y, MARGIN, NODE_H, NODE_W, Layout, layout_all
 from fxpass.viz.overlay import Overlay, overlay_from_verify
 
-# Box geometry shared by the HTML and the layout (pixels).
-NODE_W = 184
-NODE_H = 38
-NODE_H_TALL = 52  # boxes with a third line (the vLLM layer of a rewritten call site)
-GAP_X = 22
-GAP_Y = 30
-MARGIN = 12
+__all__ = ["GAP_X", "GAP_Y", "MARGIN", "NODE_H", "NODE_W", "VizModel", "build_model",
+           "is_shape_op", "snapshot"]
+
+# Box geometry shared by the HTML and the layout (pixels): see fxpass.viz.layout.
+LINE_H = 14  # one more line in a box: the vLLM layer of a rewritten call site, the SQNR
+NODE_H_TALL = NODE_H + LINE_H  # boxes with a third line
 LABEL_CHARS = 27
 
 
@@ -195,8 +200,11 @@ def _graph_to_nx(qualname: str, graph: fx.Graph, *, annotations: bool,
             "tensor": tensor,
             "pytype": pytype,
             "static": bool(info.get("static")),
+            "annotated": "static" in info,  # the tracer judged this node's value
             "text": _short(node.format_node() or node.name, 400),
         }
+        if node.op == "call_function" and len(node.args) > 1 and isinstance(node.args[1], str):
+            attrs["attr"] = node.args[1]  # getattr(x, "shape")
         if info.get("guard"):
             attrs["guard"] = _jsonable(info["guard"])
         if annotations:
@@ -248,65 +256,140 @@ def _label(name: str, d: dict[str, Any]) -> tuple[str, str, str | None]:
     return _short(head), _short(sub), (_short(badge) if badge else None)
 
 
-def _layout(g: nx.DiGraph) -> tuple[int, int]:
-    """Layered top-down layout; sets x, y (box top-left) on every node. Returns (w, h).
+# --------------------------------------------------------------------------------------
+# shape bookkeeping (folded out of the default view)
 
-    Layers are networkx topological generations; sources (inputs, attributes) are then
-    pulled down next to their first consumer, and each layer is placed left to right by
-    the mean x of its inputs (a one-pass barycenter), so chains stay straight.
+# Without fxpass's annotations (a graph from plain fx): what reads sizes and dtypes.
+_META_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "is_cuda", "is_meta", "layout",
+                         "requires_grad", "is_floating_point", "itemsize"})
+_META_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "stride",
+                           "is_floating_point", "is_complex", "is_contiguous", "element_size",
+                           "get_device", "storage_offset"})
+_META_FUNCTIONS = frozenset({"len", "builtins.len", "torch._assert", "torch.numel",
+                             "torch.is_floating_point", "torch.is_complex", "torch.is_tensor"})
+# A node carrying one of these is part of what the page explains: never folded.
+_MARKINGS = ("rewrite", "will_rewrite", "fixes", "inserted_by", "removed", "metrics", "first",
+             "tp", "tp_refused", "skipped")
+
+
+def is_shape_op(d: Mapping[str, Any], inputs: Iterable[Mapping[str, Any]] = ()) -> bool:
+    """Whether a viz node only does shape bookkeeping: reads sizes or dtypes, takes an int
+    out of a size, ``len``, int arithmetic on sizes, a guard fxpass inserted, an assert.
+
+    Read from fxpass's annotations: the tracer marks ``static`` every value derived from
+    shapes, dtypes and constants only, never from tensor data, and ``guard`` its
+    specialisation checks. A node with a tensor value, an input, an attribute, a module
+    call, the output, or any marking the page shows (a rewrite, a fix, a verify result...)
+    is never one. ``inputs``: the node's inputs' attribute dicts, with ``shape_op`` set,
+    for graphs without annotations (plain fx: decided by target).
     """
-    if g.number_of_nodes() == 0:
-        return 0, 0
-    layer: dict[str, int] = {}
-    for i, gen in enumerate(nx.topological_generations(g)):
-        for n in gen:
-            layer[n] = i
-    for n in g.nodes:
-        if g.in_degree(n) == 0 and g.out_degree(n) > 0:
-            layer[n] = max(0, min(layer[s] for s in g.successors(n)) - 1)
-    by_layer: dict[int, list[str]] = {}
-    for n in sorted(g.nodes, key=lambda n: g.nodes[n]["index"]):
-        by_layer.setdefault(layer[n], []).append(n)
-    step = NODE_W + GAP_X
-    xs: dict[str, float] = {}
-    for li in sorted(by_layer):
-        nodes = by_layer[li]
-        want: dict[str, float] = {}
-        sources = []
-        for n in nodes:
-            preds = [xs[p] for p in g.predecessors(n) if p in xs]
-            if preds:
-                want[n] = sum(preds) / len(preds)
-            else:
-                sources.append(n)
-        for n in sources:
-            # a source (input, attribute): right of the other inputs of its first consumer,
-            # so the consumer's main input stays straight above it
-            succ = min(g.successors(n), key=lambda s: g.nodes[s]["index"], default=None)
-            others = [xs.get(p, want.get(p)) for p in g.predecessors(succ)] if succ else []
-            others = [x for x in others if x is not None]
-            want[n] = (max(others) + step) if others else 0.0
-        x_prev = -math.inf
-        for n in sorted(nodes, key=lambda n: (want[n], g.nodes[n]["index"])):
-            x = max(want[n], x_prev + step)
-            xs[n] = x
-            x_prev = x
-    x0 = min(xs.values())
-    tops: dict[int, int] = {}
-    y = MARGIN
-    for li in sorted(by_layer):
-        tops[li] = y
-        y += max(g.nodes[n].get("h", NODE_H) for n in by_layer[li]) + GAP_Y
-    width = 0
-    height = 0
-    for n, x in xs.items():
+    if d.get("op") not in ("call_function", "call_method") or d.get("tensor"):
+        return False
+    if any(d.get(k) for k in _MARKINGS):
+        return False
+    if d.get("guard") or d.get("static"):
+        return True
+    if d.get("annotated"):
+        return False  # the tracer saw a value that is not shape-derived
+    target = d.get("target", "")
+    if d["op"] == "call_method":
+        return target in _META_METHODS
+    if target in _META_FUNCTIONS or target.endswith(".guard"):
+        return True
+    inputs = list(inputs)
+    if target in ("builtins.getattr", "getattr") and d.get("attr") in _META_ATTRS:
+        return True
+    if target.startswith(("_operator.", "operator.")) and inputs:
+        return all(i.get("shape_op") for i in inputs)
+    return False
+
+
+def _fold_shape_ops(g: nx.DiGraph) -> None:
+    """Mark shape bookkeeping (``shape_op``) and the node each one folds into (``host``):
+    the first node outside it that uses it (through other bookkeeping), else the last one
+    it reads from; a host lists what it holds in ``folded``."""
+    for n in g.nodes:  # fx order: inputs first
         d = g.nodes[n]
-        d["x"] = int(round(x - x0)) + MARGIN
-        d["y"] = tops[layer[n]]
-        width = max(width, d["x"] + NODE_W + MARGIN)
-        height = max(height, d["y"] + d.get("h", NODE_H) + MARGIN)
-    g.graph["width"], g.graph["height"] = width, height
-    return width, height
+        d["shape_op"] = is_shape_op(d, (g.nodes[p] for p in g.predecessors(n)))
+    index = {n: i for i, n in enumerate(g.nodes)}
+    for n, d in g.nodes(data=True):
+        if not d["shape_op"]:
+            continue
+        host = None
+        seen, todo = {n}, [n]
+        while todo:  # forward through bookkeeping to the first real consumer
+            cur = todo.pop()
+            for s in g.successors(cur):
+                if s in seen:
+                    continue
+                seen.add(s)
+                if g.nodes[s]["shape_op"]:
+                    todo.append(s)
+                elif host is None or index[s] < index[host]:
+                    host = s
+        if host is None:  # nothing real uses it (a guard): the data it reads
+            seen, todo = {n}, [n]
+            while todo:
+                cur = todo.pop()
+                for p in g.predecessors(cur):
+                    if p in seen:
+                        continue
+                    seen.add(p)
+                    if g.nodes[p]["shape_op"]:
+                        todo.append(p)
+                    elif host is None or index[p] > index[host]:
+                        host = p
+        if host is not None:
+            d["host"] = host
+            g.nodes[host].setdefault("folded", []).append(n)
+
+
+# --------------------------------------------------------------------------------------
+# layout
+
+
+def _layout_graphs(graphs: list[nx.DiGraph], engine: str | None) -> str:
+    """Lay out every graph twice: all nodes (``x``/``y`` on the nodes, ``route`` on the
+    edges, ``width``/``height`` on the graph) and without shape bookkeeping
+    (``g.graph["fold"]``: ``pos``, ``routes``, ``width``, ``height``). Returns the engine
+    note (see :func:`fxpass.viz.layout.layout_all`)."""
+    if engine == "none":
+        for g in graphs:
+            for _, d in g.nodes(data=True):
+                d["x"] = d["y"] = 0
+            g.graph["width"] = g.graph["height"] = 0
+        return "none"
+    jobs = []
+    for g in graphs:
+        heights = {n: d.get("h", NODE_H) for n, d in g.nodes(data=True)}
+        jobs.append((list(g.nodes), heights, list(g.edges)))
+        kept = [n for n, d in g.nodes(data=True) if not d.get("shape_op")]
+        if len(kept) < g.number_of_nodes():
+            keep = set(kept)
+            jobs.append((kept, heights, [(a, b) for a, b in g.edges if a in keep and b in keep]))
+        else:
+            jobs.append(None)
+    todo = [j for j in jobs if j is not None]
+    done, note = layout_all(todo, engine)
+    it = iter(done)
+    for k, g in enumerate(graphs):
+        full: Layout = next(it)
+        for n, (x, y) in full.pos.items():
+            g.nodes[n]["x"], g.nodes[n]["y"] = x, y
+        for a, b in g.edges:
+            route = full.routes.get((a, b))
+            if route:
+                g.edges[a, b]["route"] = route
+            else:
+                g.edges[a, b].pop("route", None)
+        g.graph["width"], g.graph["height"] = full.width, full.height
+        if jobs[2 * k + 1] is not None:
+            fold = next(it)
+            g.graph["fold"] = {"pos": fold.pos, "routes": fold.routes, "width": fold.width,
+                               "height": fold.height}
+        else:
+            g.graph.pop("fold", None)
+    return note
 
 
 def _as_graph_dict(before: Any) -> dict[str, fx.Graph]:
@@ -338,15 +421,24 @@ def _report_dict(report: Any) -> dict[str, Any] | None:
 
 
 def build_model(trace_result: Any, report: Any = None, verify: Any = None,
-                before: Any = None, *, title: str | None = None) -> VizModel:
+                before: Any = None, *, title: str | None = None,
+                layout: str | None = None) -> VizModel:
     """The viz model of ``trace_result`` (see the module docstring).
 
     ``report``: the :class:`fxpass.report.Report` apply returned (or its ``to_dict()``);
     ``verify``: a VerifyReport (or its ``to_dict()``) for the diff overlay; ``before``: the
     graphs before apply (``snapshot(trace)``, or a Trace of an untouched copy).
+    ``layout``: ``"auto"`` (Graphviz ``dot`` when installed, else the pure-Python layered
+    layout), ``"dot"`` or ``"python"``; None reads ``$FXPASS_VIZ_LAYOUT`` (default auto).
+    Never fails over the layout: ``summary["layout"]`` says which engine ran, and why not
+    dot when it could not.
     """
     if not hasattr(trace_result, "graphs") or not hasattr(trace_result, "untraced"):
         raise UsageError(f"expected an fxpass Trace, got {type(trace_result).__name__}")
+    from fxpass.viz.layout import engine_choice
+
+    if layout != "none":  # "none": no positions (the DOT / SVG writers lay out themselves)
+        engine_choice(layout)  # a bad name is a UsageError before any work
     rep = _report_dict(report)
     overlay = overlay_from_verify(verify) if verify is not None else None
     prefix = (rep or {}).get("prefix") or ""
@@ -498,9 +590,11 @@ def build_model(trace_result: Any, report: Any = None, verify: Any = None,
             live |= nx.ancestors(g, o)
         for n, d in g.nodes(data=True):
             d["label"], d["sub"], d["badge"] = _label(n, d)
-            d["h"] = NODE_H_TALL if d["badge"] else NODE_H
+            # lines: label, [vLLM layer], shape, [SQNR vs its reference]
+            d["h"] = NODE_H + LINE_H * (bool(d["badge"]) + (d.get("sqnr") is not None))
             d["unused"] = n not in live
-        _layout(g)
+        _fold_shape_ops(g)
+    layout_note = _layout_graphs([*graphs.values(), *befores.values()], layout)
 
     # -- roll-ups over the module tree --------------------------------------------------
     own: dict[str, dict[str, Any]] = {}
@@ -562,6 +656,9 @@ def build_model(trace_result: Any, report: Any = None, verify: Any = None,
         "root_type": type(root).__name__,
         "first_site": first_site,
         "applied": rep is not None,
+        "layout": layout_note,
+        "shape_ops": sum(1 for g in graphs.values() for _, d in g.nodes(data=True)
+                         if d.get("shape_op")),
     }
     return VizModel(title or f"fxpass: {type(root).__name__}", tree, graphs, befores, summary,
                     rep, overlay)

@@ -31,6 +31,7 @@ from fxpass.errors import UsageError
 # The reference the colour scale reads, in order of preference: the original float module
 # (quantization cost), else whatever the report compared against first.
 PRIMARY_REFERENCES = ("reference", "fake_quant")
+_DTYPE_TAG = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
 
 
 def as_float(x: Any) -> float | None:
@@ -56,6 +57,38 @@ class Overlay:
             if ref in self.references:
                 return ref
         return self.references[0] if self.references else None
+
+    def reference_text(self, ref: str | None) -> dict[str, str]:
+        """What a number measured against ``ref`` is measured against, in words.
+
+        ``tag``: a few words for a badge ("HF fp32", "fake-quant nf4"); ``short``: a phrase
+        ("HF fp32 reference"); ``long``: what that reference is and what the comparison
+        isolates (verify's ``compare`` docstring, "References"), with the mode.
+        """
+        dtype = str(self.summary.get("dtype") or "").removeprefix("torch.")
+        dt = _DTYPE_TAG.get(dtype, dtype)
+        qm = self.summary.get("quant_method") or ""
+        mode = self.summary.get("mode") or ""
+        how = {"propagated": "propagated mode: the candidate ran on its own outputs, so "
+                             "errors carry downstream",
+               "isolated": "isolated mode: each rewritten layer ran on the reference's input "
+                           "to it, its own error only"}.get(mode, f"mode {mode}" if mode else "")
+        if ref == "reference":
+            tag = f"HF {dt}".strip()
+            short = f"{tag} reference"
+            long = (f"the original HF module{f' in {dtype}' if dtype else ''}, untouched by "
+                    "fxpass: the whole cost of the rewrite, quantization included")
+        elif ref == "fake_quant":
+            tag = f"fake-quant {qm}".strip() if qm not in ("", "none", "mixed") else "fake-quant"
+            short = f"{tag} reference"
+            long = (f"the original HF module{f' in {dtype}' if dtype else ''} with the rewritten "
+                    f"layers' weights fake-quantized{f' ({qm})' if qm else ''}: the vLLM "
+                    "layers' own error (loader, kernel), quantization left out")
+        else:
+            tag = short = long = str(ref)
+        if how:
+            long += f"; {how}"
+        return {"tag": tag, "short": short, "long": long}
 
     def node_sqnr(self, entries: list[dict[str, Any]]) -> float | None:
         """Lowest SQNR (dB) of ``entries`` against the primary reference."""

@@ -110,7 +110,7 @@ def inspect_model(model) -> dict[str, Any]:
     from torch import nn
     from vllm.model_executor.layers.linear import LinearBase
 
-    from fxpass.trace import installed_graph
+    from fxpass.runtime import installed_graph
 
     out: dict[str, Any] = {"class": type(model).__name__, "towers": {}}
     for tower_name in ("vision_tower", "audio_tower"):
@@ -179,7 +179,7 @@ def _bnb_sqnr(layer, full: str) -> float | None:
 def graph_modules(model) -> dict[str, list[str]]:
     """Per tower, the modules running an fxpass graph now (after generation: the towers
     are traced at their first call, which may come after model init)."""
-    from fxpass.trace import installed_graph
+    from fxpass.runtime import installed_graph
 
     out: dict[str, list[str]] = {}
     for tower_name in ("vision_tower", "audio_tower"):
@@ -210,7 +210,7 @@ def inspect_in_worker(model_dir: str, model) -> dict[str, Any]:
 def hf_compare_in_worker(model_dir: str, out_dir: str, model) -> dict[str, Any]:
     """compare_with_hf in a TP worker, on the inputs its own towers got (each rank runs the
     whole sharded tower and ends with the all-reduced output)."""
-    from fxpass.runtime import tp_rank
+    from fxpass.vllm_context import tp_rank
 
     out = Path(out_dir) / f"rank{tp_rank()}"
     out.mkdir(parents=True, exist_ok=True)
@@ -222,7 +222,7 @@ def save_captures_in_worker(out_dir: str, model) -> str:
     the engine process holds none of them."""
     import torch
 
-    from fxpass.runtime import tp_rank
+    from fxpass.vllm_context import tp_rank
 
     out = Path(out_dir) / f"rank{tp_rank()}"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Injected faults: whatever step of ``fxpass.apply`` fails, the model is exactly as before.
 
 Each rewrite step is made to fail in turn (monkeypatched): every rule registered in
-``fxpass.rewrite.registry`` (its ``match``, ``check`` and ``apply``; the list is read from the
+``fxpass.rules.registry`` (its ``match``, ``check`` and ``apply``; the list is read from the
 registry, so a new rule is covered without editing this file), building the vLLM layers,
 loading each layer's weights, and every single module swap and forward install of the commit.
 After each failure: the same module objects at the same paths with the same classes, a
@@ -22,8 +22,9 @@ from torch import nn
 import fxpass
 import fxpass.weights as weights
 from fxpass.errors import FxpassError, QuantConfigError, RewriteError, WeightLoadError
-from fxpass.rewrite import pipeline, registry
-from fxpass.rewrite.base import is_vllm_linear
+from fxpass.rewrite import pipeline
+from fxpass.rules import registry
+from fxpass.rules.base import Mode, Options, is_vllm_linear
 from unchanged import Unchanged
 
 pytestmark = pytest.mark.usefixtures("vllm_rt")
@@ -130,6 +131,9 @@ def _apply(model: nn.Module):
     return fxpass.apply(model, None, load_weights=True, fuse=True, example_inputs=(X,))
 
 
+FAULT_OPTIONS = Options(fuse=True, load_weights=True)  # what _apply asks for
+
+
 def _assert_clean_apply_still_works(model: nn.Module, snap: Snapshot) -> None:
     report = _apply(model)
     assert report.replaced
@@ -143,16 +147,17 @@ class Injected(RuntimeError):
 
 # Rules that only fire inside a tensor-parallel group of several ranks (apply(..., tp=N)):
 # one process cannot run them; their match / check / apply and layer builds fail in turn on
-# two ranks in tests/rewrite/test_tensor_parallel_ranks.py
+# two ranks in tests/parallel/test_tensor_parallel_ranks.py
 # (test_tensor_parallel_failures_leave_the_model_untouched). Here only their match runs.
-TP_RULES = {r.name for r in registry.rules() if getattr(r, "needs_tp_group", False)}
+ALL_RULES = [cls() for cls in registry.RULES]
+TP_RULES = {r.name for r in ALL_RULES if getattr(r, "needs_tp_group", False)}
 
 
 def test_fault_toy_exercises_every_registered_rule():
     """The fault tests below only prove something if each rule really runs on the toy."""
     report = _apply(_toy())
     by_rule = {f.rule for f in report.fixes}
-    names = [r.name for r in registry.rules()]
+    names = [r.name for r in registry.select(FAULT_OPTIONS, Mode.APPLY)]
     assert report.replaced and "linear" in names
     assert TP_RULES == {"tensor-parallel"}, TP_RULES
     for name in names:
@@ -164,7 +169,8 @@ def test_fault_toy_exercises_every_registered_rule():
                        f"injected-fault tests cover it (report: {report.to_dict()})")
 
 
-RULE_STEPS = [(type(r), step) for r in registry.rules() for step in ("match", "check", "apply")
+RULE_STEPS = [(type(r), step) for r in registry.select(FAULT_OPTIONS, Mode.APPLY)
+              for step in ("match", "check", "apply")
               if step == "match" or r.name not in TP_RULES]
 
 

@@ -21,7 +21,7 @@ import fxpass
 from fxpass import zoo
 from fxpass.cli import main
 from fxpass.errors import NotLoadedError, QuantConfigError, UsageError, WeightLoadError
-from fxpass.rewrite.base import is_vllm_linear
+from fxpass.rules.base import is_vllm_linear
 from fxpass.weights import bnb_config, load_checkpoint, load_linear_weights
 from unchanged import Unchanged
 

@@ -55,7 +55,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxpass
-from fxpass.rewrite.base import is_vllm_linear
+from fxpass.rules.base import is_vllm_linear
 import hardening_trees as trees
 from fxpass.errors import FxpassError
 

@@ -233,7 +233,7 @@ def test_regression_failed_commit_keeps_child_order(monkeypatch):
     """Found by the injected faults: a commit failing after fusion removed q/k/v put them
     back at the end of ``_modules``: named_modules / state_dict order changed."""
     from fxpass.rewrite import pipeline
-    from fxpass.trace import GraphForward
+    from fxpass.runtime import GraphForward
 
     model = QKV().eval()
     order = list(model.state_dict())

@@ -1,6 +1,6 @@
 """The tensor-parallel rule's analysis on one process: which pairs each graph gives, which it
 refuses and why, and the errors of asking for TP without a group. Running sharded towers on
-two ranks is tests/rewrite/test_tensor_parallel_ranks.py."""
+two ranks is tests/parallel/test_tensor_parallel_ranks.py."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from torch import nn
 import fxpass
 from fxpass import zoo
 from fxpass.errors import UsageError
-from fxpass.rewrite.base import is_vllm_linear
-from fxpass.rewrite.tensor_parallel import plan
+from fxpass.rules.base import is_vllm_linear
+from fxpass.parallel.rule import plan
 from fxpass.vllm_plugin import tp_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -3,7 +3,7 @@
 One pair of worker processes (tp_worker.py) runs every check (the four towers sharded with
 and without fusion at three input sizes, verify in both modes, bnb nf4 per shard, per-rank
 bytes, the refusal toys, load_checkpoint); the tests below read their results. Budgets: the
-unquantized fp32 budget of fxpass.verify (README), and the issue's 0.5 dB for nf4.
+unquantized fp32 budget of fxpass.verify (docs/verify.md), and the issue's 0.5 dB for nf4.
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ def test_tensor_parallel_failures_leave_the_model_untouched(ranks, step):
 def test_sharded_attention_traced_again_for_a_masked_call(ranks):
     """Gemma4 vision traced without padding takes HF's no-mask shortcut; a padded input gives
     its attention a mask: the sharded attention is traced again as its unsharded self and
-    re-sharded (fxpass.rewrite.tensor_parallel.reshard), never run as Python; the results
+    re-sharded (fxpass.parallel.rule.reshard), never run as Python; the results
     above (size 1 has padding) hold on both ranks."""
     for r in ranks:
         entry = r["gemma4_vision/plain"]

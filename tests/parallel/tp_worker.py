@@ -240,7 +240,7 @@ def atomic(out: dict[str, Any]) -> None:
     import fxpass.weights as weights
     from fxpass import zoo
     from fxpass.errors import FxpassError
-    from fxpass.rewrite.tensor_parallel import TensorParallel
+    from fxpass.parallel.rule import TensorParallel
     from unchanged import Unchanged
 
     class Injected(RuntimeError):
@@ -290,7 +290,7 @@ def main() -> None:
 
     results: dict[str, Any] = {"rank": rank, "timings_s": {}}
     with fxpass.vllm_runtime(tp=TP, rank=rank, init_method=f"file://{init_file}"):
-        from fxpass.runtime import tp_rank, tp_world_size
+        from fxpass.vllm_context import tp_rank, tp_world_size
 
         results["group"] = [tp_rank(), tp_world_size()]
         results["timings_s"]["start"] = time.perf_counter() - t0

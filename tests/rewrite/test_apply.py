@@ -13,7 +13,7 @@ import fxpass
 from fxpass import zoo
 from fxpass.errors import GuardError, QuantConfigError
 from fxpass.rewrite import vllm_linear_names
-from fxpass.trace import installed_graph
+from fxpass.runtime import installed_graph
 from fxpass.weights import bnb_config, load_linear_weights
 
 pytestmark = pytest.mark.usefixtures("vllm_rt")

@@ -18,8 +18,8 @@ import fxpass
 from fxpass import zoo
 from fxpass.errors import RewriteError
 from fxpass.rewrite import first_call as first_call_mod
-from fxpass.rewrite.base import is_vllm_linear
-from fxpass.trace import installed_graph
+from fxpass.rules.base import is_vllm_linear
+from fxpass.runtime import installed_graph
 from fxpass.weights import bnb_config
 from toys import MLP
 
@@ -167,7 +167,7 @@ def test_a_failing_trace_leaves_the_walks_state_and_says_why(monkeypatch, caplog
     def boom(ctx):
         raise ValueError("rule exploded")
 
-    monkeypatch.setattr("fxpass.rewrite.pipeline.run_rules", boom)
+    monkeypatch.setattr("fxpass.rewrite.session.run_rules", boom)
     with caplog.at_level(logging.WARNING, logger="fxpass"), torch.no_grad():
         torch.testing.assert_close(model(X), ref(X), atol=1e-5, rtol=0)
         torch.testing.assert_close(model(X[:1]), ref(X[:1]), atol=1e-5, rtol=0)
@@ -182,7 +182,7 @@ def test_a_failing_trace_leaves_the_walks_state_and_says_why(monkeypatch, caplog
 def test_strict_raises_when_the_first_call_trace_fails(monkeypatch):
     model = _tower()
     fxpass.apply(model, None, load_weights=True, strict=True)
-    monkeypatch.setattr("fxpass.rewrite.pipeline.run_rules",
+    monkeypatch.setattr("fxpass.rewrite.session.run_rules",
                         lambda ctx: (_ for _ in ()).throw(ValueError("rule exploded")))
     with pytest.raises(RewriteError, match=r"^fxpass: tracing Tower at its first call failed: "
                                            r"ValueError: rule exploded$"):
@@ -195,11 +195,11 @@ def test_no_trace_inside_dynamo_or_capture(monkeypatch):
     ref = _tower()
     model = copy.deepcopy(ref)
     report = fxpass.apply(model, None, load_weights=True)
-    monkeypatch.setattr(first_call_mod, "_why_no_trace", lambda: "torch.compile is tracing it")
+    monkeypatch.setattr(first_call_mod, "why_no_trace", lambda: "torch.compile is tracing it")
     with torch.no_grad():
         torch.testing.assert_close(model(X), ref(X), atol=1e-5, rtol=0)
     assert report.first_call["state"] == "armed"
-    monkeypatch.setattr(first_call_mod, "_why_no_trace", lambda: None)
+    monkeypatch.setattr(first_call_mod, "why_no_trace", lambda: None)
     with torch.no_grad():
         torch.testing.assert_close(model(X), ref(X), atol=1e-5, rtol=0)
     assert report.first_call["state"] == "traced"

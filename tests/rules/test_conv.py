@@ -11,8 +11,8 @@ from torch import nn
 
 import fxpass
 from fxpass import zoo
-from fxpass.rewrite.conv import patch_conv2d
-from fxpass.trace import installed_graph
+from fxpass.rules.conv import patch_conv2d
+from fxpass.runtime import installed_graph
 
 pytestmark = pytest.mark.usefixtures("vllm_rt")
 

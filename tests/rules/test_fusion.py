@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModel
 
 import fxpass
-from fxpass.rewrite.fusion import FusedSlice
+from fxpass.rules.fusion import FusedSlice
 from fxpass import zoo
 from fxpass.weights import bnb_config, load_checkpoint
 
@@ -189,7 +189,7 @@ def test_in_place_on_the_right_operand_is_checked_per_call():
 def test_a_graph_traced_after_apply_calls_the_merged_layer_once():
     """The module's Python calls its fused members by name (FusedSlices, each running the
     whole merged GEMM); a graph traced for a new call regroups them: one merged call."""
-    from fxpass.trace import installed_graph
+    from fxpass.runtime import installed_graph
 
     tower = _unclipped_gemma4_vision()
     ref = copy.deepcopy(tower)

@@ -10,8 +10,8 @@ from torch import nn
 
 import fxpass
 from fxpass import zoo
-from fxpass.rewrite import norms
-from fxpass.trace import installed_graph
+from fxpass.rules import norms
+from fxpass.runtime import installed_graph
 
 pytestmark = pytest.mark.usefixtures("vllm_rt")
 

@@ -11,8 +11,8 @@ from transformers.models.gemma4.modeling_gemma4 import apply_multidimensional_ro
 
 import fxpass
 from fxpass import zoo
-from fxpass.rewrite.rope import multidim_rope
-from fxpass.trace import installed_graph
+from fxpass.rules.rope import multidim_rope
+from fxpass.runtime import installed_graph
 
 pytestmark = pytest.mark.usefixtures("vllm_rt")
 

@@ -11,8 +11,8 @@ from torch import nn
 
 import fxpass
 from fxpass import zoo
-from fxpass.rewrite import attention
-from fxpass.trace import installed_graph
+from fxpass.rules import sdpa_mask as attention
+from fxpass.runtime import installed_graph
 
 pytestmark = pytest.mark.usefixtures("vllm_rt")
 
@@ -72,7 +72,7 @@ def test_gemma4_vision_attention_gets_the_rule_and_matches_hf_eager():
     assert sites == [f"encoder.layers.{i}.self_attn" for i in range(2)], report.fixes
     for module in sites:  # each site's graph now calls the replacement
         fwd = installed_graph(tower.get_submodule(module))
-        assert fwd is not None and "fxpass_rewrite_attention" in fwd.src, fwd.src
+        assert fwd is not None and "fxpass_rules_sdpa_mask" in fwd.src, fwd.src
     # size index 1 pads (its mask masks something and is kept), 0 and 2 do not
     for index in (0, 1, 2):
         x = zoo.example_inputs(ref, size_index=index)
@@ -112,4 +112,4 @@ def test_sdpa_without_a_constant_is_causal_is_refused_with_a_reason():
     assert not [f for f in report.fixes if f.rule == "sdpa-mask"]
     (refusal,) = [r for r in report.refusals if r["rule"] == "sdpa-mask"]
     assert "is_causal is" in refusal["reason"] and "not a constant False" in refusal["reason"]
-    assert "fxpass_rewrite_attention" not in installed_graph(toy).src
+    assert "fxpass_rules_sdpa_mask" not in installed_graph(toy).src

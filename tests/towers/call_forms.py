@@ -9,7 +9,7 @@ answer within the unquantized budget, or the same exception. ``check_nf4(entry)`
 with bitsandbytes nf4 (no inputs either) and compares the output's SQNR against the original
 with that of a fake-quantized copy of the original (the same weights quantized and
 dequantized, run by HF's own code). Used by ``tests/rewrite/test_tower_call_forms.py`` and by
-``tools/call_forms_table.py`` (the README's table).
+``tools/call_forms_table.py`` (the table in docs/measurements.md).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 import fxpass
 from fxpass.errors import FallbackError, GuardError
-from fxpass.trace import installed_graph
+from fxpass.runtime import installed_graph
 
 
 def _lenient_and_strict(model: nn.Module, example) -> tuple[nn.Module, nn.Module]:

@@ -20,7 +20,7 @@ from torch import nn
 
 import fxpass
 from fxpass.errors import GuardError
-from fxpass.trace import installed_graph
+from fxpass.runtime import installed_graph
 from fxpass.trace.state import MISSING
 
 ATOL = 1e-4  # the unquantized fp32 budget of tests/rewrite/test_apply.py

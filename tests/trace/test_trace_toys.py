@@ -146,7 +146,7 @@ def test_the_other_branch_re_specialises_by_default():
     for n in (3, 10, 2, 4, 5):  # 3: a new graph; 10: the first; 2, 4: the new one again
         x = torch.randn(1, n, 8)
         assert torch.equal(b(x), m(x))
-    from fxpass.trace import installed_graph
+    from fxpass.runtime import installed_graph
 
     fwd = installed_graph(b)
     assert len(fwd.family.variants) == 1

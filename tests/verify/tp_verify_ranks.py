@@ -42,7 +42,7 @@ def _strip_splits(model: Any, *, variants: bool = True) -> int:
     """Remove the tensor-parallel rule's ``tp_out`` records from the call nodes of the
     model's graphs (with ``variants``, from those traced again since apply too): what a
     graph without recorded splits looks like to verify. Returns how many were removed."""
-    from fxpass.trace import installed_graph
+    from fxpass.runtime import installed_graph
 
     removed = 0
     for mod in model.modules():

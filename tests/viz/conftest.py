@@ -68,6 +68,14 @@ def gemma_case(vllm_rt, tmp_path_factory) -> Case:
 
 
 @pytest.fixture(scope="session")
+def gemma_trace():
+    """The tiny Gemma4 vision tower traced (no apply, no vLLM): the real graphs the layout
+    and folding tests measure."""
+    tower = zoo.build_tower("gemma4_vision")
+    return fxpass.trace(tower, zoo.example_inputs(tower, size_index=0), cache=None)
+
+
+@pytest.fixture(scope="session")
 def toy_case(vllm_rt, tmp_path_factory) -> Case:
     """The hostile toy: XSS module name, HTML in an untraced reason and in the prefix."""
     m = Toy().eval()

@@ -24,6 +24,12 @@ def _text(page, sel: str) -> str:
     return page.inner_text(sel).strip()
 
 
+def _shape_ops(case, path: str, view: str = "after") -> int:
+    """Nodes of a module's graph the default view folds away (shape bookkeeping)."""
+    g = (case.model.before if view == "before" else case.model.graphs)[path]
+    return sum(1 for _, d in g.nodes(data=True) if d.get("shape_op"))
+
+
 def test_no_js_errors_and_counts_equal_the_report(gemma_case, toy_case, open_page):
     for case in (gemma_case, toy_case):
         o = open_page(case.html)
@@ -52,8 +58,9 @@ def test_collapsed_beyond_top_level_and_expanding_reveals_nodes(gemma_case, open
     o = open_page(gemma_case.html)
     page = o.page
     tr = gemma_case.trace
-    # root open (its graph drawn), its children listed but closed, nothing deeper built
-    root_nodes = len(tr.graphs[""].graph.nodes)
+    # root open (its graph drawn, shape bookkeeping folded), its children listed but
+    # closed, nothing deeper built
+    root_nodes = len(tr.graphs[""].graph.nodes) - _shape_ops(gemma_case, "")
     assert page.locator("#mod-0 > .mod-body > .graphs g.node").count() == root_nodes
     row = _row_id(gemma_case, "patch_embedder")
     assert page.locator(f"{row} > .mod-head").is_visible()
@@ -63,7 +70,8 @@ def test_collapsed_beyond_top_level_and_expanding_reveals_nodes(gemma_case, open
 
     page.click(f"{row} > .mod-head")
     nodes = page.locator(f"{row} > .mod-body > .graphs g.node")
-    assert nodes.count() == len(tr.graphs["patch_embedder"].graph.nodes)
+    assert nodes.count() == (len(tr.graphs["patch_embedder"].graph.nodes)
+                             - _shape_ops(gemma_case, "patch_embedder"))
     assert nodes.first.is_visible()
     rewritten = page.locator(f"{row} > .mod-body > .graphs g.node.rewritten")
     assert rewritten.count() == 1
@@ -208,7 +216,8 @@ def test_default_size_tower_renders_every_node(open_page, tmp_path):
     before = viz.snapshot(tr)
     report = fxpass.apply(tower, None, prefix="vision_tower", trace_result=tr)
     t = time.perf_counter()
-    html = viz.render_html(tr, report, None, before)
+    model = viz.build_model(tr, report, None, before)
+    html = viz.render_html(model)
     render_s = time.perf_counter() - t
     path = tmp_path / "default.html"
     path.write_text(html, encoding="utf-8")
@@ -226,7 +235,13 @@ def test_default_size_tower_renders_every_node(open_page, tmp_path):
           f"({n} nodes)")
     # measured here (2 cores): ready ~220 ms, expand all ~400-800 ms
     assert ready_ms > 0 and expand_ms >= 0
-    assert n == sum(len(g.graph.nodes) for g in tr.graphs.values())
+    total = sum(len(g.graph.nodes) for g in tr.graphs.values())
+    folded = sum(1 for g in model.graphs.values() for _, d in g.nodes(data=True)
+                 if d.get("shape_op"))
+    assert folded > 0 and n == total - folded  # the default view folds shape bookkeeping
+    o.page.click("#shape-toggle")
+    assert o.page.locator("g.node").count() == total  # and every node is one click away
+    print(f"  layout: {model.summary['layout']}, {folded} shape bookkeeping nodes folded")
     assert _text(o.page, "#count-rewritten") == str(len(report.replaced))
     assert _text(o.page, "#count-untraced") == str(len(report.untraced))
     assert o.errors == []
@@ -245,6 +260,7 @@ def test_trace_only_page(open_page, tmp_path):
     assert _text(page, "#count-untraced") == str(len(tr.untraced)) == "1"
     assert page.locator("#view-before").is_disabled()
     assert page.locator("#diff-toggle").count() == 0
+    page.click("#shape-toggle")  # every node, shape bookkeeping included
     page.click("#expand-all")
     assert page.locator("g.node").count() == sum(len(g.graph.nodes) for g in tr.graphs.values())
     assert o.dialogs == [] and o.errors == []

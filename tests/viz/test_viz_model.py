@@ -12,7 +12,7 @@ from torch import nn
 
 import fxpass
 import fxpass.viz as viz
-from fxpass.viz.html import script_json
+from fxpass.viz.html import page_data, script_json
 from fxpass.viz.model import node_name_of, sqnr_color
 from fxpass.viz.overlay import overlay_from_verify
 
@@ -73,8 +73,10 @@ def test_report_markings_without_vllm():
     assert 'class="op-call_module skipped"' in dot
 
 
-def test_overlay_adapter_reads_the_documented_dict():
-    d = {
+def verify_dict() -> dict:
+    """A VerifyReport.to_dict() as documented in fxpass/viz/overlay.py (nf4, fp32)."""
+    return {
+        "counts": {"nodes": 2, "failed_nodes": 1},
         "passed": False, "mode": "propagated", "dtype": "float32", "quant_method": "nf4",
         "references": ["fake_quant", "reference"], "output_sqnr_db": {"reference": 12.5},
         "nodes": [
@@ -90,6 +92,10 @@ def test_overlay_adapter_reads_the_documented_dict():
         "first_divergence": {"kind": "layer", "module": "a", "graph": "", "node": "a",
                              "passed": False, "violations": ["x"], "metrics": {}},
     }
+
+
+def test_overlay_adapter_reads_the_documented_dict():
+    d = verify_dict()
     ov = overlay_from_verify(d)
     assert ov.primary == "reference"
     assert ov.node_sqnr(ov.nodes[("", "a")]) == 3.0
@@ -104,6 +110,34 @@ def test_overlay_adapter_reads_the_documented_dict():
     assert 'id="first-divergence-link"' in html
     assert 'class="op-call_module first-divergence"' not in viz.render_dot(m)  # failed too
     assert "first-divergence" in viz.render_dot(m)
+
+
+def test_numbers_name_their_reference_without_a_browser():
+    """The static page and the DOT: every SQNR says what it was measured against."""
+    m = viz.build_model(_trace(), None, verify_dict())
+    refs = page_data(m)["refs"]
+    assert refs["reference"]["tag"] == "HF fp32"
+    assert refs["reference"]["short"] == "HF fp32 reference"
+    assert "original HF module in float32" in refs["reference"]["long"]
+    assert "propagated" in refs["reference"]["long"]
+    assert refs["fake_quant"]["short"] == "fake-quant nf4 reference"
+    assert "fake-quantized (nf4)" in refs["fake_quant"]["long"]
+    html = viz.render_html(m)
+    assert "output SQNR vs HF fp32 reference: <b>12.5 dB</b>" in html
+    assert 'title="tower output SQNR vs the original HF module in float32' in html
+    assert "SQNR vs HF fp32 reference: 0 dB" in html  # the colour legend
+    assert ("node comparisons over budget (vs fake-quant nf4 reference / vs HF fp32 reference)"
+            in html)
+    dot = viz.render_dot(m)
+    assert "SQNR 3.0 dB vs HF fp32" in dot
+    assert "vs HF fp32 reference: sqnr 3.0 dB" in dot and "fake-quantized (nf4)" in dot
+    # without a dtype or quant method the words stay true
+    d = verify_dict()
+    d.update(dtype=None, quant_method="none", mode="isolated")
+    ov = overlay_from_verify(d)
+    assert ov.reference_text("reference")["short"] == "HF reference"
+    assert ov.reference_text("fake_quant")["tag"] == "fake-quant"
+    assert "isolated mode" in ov.reference_text("reference")["long"]
 
 
 def test_script_json_cannot_close_the_script_element():
