@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from fxpass.errors import FxpassError, RewriteError, TraceError
@@ -137,8 +138,6 @@ def gemm_input(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
                ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """nn.Linear's call forms as vLLM's linear takes them: ``input=`` positional, contiguous
     (a forward pre-hook for Python code calling a vLLM layer)."""
-    import torch
-
     if not args and "input" in kwargs:
         kwargs = dict(kwargs)
         args = (kwargs.pop("input"),)

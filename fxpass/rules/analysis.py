@@ -87,8 +87,6 @@ def mark_unsafe(ctx: RewriteContext) -> None:
     """Record in ``ctx.unsafe`` the linears that must stay ``nn.Linear``: their weight values
     read outside their call, a weight tied to another linear, a known owner that reads them
     without a call (``fxpass.quirks``), or Python code using them as nn.Linear."""
-    from torch import nn
-
     from fxpass import quirks
 
     for use in weight_uses(ctx):

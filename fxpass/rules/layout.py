@@ -78,10 +78,6 @@ def _relayout_user(node: fx.Node) -> str | None:
 class ContiguousStream(SpeedRule):
     name = "layout"
 
-    def describe(self, ctx: RewriteContext, m: LayoutMatch) -> str:
-        q = m.site.graph.qualname
-        return f"{ctx.full_name(q) if q else ctx.prefix or '<root>'}: {m.site.name}"
-
     def match(self, ctx: RewriteContext) -> list[LayoutMatch]:
         out = []
         for mg in ctx.graphs():

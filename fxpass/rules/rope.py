@@ -188,10 +188,6 @@ class _Pattern:
 class MultidimRope(SpeedRule):
     name = "rope"
 
-    def describe(self, ctx: RewriteContext, m: RopeMatch) -> str:
-        q = m.site.graph.qualname
-        return f"{ctx.full_name(q) if q else ctx.prefix or '<root>'}: {m.site.name}"
-
     def match(self, ctx: RewriteContext) -> list[RopeMatch]:
         out = []
         for mg in ctx.graphs():

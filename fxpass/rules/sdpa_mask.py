@@ -66,10 +66,6 @@ class SdpaMatch:
 class SdpaFullMask(RuleBase):
     name = "sdpa-mask"
 
-    def describe(self, ctx: RewriteContext, m: SdpaMatch) -> str:
-        q = m.site.graph.qualname
-        return f"{ctx.full_name(q) if q else ctx.prefix or '<root>'}: {m.site.name}"
-
     def match(self, ctx: RewriteContext) -> list[SdpaMatch]:
         out = []
         for mg in ctx.graphs():

@@ -28,7 +28,6 @@ reader sees.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shutil
 import subprocess

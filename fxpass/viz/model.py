@@ -315,30 +315,11 @@ def _fold_shape_ops(g: nx.DiGraph) -> None:
     for n, d in g.nodes(data=True):
         if not d["shape_op"]:
             continue
-        host = None
-        seen, todo = {n}, [n]
-        while todo:  # forward through bookkeeping to the first real consumer
-            cur = todo.pop()
-            for s in g.successors(cur):
-                if s in seen:
-                    continue
-                seen.add(s)
-                if g.nodes[s]["shape_op"]:
-                    todo.append(s)
-                elif host is None or index[s] < index[host]:
-                    host = s
-        if host is None:  # nothing real uses it (a guard): the data it reads
-            seen, todo = {n}, [n]
-            while todo:
-                cur = todo.pop()
-                for p in g.predecessors(cur):
-                    if p in seen:
-                        continue
-                    seen.add(p)
-                    if g.nodes[p]["shape_op"]:
-                        todo.append(p)
-                    elif host is None or index[p] > index[host]:
-                        host = p
+        # the first real consumer, through bookkeeping; if nothing real uses it (a guard),
+        # the last real value it reads
+        host = _nearest_real(g, n, g.successors, lambda a, b: index[a] < index[b])
+        if host is None:
+            host = _nearest_real(g, n, g.predecessors, lambda a, b: index[a] > index[b])
         if host is not None:
             d["host"] = host
             g.nodes[host].setdefault("folded", []).append(n)
@@ -687,3 +668,20 @@ def iter_nodes(model: VizModel, view: str = "after") -> Iterable[tuple[str, str,
     for q, g in graphs.items():
         for n, d in g.nodes(data=True):
             yield q, n, d
+
+
+def _nearest_real(g: Any, start: Any, neighbours: Any, better: Any) -> Any:
+    """The best (by ``better(a, b)``) node that is not a shape op, reached from ``start``
+    through shape ops along ``neighbours``; None when there is none."""
+    host = None
+    seen, todo = {start}, [start]
+    while todo:
+        for nxt in neighbours(todo.pop()):
+            if nxt in seen:
+                continue
+            seen.add(nxt)
+            if g.nodes[nxt]["shape_op"]:
+                todo.append(nxt)
+            elif host is None or better(nxt, host):
+                host = nxt
+    return host
