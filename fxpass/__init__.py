@@ -9,6 +9,8 @@ layers do, so ``apply``, ``verify`` and ``vllm_runtime`` load on first use.
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from fxpass.errors import (
@@ -22,9 +24,9 @@ from fxpass.errors import (
     WeightLoadError,
 )
 from fxpass.report import Event, Fix, Report
-from fxpass.trace import Trace, trace
 
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers and IDEs
+    from fxpass.trace import Trace, trace
     from fxpass.rewrite import apply
     from fxpass.verify import verify
     from fxpass.vllm_context import vllm_runtime
@@ -48,3 +50,30 @@ def __getattr__(name: str) -> Any:
         from fxpass.vllm_context import vllm_runtime
         return vllm_runtime
     raise AttributeError(f"module 'fxpass' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """``fxpass.trace`` and ``fxpass.Trace`` load on first use: they import torch, and
+    ``import fxpass`` (so ``fxpass --help``) must not. ``fxpass.trace`` stays the function:
+    the import system records the ``fxpass.trace`` subpackage as an attribute of ``fxpass``
+    when it loads it, and this setter keeps the function in its place."""
+
+    @property
+    def trace(self) -> Any:
+        from fxpass.trace import trace
+
+        return trace
+
+    @trace.setter
+    def trace(self, value: Any) -> None:
+        if not isinstance(value, types.ModuleType):
+            raise AttributeError("fxpass.trace is the tracing function; it cannot be replaced")
+
+    @property
+    def Trace(self) -> Any:  # noqa: N802 - a class
+        from fxpass.trace import Trace
+
+        return Trace
+
+
+sys.modules[__name__].__class__ = _Package

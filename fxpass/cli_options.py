@@ -225,6 +225,10 @@ def add_viz_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                              "needs Graphviz's dot")
     parser.add_argument("--view", choices=("after", "before"), default="after",
                         help="which graphs svg/dot show (html shows both)")
+    parser.add_argument("--layout", choices=("auto", "dot", "python"), default=None,
+                        help="how the html page lays out its graphs: Graphviz's dot, a "
+                             "layered layout in Python, or auto (dot when installed; default: "
+                             "$FXPASS_VIZ_LAYOUT, else auto)")
     parser.add_argument("--prefix", default=None,
                         help="checkpoint prefix of the tower's layers (default: --tower)")
     parser.add_argument("--dtype", type=dtype_arg, default=None, metavar="DTYPE",

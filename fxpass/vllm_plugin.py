@@ -138,6 +138,25 @@ def disabled() -> bool:
 # ------------------------------------------------------------------------------ registration
 
 
+class _ToVllmLog(logging.Handler):
+    """Hands the ``fxpass`` logger's records (the graph runtime's and the first call's) to
+    ``vllm.fxpass``, so inside an engine they come out through vLLM's handler and format."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logger.handle(record)
+
+
+def _route_fxpass_logs() -> None:
+    """Once per process: ``fxpass`` records also go to ``vllm.fxpass``, at its level unless
+    the ``fxpass`` logger has its own."""
+    lib = logging.getLogger("fxpass")
+    if any(isinstance(h, _ToVllmLog) for h in lib.handlers):
+        return
+    lib.addHandler(_ToVllmLog())
+    if lib.level == logging.NOTSET:
+        lib.setLevel(logger.getEffectiveLevel())
+
+
 def register() -> None:
     """The ``vllm.general_plugins`` entry point; safe to call any number of times."""
     global _registered
@@ -146,6 +165,7 @@ def register() -> None:
             import vllm.logger  # noqa: F401
         except Exception:  # noqa: BLE001
             pass
+        _route_fxpass_logs()
     if disabled():
         logger.info("fxpass: %s is set; vLLM's recursive_replace_linear runs unchanged",
                     ENV_DISABLE)

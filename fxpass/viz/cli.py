@@ -120,6 +120,8 @@ def _page(rank: int, args: argparse.Namespace, fmt: str) -> tuple[str, list[str]
     kw: dict[str, Any] = {"title": title}
     if fmt != "html":
         kw["view"] = args.view
+    else:
+        kw["layout"] = getattr(args, "layout", None)
     text = render(fmt, tr, report, verify, before, **kw)
     lines = [report.summary_line()] + ([verify.summary_line()] if verify is not None else [])
     return text, lines

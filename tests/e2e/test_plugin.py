@@ -281,3 +281,30 @@ def test_audio_tower_traced_in_vllm_call_convention(vllm_rt, plugin_state):
     assert rec.fallbacks == {}
     assert rec.report.first_call["state"] == "traced"
     assert [f.module for f in rec.report.contiguity] == ["layers.0.lconv1d.linear_end"]
+
+
+def test_fxpass_log_records_reach_vllms_logger(monkeypatch):
+    """Inside vLLM the graph runtime's and the first call's warnings (logger ``fxpass``) come
+    out through ``vllm.fxpass``, i.e. vLLM's handler and format; routing is set up once."""
+    import logging
+
+    lib = logging.getLogger("fxpass")
+    monkeypatch.setattr(lib, "handlers", [h for h in lib.handlers
+                                          if not isinstance(h, plugin._ToVllmLog)])
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    keep = Keep()
+    plugin.logger.addHandler(keep)
+    try:
+        plugin._route_fxpass_logs()
+        plugin._route_fxpass_logs()  # once only
+        assert sum(isinstance(h, plugin._ToVllmLog) for h in lib.handlers) == 1
+        lib.warning("fxpass: a runtime warning")
+    finally:
+        plugin.logger.removeHandler(keep)
+    assert [r.getMessage() for r in seen] == ["fxpass: a runtime warning"]
+    assert seen[0].name == "fxpass"

@@ -69,3 +69,16 @@ def test_viz_dot_format_and_missing_graphviz(checkpoint, tmp_path, monkeypatch, 
 def test_viz_bad_tower_path_is_a_usage_error(checkpoint, tmp_path, capsys):
     assert main([str(checkpoint), "--tower", "model.nope", "-o", str(tmp_path / "x.html")]) == 2
     assert "model.nope" in capsys.readouterr().err
+
+
+def test_viz_layout_option_picks_the_engine(checkpoint, tmp_path, monkeypatch):
+    """``--layout python`` lays the page out in Python even where Graphviz is installed (and
+    overrides $FXPASS_VIZ_LAYOUT); a bad choice is refused by the parser."""
+    monkeypatch.setenv("FXPASS_VIZ_LAYOUT", "dot")
+    out = tmp_path / "g.html"
+    assert main([str(checkpoint), "--tower", "model.vision_tower", "--layout", "python",
+                 "-o", str(out)]) == 0
+    note = re.search(r'"layout": ?"([^"]*)"', out.read_text())
+    assert note is not None and note.group(1).startswith("python"), note
+    with pytest.raises(SystemExit):
+        _parse(["viz", str(checkpoint), "--tower", "t", "-o", "x.html", "--layout", "neato"])
