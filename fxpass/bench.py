@@ -298,7 +298,7 @@ def first_call_overhead(quick: bool, repeats: int) -> dict[str, Any]:
                 init_firsts.append(time_once(lambda: at_init(**x)))
                 warms.extend(measure(lambda: model(**x), 1, _min_run_time(quick)).times)
             traces.append(report.first_call.get("trace_and_rewrite_s", 0.0))
-            del model, at_init
+            model = at_init = None  # freed before the next repeat
         stats = {"first": samples(firsts, "first"), "init_first": samples(init_firsts,
                                                                            "init_first"),
                  "warm": samples(warms, "warm"), "trace_and_rewrite": samples(traces, "trace")}
@@ -577,6 +577,73 @@ def rule_gains(quick: bool, repeats: int,
     return out
 
 
+def attention_gain(quick: bool, repeats: int,
+                   dtypes: tuple[str, ...] = BENCH_DTYPES) -> dict[str, Any]:
+    """vLLM's encoder attention (rule ``mm-attention``) against the tower's own SDPA call:
+    the same fxpass rewrite with the rule and without it, interleaved, eager, on both peer
+    towers; Gemma4 vision also on a batch of two images where the second is padded (its
+    padding patches masked: the rule's per-length path)."""
+    from transformers import AutoModel
+
+    import fxpass
+
+    out: dict[str, Any] = {}
+    for name in PEER_TOWERS:
+        cfg = _peer_config(name, quick)
+        rows = (("fp32", torch.float32),) + (() if quick else (("bf16", torch.bfloat16),))
+        for dtype_name, dtype in rows:
+            if dtype_name not in dtypes:
+                continue
+            torch.manual_seed(0)
+            hf = AutoModel.from_config(cfg).to(dtype).eval()
+            inputs = {"one image": _peer_inputs(name, hf, dtype, quick)}
+            if name == "gemma4_vision":
+                inputs["two, one padded"] = _padded_pair(inputs["one image"])
+            with_rule, without = copy.deepcopy(hf), copy.deepcopy(hf)
+            first = next(iter(inputs.values()))
+            report = fxpass.apply(with_rule, None, prefix="vision_tower", load_weights=True,
+                                  example_inputs=first)
+            fxpass.apply(without, None, prefix="vision_tower", load_weights=True,
+                         example_inputs=first, disable=["mm-attention"])
+            sites = sum(f.rule == "mm-attention" for f in report.fixes)
+            for label, x in inputs.items():
+                with torch.no_grad():
+                    t, iqr = _timed({"mm-attention": lambda x=x: with_rule(**x),
+                                     "sdpa": lambda x=x: without(**x)}, repeats, quick)
+                out.setdefault(name, {}).setdefault(dtype_name, {})[label] = {
+                    "median_s": t, "iqr_s": iqr, "sites": sites,
+                    # > 1: the tower is that much faster through vLLM's encoder attention
+                    "gain": t["sdpa"] / t["mm-attention"]}
+            with_rule = without = hf = None  # (freed before the next tower)
+            _collect(quick)
+    return out
+
+
+def _padded_pair(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Gemma4 vision inputs for two images: the given one, and a copy whose last quarter of
+    patches is padding (position -1, zero pixels), as the image processor pads a batch."""
+    px, pos = x["pixel_values"], x["pixel_position_ids"]
+    n = px.shape[1]
+    k = n // 4
+    px2, pos2 = px.clone(), pos.clone()
+    px2[:, n - k:] = 0
+    pos2[:, n - k:] = -1
+    return {**x, "pixel_values": torch.cat([px, px2]), "pixel_position_ids": torch.cat([pos, pos2])}
+
+
+def attention_table(r: dict[str, Any]) -> list[str]:
+    lines = ["", "encoder attention: HF's SDPA call / vLLM's MMEncoderAttention (>1: the rule "
+                 "helps), eager"]
+    for name, by_dtype in r.items():
+        for dt, rows in by_dtype.items():
+            for label, row in rows.items():
+                t = row["median_s"]
+                lines.append(f"  {name:<13} {dt:<4} {label:<16} mm-attention "
+                             f"{t['mm-attention'] * 1e3:.1f} ms  sdpa {t['sdpa'] * 1e3:.1f} ms  "
+                             f"{row['gain']:.3f}x  ({row['sites']} sites)")
+    return lines
+
+
 def rules_table(r: dict[str, Any]) -> list[str]:
     lines = ["", "speed rules: time without the rule / time with all rules (>1: the rule helps)"]
     for name, by_dtype in r.items():
@@ -670,7 +737,7 @@ def peers_table(peers_result: dict[str, Any]) -> list[str]:
 
 SECTIONS = BENCH_SECTIONS
 DTYPES = BENCH_DTYPES  # the forward / peers / rules rows
-_BY_DTYPE = ("forward", "peers", "rules")
+_BY_DTYPE = ("forward", "peers", "rules", "attention")
 
 
 def run(quick: bool = False, repeats: int | None = None,
@@ -691,7 +758,7 @@ def run(quick: bool = False, repeats: int | None = None,
     dtypes = tuple(dtypes) if dtypes else DTYPES
     sections = {"pass_time": pass_time, "forward": forward_latency, "peers": peers,
                 "rules": rule_gains, "verify": verify_cost, "graph_call": graph_call_overhead,
-                "first_call": first_call_overhead}
+                "first_call": first_call_overhead, "attention": attention_gain}
     with vllm_runtime():
         result: dict[str, Any] = {
             "machine": {"platform": platform.platform(), "processor": _cpu_model(),
@@ -771,6 +838,8 @@ def table(result: dict[str, Any]) -> str:
         lines += peers_table(result["peers"])
     if "rules" in result:
         lines += rules_table(result["rules"])
+    if "attention" in result:
+        lines += attention_table(result["attention"])
     v = result.get("verify")
     if v:
         lines += ["", f"verify: {v['verify_s'] * 1e3:.1f} ms = {v['verify_over_forward']:.2f}x one "

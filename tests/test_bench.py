@@ -66,7 +66,12 @@ def test_quick_benchmark_runs_and_reports_ratios():
     gains = result["rules"]["gemma4_vision"]["fp32"]
     assert {"rms-norm", "rope"} <= set(gains["fixes"]) and gains["gain"]["fuse=False"] > 0
     assert "without rope" in gains["gain"] and "without rms-norm" in gains["gain"]
+    for tower in bench.PEER_TOWERS:  # vLLM's encoder attention against the tower's SDPA
+        rows = result["attention"][tower]["fp32"]
+        assert all(r["sites"] > 0 and _finite_positive([r["gain"]]) for r in rows.values())
+    assert set(result["attention"]["gemma4_vision"]["fp32"]) == {"one image", "two, one padded"}
     text = bench.table(result)
+    assert "encoder attention:" in text
     assert "pass time" in text and "verify:" in text and "peers:" in text
     assert "speed rules:" in text and "first call after apply" in text
     assert "graph forward call (keywords)" in text and "IQR" in text

@@ -7,7 +7,6 @@ checks the console script itself.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

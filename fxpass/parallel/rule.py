@@ -126,7 +126,8 @@ class TensorParallel(RuleBase):
         from fxpass.weights import build_parallel_linear, quant_method_name
 
         assert p.analysis is not None
-        fused = _fuse_groups(ctx, p) if ctx.options.fuse else []
+        fusing = ctx.options.fuse and "fusion" not in ctx.options.disabled  # one switch
+        fused = _fuse_groups(ctx, p) if fusing else []
         in_group = {s.node for g in fused for s in g}
         for s in p.columns:
             if s.node not in in_group:
@@ -141,6 +142,9 @@ class TensorParallel(RuleBase):
             mg = ctx.trace.graphs.get(q)
             if mg is not None:
                 mg.annotate(node, "tp_in", spec(av))
+        for name, av in p.analysis.env.items():  # per-rank shapes, for rules after this one
+            if av.kind == "S":
+                ctx.tp_split[(p.graph.qualname, name)] = av.dim
         for parent, call in p.callers:  # the module's own output, as its callers see it
             parent.annotate(call, "tp_out", spec(p.analysis.output))
         if p.callers:  # and on its graph's output (a new trace of it must return the same)

@@ -40,10 +40,10 @@ from torch import nn
 from fxpass.errors import FxpassError, NotLoadedError, RewriteError
 from fxpass.layers import is_linear, is_vllm_gemm
 from fxpass.report import EventLog, Fix, Report
+from fxpass.rewrite.commit import commit
 from fxpass.rewrite.session import RewriteSession, gemm_input
 from fxpass.rules.base import Mode, Options, is_vllm_linear
 from fxpass.rewrite.unloaded import not_loaded_message, unloaded_layers
-from fxpass.runtime.dispatch import Family, GraphForward
 from fxpass.runtime.install import fxpass_forward, install
 from fxpass.runtime.policy import why_no_trace
 from fxpass.trace.cache import TraceCache, TreeIndex
@@ -161,19 +161,12 @@ class FirstCall:
         session = RewriteSession(module, self.options, Mode.FIRST_CALL, scratch,
                                  prefix=_join(self.prefix, path), modules=index.paths)
         ctx = session.rewrite(tr)
-        installed: list[nn.Module] = []
-        try:
-            families: dict[int, Family] = {}
-            for qualname, mg in tr.graphs.items():
-                sub = index.paths[qualname]
-                mg.qualname = _join(path, qualname)  # root-relative, for errors and stats
-                family = families.setdefault(id(mg.graph), Family())
-                install(sub, GraphForward(mg, self.runtime, family))
-                installed.append(sub)
-        except Exception:
-            for sub in installed:
-                sub.__dict__.pop("forward", None)
-            raise
+        for qualname, mg in tr.graphs.items():
+            mg.qualname = _join(path, qualname)  # root-relative, for errors and stats
+        commit(ctx, self.runtime)  # layers built from the loaded ones (fusion), added ones
+        from fxpass.weights import release_loaded_weights
+
+        release_loaded_weights(module)  # the weights kept for fusion: merged or not, done
         self._record(path, ctx, tr, scratch, t1 - t0, time.perf_counter() - t1)
         return True
 
@@ -216,6 +209,9 @@ class FirstCall:
             layer = index.paths.get(linear)
             if layer is None or not is_vllm_linear(layer):
                 continue
+            owner = index.paths.get(linear.rpartition(".")[0])
+            if owner is not None and is_vllm_gemm(owner) and not is_vllm_linear(owner):
+                continue  # the base layer of vLLM's LoRA wrapper: the wrapper needs it as is
             dense, no = dense_linear(layer)
             if dense is not None:
                 out[linear] = (dense, reason)
@@ -252,6 +248,10 @@ class FirstCall:
             log.emit("scope", "first call", path)
             for k, why in tr.untraced.items():
                 log.emit("untraced", "first call", _join(path, k), reason=why)
+            fused = [e for e in scratch.events if e.kind == "fusion"]
+            for e in fused:  # members are slices of the fused layer now: not placed alone
+                full = set(e.data["members"])
+                self.swapped = {q: f for q, f in self.swapped.items() if f not in full}
             for e in scratch.events:
                 if e.kind == "fix":
                     f = e.data["fix"]
@@ -270,6 +270,7 @@ class FirstCall:
                     self.plain[q] = ("no module above it has been called yet (its graph "
                                      "comes at its first call)")
             self._placements()
+            log.extend(fused)
             fc = log.facts["first_call"]
             log.update("first_call", trace_s=fc.get("trace_s", 0.0) + trace_s,
                        rewrite_s=fc.get("rewrite_s", 0.0) + rewrite_s,

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import time
 import warnings
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -22,16 +23,16 @@ from torch import nn
 
 from fxpass.errors import FxpassError, RewriteError, UsageError, WeightLoadError
 from fxpass.report import EventLog, Report
+from fxpass.rewrite.commit import commit as _commit
 from fxpass.rewrite.respecialise import RuleRespecialiser
 from fxpass.rewrite.session import RewriteSession
 from fxpass.rules.base import Mode, Options, RewriteContext, is_vllm_linear
-from fxpass.rules.fusion import FusedSlice
-from fxpass.vllm_context import vllm_runtime
+from fxpass.rules.registry import check_names
+from fxpass.vllm_context import current_engine_config, vllm_runtime
 
 if TYPE_CHECKING:
     from vllm.model_executor.layers.quantization import QuantizationConfig
-from fxpass.runtime.dispatch import Family, GraphForward
-from fxpass.runtime.install import install, is_graph_forward
+from fxpass.runtime.install import is_graph_forward
 from fxpass.runtime.stats import RuntimeStats
 from fxpass.trace.cache import TreeIndex
 from fxpass.trace.hierarchy import Trace, trace
@@ -41,7 +42,8 @@ def apply(model: nn.Module, quant_config: QuantizationConfig | None = None, *,
           prefix: str = "", load_weights: bool = False, fuse: bool = False,
           example_inputs: Any = None, strict: bool = False, trace_result: Trace | None = None,
           tp: int | None = None, first_call: bool | None = None,
-          on_first_call: Callable[[Report], None] | None = None) -> Report:
+          on_first_call: Callable[[Report], None] | None = None,
+          disable: Iterable[str] = ()) -> Report:
     """Rewrite every nn.Linear of ``model`` to a vLLM ReplicatedLinear, in place.
 
     ``prefix`` is the model's checkpoint prefix (``vision_tower``): layers are built with
@@ -62,6 +64,9 @@ def apply(model: nn.Module, quant_config: QuantizationConfig | None = None, *,
     in each rank's process), every rank applying to the same tower; the rest stays
     replicated. None or 1: everything replicated.
 
+    ``disable`` names rules to leave out (``fxpass.rules.registry.names()``; an unknown name
+    is a UsageError), e.g. ``["mm-attention"]`` keeps HF's attention calls.
+
     After apply, a call an installed graph does not cover is traced again and rewritten
     (or served by the module's Python forward); ``strict=True`` raises GuardError for it
     instead, which is how tests prove what the graphs cover. ``report.runtime`` counts both,
@@ -80,8 +85,12 @@ def apply(model: nn.Module, quant_config: QuantizationConfig | None = None, *,
         raise UsageError("fxpass.apply: first_call=True traces at the model's first real "
                          "call; do not pass example_inputs or trace_result with it")
     _check_quant_config(quant_config)
+    if isinstance(disable, str):
+        disable = [disable]
+    check_names(disable, "fxpass.apply(disable=...)")
     options = Options(quant_config=quant_config, prefix=prefix, fuse=bool(fuse), tp=tp or 1,
-                      load_weights=bool(load_weights), strict=bool(strict))
+                      load_weights=bool(load_weights), strict=bool(strict),
+                      disabled=frozenset(disable), vllm_config=current_engine_config())
     log = EventLog(prefix, tp or 1)
     report = log.report()
     t0 = time.perf_counter()
@@ -142,6 +151,11 @@ def apply(model: nn.Module, quant_config: QuantizationConfig | None = None, *,
                            f"{type(e).__name__}: {e}; the model was not changed") from e
     log.update("timings_s", rewrite=time.perf_counter() - t1)
 
+    if deferred and options.fuse and "fusion" not in options.disabled:
+        from fxpass.weights import keep_loaded_weight
+
+        for layer in ctx.new_layers.values():  # fusion merges them at the first call
+            keep_loaded_weight(layer)
     t2 = time.perf_counter()
     if load_weights:
         for qualname, layer in ctx.new_layers.items():
@@ -273,28 +287,20 @@ def _explain_already_applied(log: EventLog, modules: dict[str, nn.Module],
 
 def _inputs_or_first_call(model: nn.Module, first_call: bool | None, *, fuse: bool,
                           tp: int | None) -> tuple[Any, bool]:
-    """(example inputs, False) from the built-in input table, or (None, True): trace at the
-    first call. Fusion and sharding build their layers from the graph before the weights
-    load, so they need the inputs now."""
-    from fxpass import zoo
-
-    known = zoo.has_input_builder(model)
-    if first_call is None:
-        first_call = not known
-    if first_call:
-        needs = "fuse=True" if fuse else f"tp={tp}" if tp is not None and tp > 1 else None
-        if needs:
-            raise UsageError(
-                f"fxpass.apply({type(model).__name__}, {needs}) builds its layers from the "
-                "graph before the weights load, so it cannot wait for the first call; pass "
-                "example_inputs= as a real call of the forward would")
-        return None, True
-    if not known:
+    """Without example inputs the graphs come from the model's first real call: (None, True).
+    Fusion waits for it too (the fused layers are built from the loaded members then);
+    sharding cannot: the loader must fill sharded layers."""
+    if first_call is False:
         raise UsageError(
-            f"fxpass.apply(first_call=False): no example inputs known for "
-            f"{type(model).__name__} (the built-in table: {', '.join(zoo.input_builders())}); "
-            "pass example_inputs= as a real call would, or let apply trace at the first call")
-    return zoo.example_inputs(model), False
+            f"fxpass.apply(first_call=False) traces now, so it needs example inputs for "
+            f"{type(model).__name__}: pass example_inputs= as a real call of its forward "
+            "would, or let apply trace at the first call")
+    if tp is not None and tp > 1:
+        raise UsageError(
+            f"fxpass.apply({type(model).__name__}, tp={tp}) plans the sharding from the graph "
+            "before vLLM's loader fills the sharded layers, so it cannot wait for the first "
+            "call; pass example_inputs= as a real call of the forward would")
+    return None, True
 
 
 def _check_tp_group(tp: int) -> None:
@@ -364,67 +370,6 @@ def _load(ctx: RewriteContext, qualname: str, layer: nn.Module) -> None:
         return
     old = ctx.module(qualname)
     load_linear_weights(layer, old.weight, old.bias, ctx.quant_config)
-
-
-def _commit(ctx: RewriteContext, runtime: RuleRespecialiser) -> None:
-    """Swap modules and install graphs; on any failure put everything back."""
-    swapped: list[tuple[nn.Module, str, nn.Module | None]] = []
-    installed: list[tuple[nn.Module, Any]] = []
-    # each touched parent's children as they were, in order (re-adding a deleted child
-    # would append it: named_modules / state_dict order would change)
-    children: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
-    try:
-        for qualname in ctx.removed:  # consumed by fusion
-            parent_name, _, child = qualname.rpartition(".")
-            parent = ctx.module(parent_name)
-            children.setdefault(id(parent), (parent, dict(parent._modules)))
-            swapped.append((parent, child, getattr(parent, child)))
-            delattr(parent, child)
-        for qualname, layer in ctx.new_layers.items():
-            parent_name, _, child = qualname.rpartition(".")
-            parent = ctx.module(parent_name)
-            children.setdefault(id(parent), (parent, dict(parent._modules)))
-            old = getattr(parent, child, None)
-            setattr(parent, child, layer)
-            swapped.append((parent, child, old))
-        for qualname, module in ctx.added.items():
-            parent_name, _, child = qualname.rpartition(".")
-            parent = ctx.module(parent_name)
-            if child in parent._modules or hasattr(parent, child):
-                raise RewriteError(f"{qualname}: a rule adds a module there, but "
-                                   f"{type(parent).__name__} already has {child!r}")
-            children.setdefault(id(parent), (parent, dict(parent._modules)))
-            setattr(parent, child, module)
-            swapped.append((parent, child, None))
-        for qualname, (fused_q, start, end) in ctx.fused_slices.items():
-            parent_name, _, child = qualname.rpartition(".")
-            parent = ctx.module(parent_name)
-            setattr(parent, child, FusedSlice(ctx.new_layers[fused_q], start, end))
-            swapped.append((parent, child, None))
-        families: dict[int, Family] = {}  # identical modules share their later graphs
-        for qualname, mg in ctx.trace.graphs.items():
-            sub = ctx.module(qualname)
-            installed.append((sub, sub.__dict__.get("forward")))
-            # Each module gets its own forward (its errors name it); the generated code of a
-            # shared graph is compiled once for all the modules running it.
-            family = families.setdefault(id(mg.graph), Family())
-            install(sub, GraphForward(mg, runtime, family))
-    except Exception as e:
-        for sub, previous in reversed(installed):
-            if previous is None:
-                sub.__dict__.pop("forward", None)
-            else:
-                sub.__dict__["forward"] = previous
-        for parent, child, old in reversed(swapped):
-            if old is None:
-                delattr(parent, child)
-            else:
-                setattr(parent, child, old)
-        for parent, saved in children.values():
-            parent._modules.clear()
-            parent._modules.update(saved)
-        raise RewriteError(f"committing the rewrite failed at {type(e).__name__}: {e}; "
-                           "the model was restored") from e
 
 
 def vllm_linear_names(model: nn.Module) -> list[str]:

@@ -78,6 +78,9 @@ class Options:
     load_weights: bool = False
     strict: bool = False
     disabled: frozenset[str] = frozenset()  # rule names switched off
+    # the engine's VllmConfig when apply ran inside one: layers a later session builds (at a
+    # first call) are built under it, as vLLM builds its own at model init
+    vllm_config: Any = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass
@@ -91,13 +94,16 @@ class RewriteContext:
     # linear qualified name -> its tensor-parallel style, for the linears sharded by the
     # tensor-parallel rule (the other rules leave them to it)
     tp_roles: dict[str, str] = dataclasses.field(default_factory=dict)
+    # (graph qualname, node name) -> the dim the tensor-parallel rule split that value along
+    tp_split: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
     # linear qualified name -> why the tensor-parallel rule left it replicated
     tp_refused: dict[str, str] = dataclasses.field(default_factory=dict)
     # qualified name -> vLLM layer planned to replace the module there (not yet installed);
     # its weights come from the module it replaces (load_weights) or vLLM's loader
     new_layers: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
     # qualified name -> a module a rule adds at a new path (an attention layer: no weights
-    # to load), registered on its parent at the commit (Mode.APPLY only)
+    # to load), registered on its parent when the session's graphs are installed (apply's
+    # commit, a first call's install)
     added: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
     # qualified name -> why this linear must stay nn.Linear
     unsafe: dict[str, str] = dataclasses.field(default_factory=dict)

@@ -5,7 +5,8 @@ there; on the CPU each fresh large tensor costs page faults and a pass over memo
 graph shows the left operand is a fresh tensor (made by a GEMM, an activation or another
 elementwise op, not a view or a module input), used only by this op, with the result's shape
 and dtype, the op becomes its in-place form (``mul_``, ``add_``, ...): the same values, one
-allocation less. ``add`` and ``mul`` commute bit for bit (IEEE), so where only the right
+allocation less; each call checks that the operand still has the result's shape and dtype
+(:func:`add_into_left`, ...: a call of another shape may broadcast it), else runs out of place. ``add`` and ``mul`` commute bit for bit (IEEE), so where only the right
 operand is fresh (HF's ``residual + hidden_states``) the op runs in place on that one
 (:func:`add_into_right`, which checks per call that the right operand has the result's shape
 and dtype: a call of another shape may broadcast it). Freshness is followed into a submodule's graph, also
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -58,12 +60,43 @@ def mul_into_right(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _into_right(a, b, "mul_")
 
 
+def _into_left(a: torch.Tensor, b: Any, method: str) -> torch.Tensor:
+    """``a <op> b`` written into ``a`` where ``a`` has the result's shape and dtype in this
+    call too (the traced call showed it; a call of another shape may broadcast ``a`` up:
+    FocalNet's modulator ``(1, C, 1, 1)`` against a ``(1, C, 2, 2)`` map); otherwise out of
+    place (and under torch.compile)."""
+    if (not torch.compiler.is_compiling() and isinstance(a, torch.Tensor)
+            and (not isinstance(b, torch.Tensor)
+                 or torch.broadcast_shapes(a.shape, b.shape) == a.shape)
+            and torch.result_type(a, b) == a.dtype):
+        return getattr(a, method)(b)
+    return getattr(torch, method.rstrip("_"))(a, b)
+
+
+def add_into_left(a: torch.Tensor, b: Any) -> torch.Tensor:
+    return _into_left(a, b, "add_")
+
+
+def sub_into_left(a: torch.Tensor, b: Any) -> torch.Tensor:
+    return _into_left(a, b, "sub_")
+
+
+def mul_into_left(a: torch.Tensor, b: Any) -> torch.Tensor:
+    return _into_left(a, b, "mul_")
+
+
+def div_into_left(a: torch.Tensor, b: Any) -> torch.Tensor:
+    return _into_left(a, b, "div_")
+
+
 INTO_RIGHT = {"add_": add_into_right, "mul_": mul_into_right}
+INTO_LEFT = {"add_": add_into_left, "sub_": sub_into_left, "mul_": mul_into_left,
+             "div_": div_into_left}
 FRESH_FUNCTIONS = frozenset({
     F.gelu, F.silu, F.relu, F.mish, torch.tanh, torch.sigmoid, torch.exp, torch.matmul,
     operator.matmul, operator.mul, operator.add, operator.sub, operator.truediv,
     torch.mul, torch.add, torch.sub, F.linear, rms_norm, add_contiguous, sub_contiguous,
-    mul_contiguous, multidim_rope, add_into_right, mul_into_right,
+    mul_contiguous, multidim_rope, add_into_right, mul_into_right, *INTO_LEFT.values(),
 })
 
 
@@ -159,7 +192,7 @@ class InplaceElementwise(SpeedRule):
                 if swapped:
                     new = graph.call_function(INTO_RIGHT[method], node.args)
                 else:
-                    new = graph.call_method(method, node.args)
+                    new = graph.call_function(INTO_LEFT[method], node.args)
             new.meta[meta.KEY] = dict(node.meta.get(meta.KEY, {}))
             node.replace_all_uses_with(new)
             graph.erase_node(node)

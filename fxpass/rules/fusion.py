@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxpass import meta
+from fxpass.layers import is_vllm_linear
 from fxpass.rules.base import Mode, Options, Phase, RewriteContext, RuleBase, Site
 
 
@@ -76,7 +77,7 @@ def _thin_wrapper_linear(ctx: RewriteContext, qualname: str) -> tuple[str | None
         return None, None
     call = calls[0]
     target = f"{qualname}.{call.target}"
-    if not isinstance(ctx.module(target), nn.Linear):
+    if not _member_layer(ctx, ctx.module(target)):
         return None, None
     output = next(n for n in nodes if n.op == "output")
     if call.args != (placeholders[0],) or call.kwargs:
@@ -89,15 +90,25 @@ def _thin_wrapper_linear(ctx: RewriteContext, qualname: str) -> tuple[str | None
     return target, None
 
 
+def _member_layer(ctx: RewriteContext, module: nn.Module) -> bool:
+    """A linear the rule may fuse: an ``nn.Linear`` at apply; at a first call, the vLLM
+    layer apply swapped in (its weights loaded since)."""
+    if ctx.mode is Mode.FIRST_CALL:
+        return is_vllm_linear(module)
+    return isinstance(module, nn.Linear)
+
+
 class SiblingFusion(RuleBase):
-    """Sibling linears on one input become one vLLM layer and a split (fuse=True, at apply:
-    it builds layers)."""
+    """Sibling linears on one input become one vLLM layer and a split (fuse=True). At apply
+    with a trace it plans the fused layer over the HF linears; at the first call of a tower
+    apply had no inputs for, it builds it from the vLLM layers vLLM's loader filled (their
+    weights kept for it: ``fxpass.weights.keep_loaded_weight``)."""
 
     name = "fusion"
     phase = Phase.SPEED
 
     def enabled(self, options: Options, mode: Mode) -> bool:
-        return options.fuse and mode is Mode.APPLY
+        return options.fuse and mode in (Mode.APPLY, Mode.FIRST_CALL)
 
     def describe(self, ctx: RewriteContext, g: FusionGroup | SliceGroup) -> str:
         if isinstance(g, SliceGroup):
@@ -126,7 +137,7 @@ class SiblingFusion(RuleBase):
                 if target not in ctx.modules:
                     continue  # a layer another rule added (a tensor-parallel fused layer)
                 mod = ctx.module(target)
-                if isinstance(mod, nn.Linear):
+                if _member_layer(ctx, mod):
                     member = Member(site, target, None)
                 else:
                     linear, refusal = _thin_wrapper_linear(ctx, target)
@@ -147,8 +158,14 @@ class SiblingFusion(RuleBase):
         for m in g.members:
             if m.refusal:
                 return m.refusal
-            if m.linear not in ctx.new_layers:
+            if ctx.mode is Mode.FIRST_CALL:
+                why = _loaded_refusal(ctx.module(m.linear))
+                if why:
+                    return f"{m.linear}: {why}"
+            elif m.linear not in ctx.new_layers:
                 return f"{m.linear} is not rewritten ({ctx.unsafe.get(m.linear, 'skipped')})"
+        if ctx.mode is Mode.FIRST_CALL:
+            return _same_layers(g.names(), [ctx.module(n) for n in g.names()])
         linears = [ctx.module(n) for n in g.names()]
         first = linears[0]
         for n, lin in zip(g.names(), linears):
@@ -162,11 +179,42 @@ class SiblingFusion(RuleBase):
         return None
 
     def apply(self, ctx: RewriteContext, g: FusionGroup) -> None:
-        from fxpass.weights import build_fused_linear
+        from fxpass.weights import build_fused_from_loaded, build_fused_linear
 
         linears = [ctx.module(n) for n in g.names()]
-        layer = build_fused_linear(linears, ctx.quant_config, ctx.full_name(g.names()[0]))
-        install_fused(ctx, g, layer, self.name, [lin.out_features for lin in linears])
+        if ctx.mode is Mode.FIRST_CALL:
+            layer = build_fused_from_loaded(linears, ctx.quant_config,
+                                            ctx.full_name(g.names()[0]))
+            sizes = [lin.output_size for lin in linears]
+        else:
+            layer = build_fused_linear(linears, ctx.quant_config, ctx.full_name(g.names()[0]))
+            sizes = [lin.out_features for lin in linears]
+        install_fused(ctx, g, layer, self.name, sizes)
+
+
+def _loaded_refusal(layer: nn.Module) -> str | None:
+    """Why a loaded vLLM layer cannot be a member of a layer fused at the first call."""
+    from fxpass.weights import loaded_weight, tp_style
+
+    if type(layer).__name__ != "ReplicatedLinear":
+        return f"it is a {type(layer).__name__}, not a replicated vLLM layer"
+    if tp_style(layer) is not None:
+        return "it is sharded"
+    _, why = loaded_weight(layer)
+    return why or None
+
+
+def _same_layers(names: list[str], layers: list[nn.Module]) -> str | None:
+    from fxpass.weights import logical_weight_info
+
+    first = layers[0]
+    for n, lin in zip(names, layers):
+        if (lin.input_size != first.input_size
+                or logical_weight_info(lin)[0] != logical_weight_info(first)[0]):
+            return f"{n} differs in input size or dtype from {names[0]}"
+        if (lin.bias is None) != (first.bias is None):
+            return f"{n} differs in bias from {names[0]}"
+    return None
 
 
 @dataclasses.dataclass
@@ -289,7 +337,7 @@ def install_fused(ctx: RewriteContext, g: FusionGroup, layer: nn.Module, rule: s
 
     start = 0
     for m, size in zip(g.members, sizes):
-        ctx.new_layers.pop(m.linear)
+        ctx.new_layers.pop(m.linear, None)  # planned at apply; loaded already at a first call
         ctx.removed.append(m.wrapper or m.linear)
         # the member stays callable by name: a slice of the fused output (this rank's, under
         # tensor parallelism)

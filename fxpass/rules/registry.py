@@ -22,6 +22,7 @@ from fxpass.rules.elementwise import InplaceElementwise
 from fxpass.rules.fusion import FusedSlices, SiblingFusion
 from fxpass.rules.layout import ContiguousStream
 from fxpass.rules.linear import LinearToVllm
+from fxpass.rules.mm_attention import MMEncoderAttentionRule
 from fxpass.rules.norms import RmsNormToVllm
 from fxpass.rules.probes import WeightProbes
 from fxpass.rules.rope import MultidimRope
@@ -30,6 +31,7 @@ from fxpass.rules.sdpa_mask import SdpaFullMask
 RULES: tuple[type[Rule], ...] = (
     LinearToVllm, TensorParallel, SiblingFusion, FusedSlices, PatchConvAsGemm, RmsNormToVllm,
     MultidimRope, ContiguousStream, InplaceElementwise, WeightProbes, Contiguity, SdpaFullMask,
+    MMEncoderAttentionRule,
 )
 
 # the opt-in speed rules (fuse=True), by name: `fxpass bench --only rules` measures each one

@@ -5,8 +5,10 @@ Matching
     the caller stayed Python). Forward hooks on every submodule of both models report each
     call's output when it completes; a call is identified by the module's path and its call
     number within the forward, never by position in the run, so calls that exist on one side
-    only (a vLLM layer's internals, a fused layer) are listed, not mis-paired. The reference's
-    trace names the fx graph and node that make each call (``NodeResult.graph/.node``).
+    only (a vLLM layer's internals, a fused layer) are listed, not mis-paired; a layer a rule
+    added in place of a function call (vLLM's encoder attention for HF's SDPA) is listed in
+    ``covered`` with the module whose compared output holds it. The reference's trace names
+    the fx graph and node that make each call (``NodeResult.graph/.node``).
 
 Streaming (propagated mode)
     The candidate runs on the calling thread; each reference runs on a worker thread, and the
@@ -675,6 +677,9 @@ def _propagated(report: VerifyReport, checker: _Checker, candidate: nn.Module,
             if value is not _MISSING:
                 got[name] = value
         if not got:
+            if getattr(module, "_fxpass_site", None) is not None:  # a layer a rule added
+                report.covered.setdefault(path, path.rpartition(".")[0])
+                return
             if path not in seen_cand_only:
                 seen_cand_only.add(path)
                 report.candidate_only.append(path)

@@ -104,6 +104,9 @@ class VerifyReport:
     layer_methods: dict[str, str] = dataclasses.field(default_factory=dict)
     candidate_only: list[str] = dataclasses.field(default_factory=list)
     reference_only: list[str] = dataclasses.field(default_factory=list)
+    # candidate modules a rule added where the reference makes a function call (vLLM's
+    # encoder attention for SDPA) -> the module whose compared output holds theirs
+    covered: dict[str, str] = dataclasses.field(default_factory=dict)
     elapsed_s: float = 0.0
 
     # -- verdict --------------------------------------------------------------------------
@@ -175,6 +178,7 @@ class VerifyReport:
                 "layers": len(self.layer_methods),
                 "candidate_only": len(self.candidate_only),
                 "reference_only": len(self.reference_only),
+                "covered": len(self.covered),
             },
             "layers": {k: {kk: json_float(v) if isinstance(v, float) else v
                            for kk, v in d.items()}
@@ -182,6 +186,7 @@ class VerifyReport:
             "layer_methods": dict(self.layer_methods),
             "candidate_only": list(self.candidate_only),
             "reference_only": list(self.reference_only),
+            "covered": dict(self.covered),
             "nodes": [n.to_dict() for n in self.nodes],
             "outputs": [n.to_dict() for n in self.outputs],
             "elapsed_s": round(self.elapsed_s, 4),

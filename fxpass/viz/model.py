@@ -245,7 +245,7 @@ def _label(name: str, d: dict[str, Any]) -> tuple[str, str, str | None]:
     badge = None
     if d.get("rewrite"):
         rw = d["rewrite"]
-        badge = f"{rw.get('layer', '?')} · {rw.get('quant_method', '?')}"
+        badge = f"{rw.get('layer', '?')} · {rw.get('quant_method', rw.get('backend', '?'))}"
         if d.get("tp"):
             badge += f" · tp={d['tp'].get('tp')}"
     elif d.get("tp"):
@@ -612,8 +612,9 @@ def build_model(trace_result: Any, report: Any = None, verify: Any = None,
 
     # -- summary ------------------------------------------------------------------------
     sites = [(q, n) for q, g in graphs.items() for n, d in g.nodes(data=True) if d.get("rewrite")]
-    methods = sorted({d["rewrite"].get("quant_method", "?") for q, g in graphs.items()
-                      for _, d in g.nodes(data=True) if d.get("rewrite")}
+    methods = sorted({d["rewrite"]["quant_method"] for q, g in graphs.items()
+                      for _, d in g.nodes(data=True)
+                      if d.get("rewrite") and "quant_method" in d["rewrite"]}
                      | set(quant_methods.values()))
     fixes = (rep or {}).get("fixes", [])
     summary = {

@@ -52,8 +52,10 @@ ENGINE_ENV = {
 CASES: dict[str, tuple[str | None, bool, list[list[str]], dict[str, Any], dict[str, str]]] = {
     "bf16_on": (None, False, [["text", "image"], ["audio"]], {"hf_compare": True}, {}),
     "bf16_off": (None, True, [["text", "image"], ["audio"]], {}, {}),
-    # DEBUG logging in one case, to see the report's table in vLLM's log.
-    "bnb_on": ("bitsandbytes", False, [["text", "image", "audio"]], {"hf_compare": True},
+    # DEBUG logging in one case, to see the report's table in vLLM's log; the speed rules
+    # switched off through vLLM's additional_config (the plugin's switch, in the engine).
+    "bnb_on": ("bitsandbytes", False, [["text", "image", "audio"]],
+               {"hf_compare": True, "additional_config": {"fxpass": {"speed_rules": False}}},
                {"VLLM_LOGGING_LEVEL": "DEBUG"}),
     "bnb_off": ("bitsandbytes", True, [["text", "image", "audio"]], {}, {}),
     # Tower LoRA (test_lora_e2e.py): one image per generate() call, without an adapter, with

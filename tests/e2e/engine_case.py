@@ -409,6 +409,8 @@ def main(spec_path: str) -> None:
                           enable_tower_connector_lora=True)
             lora_requests = {n: LoRARequest(n, i + 1, d)
                              for i, (n, d) in enumerate(sorted(lora["adapters"].items()))}
+        if spec.get("additional_config"):  # the plugin's switches: {"fxpass": {...}}
+            kwargs["additional_config"] = spec["additional_config"]
         tp = spec.get("tensor_parallel_size", 1)
         if tp > 1:  # the executor starts one worker process per rank, each with the plugin
             kwargs["tensor_parallel_size"] = tp
@@ -425,6 +427,9 @@ def main(spec_path: str) -> None:
             res["model"] = res["models_ranks"][0]
         else:
             res["model"] = llm.apply_model(inspect_model)[0]
+        # the towers' first-call state when the engine is ready, before any request
+        res["first_call_at_ready"] = {r["prefix"]: (r["report"] or {}).get(
+            "first_call", {}).get("state") for r in res["plugin_records"]}
         res["weight_loads"] = dict(LOADS)
         llm.apply_model(install_capture_hooks)
         rec.flush()

@@ -17,6 +17,16 @@ pytestmark = pytest.mark.slow
 # calibrated tower-LoRA budget (fxpass.verify.budgets.lora_budget("bfloat16")) is 30 dB.
 # Measured here: 50.6 dB (vs 3.6 dB against HF without the adapter).
 LORA_BF16_MIN_SQNR_DB = 30.0
+# Without an adapter the tower is HF's up to the ulp-level bf16 differences of vLLM's encoder
+# attention (SDPA on the packed layout) against HF's SDPA call: the bf16 tower budget of
+# test_vllm_e2e.py (at most 2 ulps at the top of the range, >= 40 dB)
+PLAIN_BF16_MIN_SQNR_DB = 40.0
+
+
+def _is_hf(cmp: dict) -> bool:
+    """vLLM's tower without an adapter against HF's, within the bf16 budget."""
+    return (cmp["sqnr_db"] >= PLAIN_BF16_MIN_SQNR_DB
+            and cmp["max_abs"] <= 2 * 2.0 ** -8 * cmp["ref_max_abs"])
 # The adapter must change the tower's output a lot, or the comparison above proves nothing.
 ADAPTER_EFFECT_MAX_SQNR_DB = 15.0
 
@@ -31,8 +41,8 @@ def test_tower_lora_matches_hf_plus_peft(lora_case):
     assert res["errors"] == {}, lora_case.explain()
     cmp = res["tower_vs_peft"]
     assert cmp["peft_errors"] == {} or set(cmp["peft_errors"]) == {"wrapper:error"}
-    # without an adapter: vLLM's tower is HF's, bit for bit (bf16)
-    assert cmp["image[0] vs hf"]["n_different"] == 0, cmp["image[0] vs hf"]
+    # without an adapter: vLLM's tower is HF's (bf16 budget)
+    assert _is_hf(cmp["image[0] vs hf"]), cmp["image[0] vs hf"]
     # with the adapter: HF + PEFT, within the tower-LoRA budget; far from the plain tower
     good = cmp["image@good[0] vs hf+good"]
     assert good["sqnr_db"] >= LORA_BF16_MIN_SQNR_DB, good
@@ -50,7 +60,7 @@ def test_tokens_with_and_without_the_adapter(lora_case):
 def test_wrapper_keyed_adapter_is_reported_by_the_plugin(lora_case):
     res = lora_case.result
     cmp = res["tower_vs_peft"]
-    assert cmp["image@wrapper[0] vs hf"]["n_different"] == 0  # no LoRA reached the tower
+    assert _is_hf(cmp["image@wrapper[0] vs hf"])  # no LoRA reached the tower
     records = {r["prefix"]: r for r in res["plugin_records"]}
     nowhere = records["vision_tower"]["lora_nowhere"]
     assert {e["module"] for e in nowhere} == {
@@ -87,7 +97,7 @@ def test_two_images_in_one_encoder_step_with_tower_lora(engine_cases):
     assert res["errors"] == {}, res["errors"]
     cmp = res["tower_vs_peft"]
     outs = [k for k in cmp if k.startswith("image+image@good[")]
-    assert any(k.endswith("vs hf") and cmp[k]["n_different"] == 0 for k in outs)
+    assert any(k.endswith("vs hf") and _is_hf(cmp[k]) for k in outs)
     assert any(k.endswith("vs hf+good") and cmp[k]["sqnr_db"] >= LORA_BF16_MIN_SQNR_DB
                for k in outs)
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import fxpass
 import fxpass.vllm_plugin as plugin
 
 
@@ -194,7 +195,9 @@ def test_records_count_specialisations_and_fallbacks(vllm_rt, plugin_log):
     assert rec.fallbacks == {"<root>": 2}  # batch 3: data-dependent, so Python serves it
     assert rec.to_dict()["fallbacks"] == {"<root>": 2}
     assert "data-dependent" in report.runtime.reasons["<root>"]["fallback"]
-    assert not [r for r in plugin_log if r.levelno >= logging.WARNING]  # the plugin's logger
+    # the plugin itself warned of nothing (the graph runtime's own warning, logger fxpass,
+    # reaches vllm.fxpass's handlers too)
+    assert not [r for r in plugin_log if r.levelno >= logging.WARNING and r.name != "fxpass"]
 
 
 def test_a_tower_nobody_named_is_traced_at_its_first_call(vllm_rt, plugin_state, plugin_log):
@@ -233,6 +236,8 @@ def test_a_tower_nobody_named_is_traced_at_its_first_call(vllm_rt, plugin_state,
     # proj's input is a transpose (oneDNN's GEMM would reject it): a .contiguous() first
     assert [f.rule for f in report.fixes] == ["weight-probes", "contiguity"]
     info = [r.getMessage() for r in plugin_log if r.levelno == logging.INFO]
+    assert any("speed rules on" in m for m in info), info  # the switches, once per tower
+    info = [m for m in info if "linears -> vLLM" in m]
     assert len(info) == 2 and "come at the first call" in info[0], info
     assert "graphs traced at the first call" in info[1], info
     assert rec.to_dict()["report"]["first_call"]["state"] == "traced"
@@ -308,3 +313,95 @@ def test_fxpass_log_records_reach_vllms_logger(monkeypatch):
         plugin.logger.removeHandler(keep)
     assert [r.getMessage() for r in seen] == ["fxpass: a runtime warning"]
     assert seen[0].name == "fxpass"
+
+
+class _QKV(nn.Module):
+    """Three projections of one input (fusable) and an output projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.o = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.o(torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1) @ self.v(x))
+
+
+def _engine_config(additional_config=None, lora=False):
+    """A VllmConfig as vLLM hands its model init one: additional_config, optional LoRA."""
+    from vllm.config import LoRAConfig, VllmConfig
+
+    config = VllmConfig(additional_config=additional_config or {})
+    if lora:  # (a LoRAConfig checks itself against a model config this test has none of)
+        config.lora_config = LoRAConfig.__new__(LoRAConfig)
+    return config
+
+
+def _rewrite_in_engine(config, monkeypatch):
+    """replace_linear under ``config`` (as vLLM's model init calls it), then vLLM's loader
+    and a first call; (tower, reference, record)."""
+    from vllm.config import set_current_vllm_config
+
+    from fxpass.weights import load_linear_weights
+
+    monkeypatch.setattr(plugin, "_original", lambda *a, **k: pytest.fail("walk fallback"))
+    torch.manual_seed(0)
+    tower = _QKV().eval()
+    ref = copy.deepcopy(tower)
+    with set_current_vllm_config(config):
+        plugin.replace_linear(tower, None, prefix="vision_tower")
+    for name in ("q", "k", "v", "o"):
+        old = ref.get_submodule(name)
+        load_linear_weights(tower.get_submodule(name), old.weight, old.bias, None)
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(x), ref(x), atol=1e-5, rtol=1e-5)
+    return tower, ref, plugin.records()[-1]
+
+
+def test_speed_rules_fuse_at_the_first_call_by_default(vllm_rt, plugin_state, monkeypatch):
+    """No input table: the siblings are merged at the first call from the loaded layers."""
+    tower, ref, rec = _rewrite_in_engine(_engine_config(), monkeypatch)
+    assert rec.settings.speed_rules and rec.fusion_off is None
+    assert rec.report.fused == {"vision_tower.fused__q__k__v": [
+        "vision_tower.q", "vision_tower.k", "vision_tower.v"]}
+    assert type(tower.fused__q__k__v).__name__ == "MergedColumnParallelLinear"
+    assert not any("_fxpass_loaded_weight" in m.__dict__ for m in tower.modules())
+
+
+@pytest.mark.parametrize("config, why", [
+    ({"fxpass": {"speed_rules": False}}, None),
+    ({"fxpass": {"disable": ["fusion"]}}, None),
+    ("lora", "LoRA is enabled"),
+], ids=["speed-rules-off", "fusion-off", "lora"])
+def test_switches_keep_the_linears_apart(vllm_rt, plugin_state, monkeypatch, config, why):
+    cfg = _engine_config(lora=True) if config == "lora" else _engine_config(config)
+    tower, _, rec = _rewrite_in_engine(cfg, monkeypatch)
+    assert rec.report.fused == {}
+    assert rec.fusion_off is None if why is None else why in rec.fusion_off
+    assert [type(getattr(tower, n)).__name__ for n in "qkv"] == ["ReplicatedLinear"] * 3
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"fxpass": {"fuse": True}}, r"unknown key\(s\) 'fuse'; the keys are: disable, enabled"),
+    ({"fxpass": {"disable": ["mm-atention"]}}, r"unknown rule name\(s\) 'mm-atention'"),
+])
+def test_a_bad_fxpass_entry_stops_model_init(vllm_rt, plugin_state, monkeypatch, entry, match):
+    """Not the walk's fallback: the engine stops, naming the key and the valid ones."""
+    from vllm.config import set_current_vllm_config
+
+    monkeypatch.setattr(plugin, "_original", lambda *a, **k: pytest.fail("walk fallback"))
+    with set_current_vllm_config(_engine_config(entry)):
+        with pytest.raises(fxpass.UsageError, match=match):
+            plugin.replace_linear(_QKV(), None, prefix="vision_tower")
+    assert plugin.records() == []
+
+
+def test_fxpass_disable_in_additional_config_runs_the_walk(vllm_rt, plugin_state, monkeypatch):
+    from vllm.config import set_current_vllm_config
+
+    walked = []
+    monkeypatch.setattr(plugin, "_original", lambda m, q, prefix="": walked.append(prefix))
+    with set_current_vllm_config(_engine_config({"fxpass": {"enabled": False}})):
+        plugin.replace_linear(_QKV(), None, prefix="vision_tower")
+    assert walked == ["vision_tower"] and plugin.records() == []

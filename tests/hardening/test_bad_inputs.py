@@ -452,26 +452,24 @@ def test_example_inputs_of_the_wrong_kind():
         fxpass.apply(_tower(), example_inputs="pixel_values")
 
 
-def test_no_example_inputs_for_an_unknown_model_when_insisting_on_tracing_now():
+def test_no_example_inputs_when_insisting_on_tracing_now():
     """Without inputs apply traces at the first call; first_call=False refuses that."""
     same = Unchanged(_tower())
-    with pytest.raises(UsageError, match=r"^fxpass\.apply\(first_call=False\): no example "
-                                         r"inputs known for Tower \(the built-in table: "
-                                         r"Gemma4VisionModel, .*\); pass example_inputs= as "
-                                         r"a real call would, or let apply trace at the "
-                                         r"first call$"):
+    with pytest.raises(UsageError, match=r"^fxpass\.apply\(first_call=False\) traces now, so it "
+                                         r"needs example inputs for Tower: pass "
+                                         r"example_inputs= as a real call of its forward would, "
+                                         r"or let apply trace at the first call$"):
         fxpass.apply(same.model, first_call=False)
     same.check()
 
 
-@pytest.mark.parametrize("kw, needs", [({"fuse": True}, "fuse=True"), ({"tp": 2}, "tp=2")])
-def test_fuse_or_tp_cannot_wait_for_the_first_call(kw, needs):
+def test_tp_cannot_wait_for_the_first_call():
     same = Unchanged(_tower())
-    with pytest.raises(UsageError, match=rf"^fxpass\.apply\(Tower, {needs}\) builds its "
-                                         r"layers from the graph before the weights load, "
-                                         r"so it cannot wait for the first call; pass "
+    with pytest.raises(UsageError, match=r"^fxpass\.apply\(Tower, tp=2\) plans the sharding from "
+                                         r"the graph before vLLM's loader fills the sharded "
+                                         r"layers, so it cannot wait for the first call; pass "
                                          r"example_inputs="):
-        fxpass.apply(same.model, **kw)
+        fxpass.apply(same.model, tp=2)
     same.check()
 
 
@@ -624,3 +622,11 @@ class _Evil:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
+
+
+def test_unknown_rule_name_to_disable():
+    same = Unchanged(_tower())
+    with pytest.raises(UsageError, match=r"^fxpass\.apply\(disable=\.\.\.\): unknown rule name\(s\) "
+                                         r"'mm-atention'; the rules are: linear, "):
+        fxpass.apply(same.model, disable=["mm-atention"])
+    same.check()

@@ -37,7 +37,7 @@ def _names(options: Options, mode: Mode) -> list[str]:
 
 def test_apply_runs_the_swap_then_the_fixes():
     assert _names(Options(), Mode.APPLY) == ["linear", "weight-probes", "contiguity",
-                                             "sdpa-mask"]
+                                             "sdpa-mask", "mm-attention"]
 
 
 def test_fuse_adds_the_speed_rules_in_phase_order_and_after_their_inputs():

@@ -64,6 +64,23 @@ def test_rewritten_tower_answers_every_call_form_as_the_original(name):
         len(why) > 20 for why in res.site_reasons.values()), res.site_reasons
 
 
+FUSED_RTOL = 1e-3  # merged GEMMs / a patch conv as a GEMM: another summation order
+
+
+@pytest.mark.parametrize("name", [t.name for t in cat.TOWERS])
+def test_speed_rules_without_example_inputs_answer_as_the_original(name):
+    """vLLM's plugin default: apply(fuse=True) with no example inputs, the fused layers built
+    at the first call from the loaded ones; keyword calls at every size and batch give the
+    original's answer (fp32, within FUSED_RTOL of its scale) or its exception. Batches of
+    two at every size (padded where the catalogue pads): the first call traces the smallest,
+    the others meet the graph's decisions (in place, fused) at other shapes."""
+    res = call_forms.check(cat.by_name(name), fuse=True, forms={"keyword"}, rtol=FUSED_RTOL,
+                           batches=(2,))
+    assert res.calls > 0
+    assert res.wrong == [], "\n".join(res.wrong)
+    assert bool(res.as_the_walk) == (name in AS_THE_WALK), res.as_the_walk
+
+
 @pytest.mark.parametrize("name", [*cat.NAMED, *AS_THE_WALK])
 def test_named_towers_traced_on_example_inputs_too(name):
     """apply with example inputs (traced at once) answers the same call forms."""

@@ -60,9 +60,18 @@ def test_fused_unquantized_matches_original(name):
             torch.testing.assert_close(_first(tower(**x)), _first(ref(**x)), atol=1e-4, rtol=0)
 
 
-def test_gemma4_thin_wrappers_fuse_qkv_and_gate_up():
+@pytest.mark.parametrize("traced_at", ["apply", "first call"])
+def test_gemma4_thin_wrappers_fuse_qkv_and_gate_up(traced_at):
+    """Traced on example inputs, the fused layers are planned at apply; without, they are
+    built at the first call from the loaded vLLM layers (what vLLM's plugin does)."""
     tower = _unclipped_gemma4_vision()
-    report = fxpass.apply(tower, None, load_weights=True, fuse=True)
+    ref = copy.deepcopy(tower)
+    x = zoo.example_inputs(ref)
+    report = fxpass.apply(tower, None, load_weights=True, fuse=True,
+                          example_inputs=x if traced_at == "apply" else None)
+    assert report.traced_at == traced_at
+    with torch.no_grad():
+        torch.testing.assert_close(_first(tower(**x)), _first(ref(**x)), atol=1e-4, rtol=0)
     groups = sorted(tuple(n.rsplit(".", 2)[-2] for n in m) for m in report.fused.values())
     assert ("gate_proj", "up_proj") in groups and ("q_proj", "k_proj", "v_proj") in groups
     attn = tower.encoder.layers[0].self_attn
@@ -86,7 +95,8 @@ def test_fused_nf4_equals_unfused_nf4(name):
 
 def test_clipped_wrappers_are_refused_with_reason():
     tower = zoo.build_tower("gemma4_vision")  # tiny config: clipping on, active bounds
-    report = fxpass.apply(tower, None, load_weights=True, fuse=True)
+    report = fxpass.apply(tower, None, load_weights=True, fuse=True,
+                          example_inputs=zoo.example_inputs(tower))
     assert not report.fused
     reasons = [r["reason"] for r in report.refusals if r["rule"] == "fusion"]
     assert reasons and all("clamp" in r and "per-layer" in r for r in reasons)
@@ -109,7 +119,8 @@ def test_checkpoint_with_original_names_loads_into_fused_layers():
 def test_elementwise_ops_on_dead_fresh_inputs_go_in_place():
     tower = _unclipped_gemma4_vision()
     ref = copy.deepcopy(tower)
-    report = fxpass.apply(tower, None, load_weights=True, fuse=True)
+    report = fxpass.apply(tower, None, load_weights=True, fuse=True,
+                          example_inputs=zoo.example_inputs(tower))
     inplace = [f for f in report.fixes if f.rule == "elementwise"]
     assert any("mul -> in-place .mul_()" in f.detail for f in inplace), report
     with torch.no_grad():
@@ -154,7 +165,8 @@ def test_siglip_residual_adds_go_in_place_on_the_sublayer_output():
     """``residual + self_attn(...)[0]``: freshness is followed through the tuple item."""
     tower = zoo.build_tower("siglip_vision")
     ref = copy.deepcopy(tower)
-    report = fxpass.apply(tower, None, load_weights=True, fuse=True)
+    report = fxpass.apply(tower, None, load_weights=True, fuse=True,
+                          example_inputs=zoo.example_inputs(tower))
     right = [f for f in report.fixes if f.rule == "elementwise" and "dead right input" in f.detail]
     assert {f.module.rsplit(".", 1)[-1] for f in right} >= {"0", "1"}, report
     with torch.no_grad():
@@ -193,7 +205,8 @@ def test_a_graph_traced_after_apply_calls_the_merged_layer_once():
 
     tower = _unclipped_gemma4_vision()
     ref = copy.deepcopy(tower)
-    report = fxpass.apply(tower, None, load_weights=True, fuse=True)
+    report = fxpass.apply(tower, None, load_weights=True, fuse=True,
+                          example_inputs=zoo.example_inputs(tower))
     assert report.fused
     attn, ref_attn = tower.encoder.layers[0].self_attn, ref.encoder.layers[0].self_attn
     x = zoo.example_inputs(ref)
@@ -212,3 +225,29 @@ def test_a_graph_traced_after_apply_calls_the_merged_layer_once():
     variant = installed_graph(attn).family.variants[-1]
     assert "fused__q_proj__k_proj__v_proj" in variant.src
     assert "self.q_proj(" not in variant.src and "self.k_proj(" not in variant.src
+
+
+class _Modulator(nn.Module):
+    """FocalNet's pattern: a fresh GEMM output times a map it broadcasts against when the
+    map is larger than at the traced call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x, grid):
+        return self.proj(x) * grid  # (b, 1, 8) * (b, s, 8)
+
+
+def test_in_place_on_the_left_operand_checks_each_call_for_broadcasting():
+    torch.manual_seed(0)
+    m = _Modulator().eval()
+    ref = copy.deepcopy(m)
+    x = torch.randn(2, 1, 8)
+    report = fxpass.apply(m, None, load_weights=True, fuse=True,
+                          example_inputs=(x, torch.randn(2, 1, 8)))
+    assert any("in-place .mul_() on a dead left input" in f.detail for f in report.fixes), report
+    with torch.no_grad():
+        for s in (1, 3):  # s=3: the left operand broadcasts up, so out of place
+            grid = torch.randn(2, s, 8)
+            torch.testing.assert_close(m(x, grid), ref(x, grid))

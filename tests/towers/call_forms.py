@@ -44,6 +44,13 @@ class Result:
     untraced: dict[str, str] = dataclasses.field(default_factory=dict)
     python_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
     site_reasons: dict[str, str] = dataclasses.field(default_factory=dict)
+    fused: int = 0  # linears merged into a fused layer (fuse=True)
+
+
+def _max_abs(out: Any) -> float:
+    return max((float(v.detach().abs().max()) for _, v in cat._leaves(out)
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel()),
+               default=0.0)
 
 
 def _outcome(call: cat.Call, module: torch.nn.Module) -> Any:
@@ -54,21 +61,29 @@ def _outcome(call: cat.Call, module: torch.nn.Module) -> Any:
         return e
 
 
-def check(entry: cat.Tower, *, first_call: bool = True) -> Result:
+def check(entry: cat.Tower, *, first_call: bool = True, fuse: bool = False,
+          forms: set[str] | None = None, rtol: float = 0.0,
+          batches: tuple[int, ...] = (1, 2)) -> Result:
+    """``fuse=True``: the speed rules too (vLLM's plugin default), fusion built at the first
+    call from the loaded layers. ``forms``: only these call forms (``keyword``, ...).
+    ``rtol``: a wrong answer is one further than ``ATOL + rtol * max|original|`` (merged
+    GEMMs and a patch conv as a GEMM sum in another order; a random tower can amplify that)."""
     import fxpass
 
     res = Result(entry.name)
     ref = entry.build(0)
     model = copy.deepcopy(ref)
     if first_call:
-        report = fxpass.apply(model, None, load_weights=True, first_call=True)
+        report = fxpass.apply(model, None, load_weights=True, first_call=True, fuse=fuse)
     else:
-        report = fxpass.apply(model, None, load_weights=True,
+        report = fxpass.apply(model, None, load_weights=True, fuse=fuse,
                               example_inputs=entry.inputs(ref, 0, 1))
     walked = None  # vLLM's walk on the same tower, built when a call needs it
     for size in range(entry.sizes):
-        for batch in (1, 2):
+        for batch in batches:
             for call in entry.calls(ref, size, batch):
+                if forms is not None and call.name.split(":")[0] not in forms:
+                    continue
                 res.calls += 1
                 res.forms.add(call.name.split(":")[0])
                 want, got = _outcome(call, ref), _outcome(call, model)
@@ -90,13 +105,14 @@ def check(entry: cat.Tower, *, first_call: bool = True) -> Result:
                     res.wrong.append(f"{where}: {e}")
                     continue
                 res.worst = max(res.worst, diff)
-                if diff > ATOL:
+                if diff > ATOL + (rtol * _max_abs(want) if rtol else 0.0):
                     res.wrong.append(f"{where}: max abs diff {diff:.2e}")
     if first_call and report.first_call.get("state") != "traced":
         res.wrong.append(f"the first call did not trace the tower: {report.first_call}")
     res.first_call_ms = report.first_call.get("elapsed_s", 0.0) * 1000
     res.linears = len(report.replaced) + len(report.skipped)
-    res.graph_sites = len(report.graph_rewrites)
+    res.fused = sum(len(m) for m in report.fused.values())
+    res.graph_sites = len(report.graph_rewrites) + res.fused  # a fused member is in a graph
     res.site_reasons = {**report.plain_swaps, **report.skipped}
     res.untraced = dict(report.untraced)
     rt = report.runtime

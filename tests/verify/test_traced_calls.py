@@ -36,6 +36,10 @@ def test_every_input_compares_the_real_calls(tower, vllm_rt, traced_at):
     report = verify(ref, cand, inputs, progress=False)
     assert report.passed, report.format()
     assert report.candidate_only == [] and report.reference_only == []
+    # vLLM's encoder attention where HF calls SDPA: compared through its attention module
+    layers = range(ref.config.num_hidden_layers)
+    assert report.covered == {f"encoder.layers.{i}.self_attn.attn": f"encoder.layers.{i}.self_attn"
+                              for i in layers}
     compared = collections.defaultdict(set)
     for n in report.nodes:
         compared[n.input].add(n.module)

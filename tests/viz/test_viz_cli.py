@@ -45,7 +45,7 @@ def test_viz_nf4_diff_writes_one_offline_page(checkpoint, tmp_path, open_page, c
     # each number says what it is measured against
     assert re.search(r"output SQNR vs HF \w+ reference", page.inner_text("#diff-summary"))
     page.click("#expand-all")
-    assert page.locator("g.node.rewritten").count() == n
+    assert page.locator("g.node.rewritten").count() == n + 1  # and its attention call
     assert page.locator("g.node.has-m").count() >= n  # the overlay coloured them
     assert page.evaluate("document.body.classList.contains('diff-on')")
     assert o.errors == []
@@ -56,7 +56,7 @@ def test_viz_dot_format_and_missing_graphviz(checkpoint, tmp_path, monkeypatch, 
     out = tmp_path / "g.dot"
     assert main([str(checkpoint), "--tower", "model.vision_tower", "-o", str(out)]) == 0
     text = out.read_text()
-    assert text.startswith("digraph fxpass {") and text.count('class="op-call_module rewritten') == 8
+    assert text.startswith("digraph fxpass {") and text.count('class="op-call_module rewritten') == 8 + 1
     # svg without Graphviz: a clear error, before any loading
     monkeypatch.setattr(shutil, "which", lambda *a, **k: None)
     assert main([str(checkpoint), "--tower", "model.vision_tower", "-o",

@@ -32,13 +32,17 @@ def test_dot_parses_and_holds_every_rewritten_node(which, request):
     rewritten = {a["id"]: a for a in nodes.values()
                  if "rewritten" in a.get("class", "").split()}
     sites = _expected_sites(case)
-    assert len(sites) == len(case.report.graph_rewrites)
+    attention = [f for f in case.report.fixes if f.rule == "mm-attention"]
+    assert len(sites) == len(case.report.graph_rewrites) + len(attention)
     assert set(rewritten) == sites
     tips = " ".join(a.get("tooltip", "") for a in rewritten.values())
     for name in case.report.replaced:  # the vLLM prefix of each layer is on its node
         assert name in tips
-    for a in rewritten.values():
-        assert "ReplicatedLinear" in a["label"]
+    layers = [a["label"].split("ReplicatedLinear")[0] for a in rewritten.values()
+              if "ReplicatedLinear" in a["label"]]
+    calls = [a for a in rewritten.values() if "MMEncoderAttention" in a["label"]]
+    assert len(layers) == len(case.report.graph_rewrites)
+    assert len(calls) == len(attention)
     # every node and edge of every graph is there, one cluster per module
     total = sum(len(mg.graph.nodes) for mg in case.trace.graphs.values())
     assert sum(1 for a in nodes.values() if "op-" in a.get("class", "")) == total
@@ -70,7 +74,7 @@ def test_svg_parses_and_holds_every_rewritten_node(which, request):
     assert rewritten == _expected_sites(case)
     for site in rewritten:
         text = " ".join(t.text or "" for t in groups[site].iter(f"{SVG}text"))
-        assert "ReplicatedLinear" in text
+        assert "ReplicatedLinear" in text or "MMEncoderAttention" in text
     # hostile strings stay text: no element the SVG did not draw itself
     tags = {el.tag.removeprefix(SVG) for el in root.iter()}
     assert tags <= {"svg", "g", "title", "text", "path", "polygon", "ellipse", "a", "polyline"}
