@@ -38,6 +38,7 @@ import gc
 import json
 import os
 import platform
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -736,6 +737,8 @@ def peers_table(peers_result: dict[str, Any]) -> list[str]:
 
 
 SECTIONS = BENCH_SECTIONS
+# run only when asked for (--only engine): it starts vLLM engines in their own processes
+ON_REQUEST = ("engine",)
 DTYPES = BENCH_DTYPES  # the forward / peers / rules rows
 _BY_DTYPE = ("forward", "peers", "rules", "attention")
 
@@ -758,7 +761,8 @@ def run(quick: bool = False, repeats: int | None = None,
     dtypes = tuple(dtypes) if dtypes else DTYPES
     sections = {"pass_time": pass_time, "forward": forward_latency, "peers": peers,
                 "rules": rule_gains, "verify": verify_cost, "graph_call": graph_call_overhead,
-                "first_call": first_call_overhead, "attention": attention_gain}
+                "first_call": first_call_overhead, "attention": attention_gain,
+                "engine": engine_section}
     with vllm_runtime():
         result: dict[str, Any] = {
             "machine": {"platform": platform.platform(), "processor": _cpu_model(),
@@ -770,10 +774,31 @@ def run(quick: bool = False, repeats: int | None = None,
         if dtypes != DTYPES:
             result["dtypes"] = list(dtypes)
         for key in SECTIONS:
-            if only is None or key in only:
+            if (only is None and key not in ON_REQUEST) or (only is not None and key in only):
                 extra = {"dtypes": dtypes} if key in _BY_DTYPE else {}
                 result[key] = sections[key](quick, repeats, **extra)
     return result
+
+
+def engine_section(quick: bool, repeats: int) -> dict[str, Any]:
+    """Encoder time per image / audio clip inside vLLM engines: the walk, the plugin, the
+    plugin with compile_mm_encoder (``tools/engine_bench.py``: a source checkout's)."""
+    import importlib.util
+
+    from fxpass.errors import UsageError
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "engine_bench.py"
+    if not path.is_file():
+        raise UsageError(f"fxpass bench --only engine needs a source checkout of fxpass "
+                         f"(tools/engine_bench.py and tests/e2e); not found at {path}")
+    spec = importlib.util.spec_from_file_location("fxpass_engine_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if quick:
+        res = module.run(items=2, rounds=1, dtypes=("bfloat16",), soft_tokens=70)
+    else:
+        res = module.run(items=6, rounds=max(1, min(repeats, 3)))
+    return {**res, "table": module.table(res)}
 
 
 def _cpu_model() -> str:
@@ -840,6 +865,8 @@ def table(result: dict[str, Any]) -> str:
         lines += rules_table(result["rules"])
     if "attention" in result:
         lines += attention_table(result["attention"])
+    if "engine" in result:
+        lines += ["", result["engine"]["table"]]
     v = result.get("verify")
     if v:
         lines += ["", f"verify: {v['verify_s'] * 1e3:.1f} ms = {v['verify_over_forward']:.2f}x one "

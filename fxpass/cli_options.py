@@ -34,7 +34,7 @@ DTYPE_ALIASES: dict[str, str] = {
 
 # `fxpass bench` sections (fxpass.bench.SECTIONS is this tuple) and its dtype rows.
 BENCH_SECTIONS: tuple[str, ...] = ("pass_time", "forward", "peers", "rules", "verify",
-                                   "graph_call", "first_call", "attention")
+                                   "graph_call", "first_call", "attention", "engine")
 BENCH_DTYPES: tuple[str, ...] = ("fp32", "bf16", "nf4")
 
 
@@ -197,7 +197,8 @@ BENCH_EPILOG = """\
 examples:
   fxpass bench --quick                   tiny sizes: proves it runs (no figures)
   fxpass bench --only peers --only rules --json out.json
-  fxpass bench --markdown out.json       the README's tables from a --json result"""
+  fxpass bench --markdown out.json       the README's tables from a --json result
+  fxpass bench --only engine --json e.json  walk vs plugin inside vLLM engines (minutes)"""
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -252,7 +253,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON here")
     parser.add_argument("--only", action="append", choices=BENCH_SECTIONS, metavar="SECTION",
                         help="run only this section (repeatable): "
-                             + ", ".join(BENCH_SECTIONS))
+                             + ", ".join(BENCH_SECTIONS) + " (engine runs only when named: it "
+                             "starts vLLM engines with full-width Gemma4 towers, minutes)")
     parser.add_argument("--dtype", action="append", choices=BENCH_DTYPES, dest="dtypes",
                         metavar="DTYPE",
                         help="time only these rows of the forward / peers / rules / "

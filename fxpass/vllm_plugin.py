@@ -149,7 +149,16 @@ class _ToVllmLog(logging.Handler):
     ``vllm.fxpass``, so inside an engine they come out through vLLM's handler and format."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        logger.handle(record)
+        # vLLM's handlers on the way up from vllm.fxpass, not the root's: the record reaches
+        # the root from the fxpass logger itself
+        node: logging.Logger | None = logger
+        while node is not None and node is not logging.root:
+            for h in node.handlers:
+                if record.levelno >= h.level:
+                    h.handle(record)
+            if not node.propagate:
+                break
+            node = node.parent  # type: ignore[assignment]
 
 
 def _route_fxpass_logs() -> None:

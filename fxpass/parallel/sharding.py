@@ -1157,4 +1157,9 @@ _FUNCTION_NAME_HANDLERS: dict[str, Callable[[Propagator, fx.Node], AV]] = {
 }
 if hasattr(F, "rms_norm"):
     _FUNCTION_HANDLERS[F.rms_norm] = _h_layer_norm
+# the elementwise rule's in-place forms (fxpass.rules.elementwise), elementwise like the ops
+# they stand for; by name, as the rules import this package
+for _name in ("add_into_left", "sub_into_left", "mul_into_left", "div_into_left",
+              "add_into_right", "mul_into_right"):
+    _FUNCTION_NAME_HANDLERS[_name] = lambda p, node: p._elementwise(node)  # noqa: SLF001
 

@@ -23,7 +23,8 @@ padded rows too); any other mask (a 2-D pattern, a sequence that sees no key) ru
 SDPA call HF made. Attention weights
 (``output_attentions=True``) make HF take its eager path, which has no SDPA node: nothing
 is rewritten there. Under tensor parallelism a site whose q / k / v the tensor-parallel rule
-split by heads gets a layer with the heads of one rank.
+split by heads gets a layer with the heads of one rank (a sharded module traced again later
+for another call keeps HF's call there, resharded).
 
 Layers are added at ``fxpass.apply`` with a trace and at a tower's first call; a graph
 traced later only calls a layer already there. Switch it off by name:

@@ -130,6 +130,12 @@ def test_bf16_tp2_shards_the_towers_and_matches_the_walk_where_fxpass_changes_no
     tp2 = engine_cases.get("bf16_tp2").require_done()
     walk = engine_cases.get("bf16_tp2_off").require_done()
     _check_sharded(tp2, "UnquantizedLinearMethod")
+    # vLLM's encoder attention on the sharded heads: one of the two per rank, on each rank
+    for rank, recs in enumerate(tp2.result["plugin_records_ranks"]):
+        vision = {r["prefix"]: r for r in recs}["vision_tower"]["report"]
+        attention = [f["detail"] for f in vision["fixes"] if f["rule"] == "mm-attention"]
+        assert len(attention) == 1 and "attn(heads=1, head_size=32" in attention[0], (
+            rank, attention)
     assert walk.result["plugin_records_ranks"] == [[], []]  # FXPASS_DISABLE=1 in the workers
     got, ref = _tokens(tp2), _tokens(walk, ("text", "image"))
     assert got["text"] == ref["text"]

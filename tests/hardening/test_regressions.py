@@ -232,7 +232,7 @@ class QKV(nn.Module):
 def test_regression_failed_commit_keeps_child_order(monkeypatch):
     """Found by the injected faults: a commit failing after fusion removed q/k/v put them
     back at the end of ``_modules``: named_modules / state_dict order changed."""
-    from fxpass.rewrite import pipeline
+    from fxpass.rewrite import commit
     from fxpass.runtime import GraphForward
 
     model = QKV().eval()
@@ -242,7 +242,7 @@ def test_regression_failed_commit_keeps_child_order(monkeypatch):
         def __init__(self, mg):
             raise RuntimeError("cannot compile")
 
-    monkeypatch.setattr(pipeline, "GraphForward", Broken)
+    monkeypatch.setattr(commit, "GraphForward", Broken)
     with pytest.raises(RewriteError, match="the model was restored"):
         fxpass.apply(model, None, load_weights=True, fuse=True, example_inputs=(X,))
     assert list(model.state_dict()) == order

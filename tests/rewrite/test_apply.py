@@ -177,7 +177,8 @@ def test_gemma4_audio_unquantized_stride_error_seed_vs_fxpass():
         with torch.no_grad():
             seed(**x)
     ref = copy.deepcopy(tower)
-    report = fxpass.apply(tower, None, prefix="audio_tower", load_weights=True)
+    report = fxpass.apply(tower, None, prefix="audio_tower", load_weights=True,
+                          example_inputs=x)
     assert any("linear_end" in f.detail for f in report.contiguity)
     with torch.no_grad():
         torch.testing.assert_close(_first(tower(**x)), _first(ref(**x)), atol=1e-4, rtol=0)
@@ -304,7 +305,8 @@ def test_report_is_json_and_readable():
 
 def test_identical_layers_share_code_but_errors_name_the_module_called():
     tower = zoo.build_tower("gemma4_vision")
-    fxpass.apply(tower, None, load_weights=True, strict=True)
+    fxpass.apply(tower, None, load_weights=True, strict=True,
+                 example_inputs=zoo.example_inputs(tower))
     layers = list(tower.encoder.layers)
     assert len(layers) >= 2
     fwds = [installed_graph(layer) for layer in layers]

@@ -64,7 +64,8 @@ def test_tower_patch_embeddings_run_as_a_gemm(dtype):
     for name in ("siglip_vision", "clip_vision"):
         tower = zoo.build_tower(name).to(dtype)
         ref = copy.deepcopy(tower)
-        report = fxpass.apply(tower, None, load_weights=True, fuse=True)
+        report = fxpass.apply(tower, None, load_weights=True, fuse=True,
+                              example_inputs=zoo.example_inputs(tower))
         assert len(_fixes(report)) == 1, report
         assert "patch_conv2d" in installed_graph(tower.embeddings).src
         with torch.no_grad():

@@ -98,7 +98,8 @@ def test_replacements_equal_the_op_with_broadcasting_promotion_and_autograd(fn, 
 def test_siglip_residual_stream_is_contiguous_and_layer_norms_copy_nothing():
     tower = zoo.build_tower("siglip_vision")
     ref = copy.deepcopy(tower)
-    report = fxpass.apply(tower, None, load_weights=True, fuse=True)
+    report = fxpass.apply(tower, None, load_weights=True, fuse=True,
+                          example_inputs=zoo.example_inputs(tower))
     assert "embeddings" in {f.module for f in _layout_fixes(report)}, report
     x = zoo.example_inputs(ref)
     with torch.no_grad():

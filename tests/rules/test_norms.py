@@ -179,7 +179,8 @@ def test_gemma4_vision_norms_all_go_to_the_kernel(dtype):
     truth = zoo.build_tower("gemma4_vision")  # fp32: what bf16 results are measured against
     tower = copy.deepcopy(truth).to(dtype)
     ref = copy.deepcopy(tower)
-    report = fxpass.apply(tower, None, load_weights=True, fuse=True)
+    report = fxpass.apply(tower, None, load_weights=True, fuse=True,
+                          example_inputs=zoo.example_inputs(tower))
     n_norms = sum("RMSNorm" in type(m).__name__ for m in ref.modules())
     assert len(_norm_fixes(report)) == n_norms and not _refusals(report)
     with torch.no_grad():

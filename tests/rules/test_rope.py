@@ -109,7 +109,8 @@ def test_opt_in_and_idempotent():
 def test_gemma4_vision_q_and_k_rotations_all_replaced(dtype):
     tower = zoo.build_tower("gemma4_vision").to(dtype)
     ref = copy.deepcopy(tower)
-    report = fxpass.apply(tower, None, load_weights=True, fuse=True)
+    report = fxpass.apply(tower, None, load_weights=True, fuse=True,
+                          example_inputs=zoo.example_inputs(tower))
     layers = len(ref.encoder.layers)
     assert len([f for f in report.fixes if f.rule == "rope"]) == 2 * layers, report
     with torch.no_grad():

@@ -373,7 +373,8 @@ def siglip(vllm_rt):
     torch.manual_seed(0)
     ref = SiglipVisionModel(cfg).eval()
     model = copy.deepcopy(ref)
-    fxpass.apply(model, None, load_weights=True)
+    fxpass.apply(model, None, load_weights=True,
+                 example_inputs={"pixel_values": torch.randn(1, 3, 16, 16)})
     return ref, model
 
 

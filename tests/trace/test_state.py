@@ -56,8 +56,9 @@ def _applied(name: str, first_call: bool) -> tuple[nn.Module, nn.Module, object]
     tower = by_name(name)
     ref = tower.build().eval()
     model = copy.deepcopy(ref)
-    fxpass.apply(model, None, load_weights=True, first_call=first_call)
     inputs = tower.inputs(ref, 0, 1)
+    fxpass.apply(model, None, load_weights=True, first_call=first_call or None,
+                 example_inputs=None if first_call else inputs)
     _same_answer(ref, model, inputs)  # the first call traces (first_call=True)
     return ref, model, tower
 
