@@ -13,20 +13,23 @@ fill the new ``ReplicatedLinear`` layers afterwards exactly as they fill the wal
 
 No example inputs
     Model init has none, so ``apply`` swaps the linears at once and traces each tower at
-    its first real call (the profile run's dummy batch or the first request); the graphs and
-    their fixes hold from that call on (``fxpass.rewrite.first_call``). The report is logged
-    twice: at init (what was swapped) and after the first call (graphs, fixes, timing). Only
+    its first call, which ``fxpass.warmup`` brings to the engine's start (vLLM's dummy
+    encoder input per modality); the graphs, their fixes, the fused layers (built from the
+    loaded ones: the speed rules run by default) and vLLM's encoder attention hold from that
+    call on (``fxpass.rewrite.first_call``). The report is logged twice: at init (what was
+    swapped) and after the first call (graphs, fixes, timing). Only
     tensor-parallel sharding (``mm_encoder_tp_mode="weights"`` at TP > 1) must know the graph
     before the loader runs: a tower the built-in input table of ``fxpass.zoo`` knows is
     traced at init on its inputs; any other tower stays replicated (first-call tracing).
     A module with no linear layers (vLLM's ``StageMissingLayer`` for a modality switched
     off) is not a failure: it is logged at DEBUG only.
 
-Switching it off
-    ``FXPASS_DISABLE=1`` (also ``true``/``yes``/``on``) in the environment of the vLLM process:
-    :func:`register` then patches nothing and every call goes to vLLM's own
-    ``recursive_replace_linear``. The variable is read again at each call, so setting it
-    after registration also turns the rewrite off for towers built later.
+Switches
+    ``fxpass.plugin_config``: vLLM's ``additional_config["fxpass"]`` (``enabled``,
+    ``speed_rules``, ``disable``, ``warmup``) and the environment, which wins
+    (``FXPASS_DISABLE=1``, ``FXPASS_SPEED_RULES``, ``FXPASS_DISABLE_RULES``,
+    ``FXPASS_WARMUP``); read at each tower. ``FXPASS_DISABLE=1`` also makes :func:`register`
+    patch nothing. A bad entry raises at model init (the engine stops), never a fallback.
 
 Never breaking a model
     If tracing or rewriting raises, the tower is left as it was (``apply`` is atomic) and
@@ -43,8 +46,9 @@ Tower LoRA
     :func:`check_lora_adapter`): a module of the adapter under the tower that is not a linear
     layer (a wrapper such as ``Gemma4ClippableLinear``; vLLM drops such keys silently) gets a
     warning naming the module vLLM would need, and is kept in :func:`records`
-    (``lora_nowhere``). The plugin never fuses layers (``fuse`` is an offline option of
-    ``fxpass.apply``), so vLLM's tower LoRA meets one ``ReplicatedLinear`` per HF linear.
+    (``lora_nowhere``). With LoRA enabled the plugin leaves fusion off (and does not warm
+    the towers up: LoRA layers compute only inside a request), so vLLM's tower LoRA meets
+    one ``ReplicatedLinear`` per HF linear.
 
 Logging
     Logger ``vllm.fxpass`` (a child of vLLM's logger, so vLLM's handler and
