@@ -672,6 +672,7 @@ def build_fused_from_loaded(layers: list[nn.Module], quant_config: Any,
         if w is None:
             raise WeightLoadError(f"{getattr(lin, 'prefix', '')}: {why}")
         shards.append((w, lin.bias))
+    keep_loaded_weight(fused)  # for rule fp32-gemm after it (released with the members')
     load_fused_weights(fused, shards, quant_config)
     return fused
 

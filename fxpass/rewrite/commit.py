@@ -24,6 +24,7 @@ def commit(ctx: RewriteContext, runtime: RuleRespecialiser) -> None:
     """Swap modules and install graphs; on any failure put everything back."""
     swapped: list[tuple[nn.Module, str, nn.Module | None]] = []
     installed: list[tuple[nn.Module, Any]] = []
+    swapped_kernels: list[tuple[nn.Module, Any]] = []
     # each touched parent's children as they were, in order (re-adding a deleted child
     # would append it: named_modules / state_dict order would change)
     children: dict[int, tuple[nn.Module, dict[str, Any]]] = {}
@@ -55,6 +56,10 @@ def commit(ctx: RewriteContext, runtime: RuleRespecialiser) -> None:
             parent = ctx.module(parent_name)
             setattr(parent, child, FusedSlice(ctx.new_layers[fused_q], start, end))
             swapped.append((parent, child, None))
+        for qualname, kernel in ctx.kernels.items():
+            layer = ctx.layer_after(qualname)
+            swapped_kernels.append((layer, layer.__dict__.get("cpu_linear")))
+            layer.cpu_linear = kernel
         families: dict[int, Family] = {}  # identical modules share their later graphs
         for qualname, mg in ctx.trace.graphs.items():
             sub = ctx.module(qualname)
@@ -69,6 +74,8 @@ def commit(ctx: RewriteContext, runtime: RuleRespecialiser) -> None:
                 sub.__dict__.pop("forward", None)
             else:
                 sub.__dict__["forward"] = previous
+        for layer, kernel in reversed(swapped_kernels):
+            layer.cpu_linear = kernel
         for parent, child, old in reversed(swapped):
             if old is None:
                 delattr(parent, child)

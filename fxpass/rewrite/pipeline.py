@@ -151,10 +151,11 @@ def apply(model: nn.Module, quant_config: QuantizationConfig | None = None, *,
                            f"{type(e).__name__}: {e}; the model was not changed") from e
     log.update("timings_s", rewrite=time.perf_counter() - t1)
 
-    if deferred and options.fuse and "fusion" not in options.disabled:
+    if deferred and options.fuse and not {"fusion", "fp32-gemm"} <= options.disabled:
         from fxpass.weights import keep_loaded_weight
 
-        for layer in ctx.new_layers.values():  # fusion merges them at the first call
+        # fusion merges them at the first call; fp32-gemm copies them to fp32 there
+        for layer in ctx.new_layers.values():
             keep_loaded_weight(layer)
     t2 = time.perf_counter()
     if load_weights:

@@ -105,6 +105,9 @@ class RewriteContext:
     # to load), registered on its parent when the session's graphs are installed (apply's
     # commit, a first call's install)
     added: dict[str, nn.Module] = dataclasses.field(default_factory=dict)
+    # qualified name of a loaded vLLM layer -> the ``cpu_linear`` it computes with from the
+    # commit on (a kernel chosen at the first call: rule fp32-gemm)
+    kernels: dict[str, Any] = dataclasses.field(default_factory=dict)
     # qualified name -> why this linear must stay nn.Linear
     unsafe: dict[str, str] = dataclasses.field(default_factory=dict)
     edited: set[str] = dataclasses.field(default_factory=set)  # graphs changed

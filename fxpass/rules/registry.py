@@ -19,6 +19,7 @@ from fxpass.rules.base import Mode, Options, Rule
 from fxpass.rules.contiguity import Contiguity
 from fxpass.rules.conv import PatchConvAsGemm
 from fxpass.rules.elementwise import InplaceElementwise
+from fxpass.rules.fp32_gemm import Fp32CpuGemm
 from fxpass.rules.fusion import FusedSlices, SiblingFusion
 from fxpass.rules.layout import ContiguousStream
 from fxpass.rules.linear import LinearToVllm
@@ -29,13 +30,15 @@ from fxpass.rules.rope import MultidimRope
 from fxpass.rules.sdpa_mask import SdpaFullMask
 
 RULES: tuple[type[Rule], ...] = (
-    LinearToVllm, TensorParallel, SiblingFusion, FusedSlices, PatchConvAsGemm, RmsNormToVllm,
+    LinearToVllm, TensorParallel, SiblingFusion, FusedSlices, Fp32CpuGemm, PatchConvAsGemm,
+    RmsNormToVllm,
     MultidimRope, ContiguousStream, InplaceElementwise, WeightProbes, Contiguity, SdpaFullMask,
     MMEncoderAttentionRule,
 )
 
 # the opt-in speed rules (fuse=True), by name: `fxpass bench --only rules` measures each one
-SPEED_RULES = ("fusion", "patch-conv", "rms-norm", "rope", "layout", "elementwise")
+SPEED_RULES = ("fusion", "fp32-gemm", "patch-conv", "rms-norm", "rope", "layout",
+               "elementwise")
 
 _disabled: set[str] = set()
 

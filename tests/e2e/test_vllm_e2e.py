@@ -152,6 +152,15 @@ def test_bf16_text_image_audio_generate_through_fxpass_towers(engine_cases, chec
     attention = [f for f in vision["fixes"] if f["rule"] == "mm-attention"]
     assert [f["module"] for f in attention] == ["encoder.layers.0.self_attn"]
     assert "MMEncoderAttention attn(heads=2, head_size=32" in attention[0]["detail"]
+    # each bf16 GEMM was measured against fp32 on this machine at the engine's warm-up: moved
+    # to fp32 (avx2: bf16 has no native kernel) or kept with both times as the reason (AMX)
+    for tower in ("vision_tower", "audio_tower"):
+        report = records[tower]["report"]
+        moved = [f for f in report["fixes"] if f["rule"] == "fp32-gemm"]
+        kept = [r for r in report["refusals"] if r["rule"] == "fp32-gemm"]
+        assert moved or kept, tower
+        assert all("GEMM computed in fp32" in f["detail"] for f in moved)
+        assert all(" ms against fp32's " in r["reason"] for r in kept), kept
     # what makes it work: lconv1d.linear_end's input (HF transposes it back from the
     # depthwise conv) is contiguous for vLLM's GEMM: the contiguity fix, or, with the speed
     # rules, vLLM's RMSNorm in place of conv_norm right before it already writes it so
