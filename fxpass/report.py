@@ -8,6 +8,8 @@ appends to the same log, so the report the caller holds shows what the first cal
 
 from __future__ import annotations
 
+import collections
+
 import copy
 import dataclasses
 import json
@@ -403,6 +405,9 @@ class Report:
             else:
                 head += (f"; linears swapped at init, graphs traced at the first call "
                          f"({self.first_call.get('elapsed_s', 0.0) * 1000:.1f} ms)")
+        if not self.already_applied and self.fixes:  # which rules changed the graphs
+            by_rule = collections.Counter(f.rule for f in self.fixes)
+            head += "; rules: " + ", ".join(f"{r} {n}" for r, n in sorted(by_rule.items()))
         return f"fxpass[{self.prefix or '<root>'}]: {head}, {total * 1000:.1f} ms"
 
     def __str__(self) -> str:

@@ -78,6 +78,8 @@ def test_bf16_layers_compute_in_fp32_and_stay_within_hf_bf16(name, fp32_faster):
     assert fixes and len(fixes) == len(kernels), (len(fixes), sorted(kernels))
     assert all(isinstance(k, Fp32Gemm) for k in kernels.values()), kernels
     assert all("GEMM computed in fp32" in f.detail for f in fixes)
+    # the one-line summary (the plugin's INFO line) names the rules that changed the graphs
+    assert f"fp32-gemm {len(fixes)}" in report.summary_line(), report.summary_line()
 
 
 def test_fast_half_kernels_are_kept_with_the_measurement_as_reason(fp32_faster):
