@@ -17,10 +17,10 @@ No example inputs
     encoder input per modality); the graphs, their fixes, the fused layers (built from the
     loaded ones: the speed rules run by default) and vLLM's encoder attention hold from that
     call on (``fxpass.rewrite.first_call``). The report is logged twice: at init (what was
-    swapped) and after the first call (graphs, fixes, timing). Only
-    tensor-parallel sharding (``mm_encoder_tp_mode="weights"`` at TP > 1) must know the graph
-    before the loader runs: a tower the built-in input table of ``fxpass.zoo`` knows is
-    traced at init on its inputs; any other tower stays replicated (first-call tracing).
+    swapped) and after the first call (graphs, fixes, timing). Tensor-parallel sharding
+    (``mm_encoder_tp_mode="weights"`` at TP > 1) comes at that call too: the replicated
+    layers vLLM's loader filled become column / row-parallel (and fused) layers, each rank
+    keeping its block (a bitsandbytes tower stays replicated: its weights are packed).
     A module with no linear layers (vLLM's ``StageMissingLayer`` for a modality switched
     off) is not a failure: it is logged at DEBUG only.
 
@@ -309,12 +309,6 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
         import fxpass
 
         tp, record.tp_mode = engine_tp()
-        inputs = _example_inputs(model) if tp > 1 else None
-        if tp > 1 and inputs is None:
-            record.tp_mode["tp"] = tp = 1
-            record.tp_mode["why_replicated"] = (
-                "sharding is planned from the graph before vLLM's loader fills the layers, "
-                "and the built-in input table does not know this tower")
         # Traced in eval mode, as vLLM runs the towers (from_config leaves them in training
         # mode): a graph traced in training mode would be traced again at the first call,
         # and a sharded module is re-traced only where it owns its pairs (see
@@ -322,13 +316,13 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
         modes = {m: m.training for m in model.modules()}
         model.eval()
         try:
-            # No example inputs in vLLM's model init: the graphs come from the tower's first
-            # real call (the profile run's dummy batch or a request). Sharding cannot wait:
-            # at TP > 1 a tower the input table knows is traced now.
-            fuse, record.fusion_off = _fusion(settings, at_init=inputs is not None)
+            # No example inputs in vLLM's model init: the layers are swapped now (replicated,
+            # for vLLM's loader to fill), the graphs come from the tower's first real call
+            # (the warm-up at the engine's start, else a request), and fusion and sharding
+            # with them: built from the loaded layers (each rank keeps its block)
+            fuse, record.fusion_off = _fusion(settings)
             report = fxpass.apply(model, quant_config, prefix=prefix, load_weights=False,
-                                  example_inputs=inputs, tp=tp if tp > 1 else None,
-                                  first_call=inputs is None, fuse=fuse,
+                                  tp=tp if tp > 1 else None, first_call=True, fuse=fuse,
                                   disable=settings.disable | (
                                       {"fusion"} if record.fusion_off else set()),
                                   on_first_call=_log_first_call)
@@ -367,7 +361,7 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
     return None
 
 
-def _fusion(settings: Any, *, at_init: bool) -> tuple[bool, str | None]:
+def _fusion(settings: Any) -> tuple[bool, str | None]:
     """(whether the speed rules run, why the fusion rule stays off where they do)."""
     if not settings.speed_rules:
         return False, None
@@ -383,10 +377,6 @@ def _fusion(settings: Any, *, at_init: bool) -> tuple[bool, str | None]:
     if lora is not None:
         return True, ("LoRA is enabled: vLLM's LoRA layers wrap each HF linear by its name, "
                       "so the linears stay one layer each")
-    if at_init:
-        return True, ("the tower is sharded at init (tensor parallel), before vLLM's loader "
-                      "fills its layers: fused layers would need the loader to fill them by "
-                      "shard")
     return True, None
 
 
@@ -505,24 +495,6 @@ def check_lora_adapter(manager: Any, lora: Any) -> list[dict[str, Any]]:
             f"; key it as {r.suggestion}.lora_A.weight / .lora_B.weight"
             if r.suggestion else "")
     return found
-
-
-def _example_inputs(tower: Any) -> Any:
-    """Inputs for a tower sharded at init (TP > 1): the built-in table's, or None.
-
-    Positional or keyword makes no difference: fxpass binds calls to the forward's signature
-    (vLLM calls ``audio_tower(features, mask)`` where the zoo uses keywords).
-    """
-    import torch
-
-    from fxpass import zoo
-
-    if not zoo.has_input_builder(tower):
-        return None
-    # vLLM builds towers under `with torch.device(<target>)`; the zoo draws its random inputs
-    # with a CPU generator, then moves them to the tower's device itself.
-    with torch.device("cpu"):
-        return zoo.example_inputs(tower)
 
 
 __all__ = ["ENV_DISABLE", "TowerRecord", "check_lora_adapter", "disabled", "engine_tp",

@@ -647,6 +647,24 @@ def loaded_weight(layer: nn.Module) -> tuple[torch.Tensor | None, str]:
                   "(fxpass.apply keeps it only where it fuses at the first call)")
 
 
+def loaded_linear(layer: nn.Module) -> tuple[nn.Linear | None, str]:
+    """An ``nn.Linear`` over what a loaded unquantized replicated vLLM layer computes with
+    (its kept weight and its bias, shared, not copied), or (None, why not): the source a rule
+    builds other layers from at the first call (sharded ones: the full weight through their
+    loaders keeps each rank's block)."""
+    if tp_style(layer) is not None:
+        return None, "it is sharded already"
+    w, why = loaded_weight(layer)
+    if w is None:
+        return None, why
+    bias = getattr(layer, "bias", None)
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(w.detach(), requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().to(w.dtype), requires_grad=False)
+    return linear, ""
+
+
 def release_loaded_weights(model: nn.Module) -> None:
     """Drop every weight :func:`keep_loaded_weight` kept under ``model``."""
     for m in model.modules():

@@ -43,3 +43,29 @@ def test_each_module_imports_first_in_a_fresh_process():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("FAILED []"), proc.stdout + proc.stderr[-3000:]
+
+
+def test_the_product_path_knows_no_model_table():
+    """``fxpass.zoo`` (tiny towers and their inputs) serves the tests, the CLI's demo and the
+    benchmarks: tracing, rewriting, the rules and vLLM's plugin decide from the graph alone,
+    for any tower. Imports inside functions count."""
+    import ast
+    from pathlib import Path
+
+    root = Path(fxpass.__file__).parent
+    files = [*root.glob("trace/**/*.py"), *root.glob("rewrite/**/*.py"),
+             *root.glob("rules/**/*.py"), *root.glob("parallel/**/*.py"),
+             *root.glob("runtime/**/*.py"), root / "vllm_plugin.py", root / "warmup.py",
+             root / "plugin_config.py", root / "weights.py"]
+    assert len(files) > 20
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+            found += [f"{path.relative_to(root)}:{node.lineno}" for n in names
+                      if n == "fxpass.zoo" or n.startswith("fxpass.zoo.")]
+    assert found == []

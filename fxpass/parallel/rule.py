@@ -93,7 +93,10 @@ class TensorParallel(RuleBase):
     phase = Phase.SHARD
 
     def enabled(self, options: Options, mode: Mode) -> bool:
-        return options.tp > 1 and mode is Mode.APPLY  # later graphs: ``reshard``
+        # at apply with a trace, or at the first call of a tower applied without inputs (the
+        # sharded layers are built then from the replicated ones the loader filled); graphs
+        # traced later: ``reshard``
+        return options.tp > 1 and mode in (Mode.APPLY, Mode.FIRST_CALL)
     # it only fires inside a tensor-parallel group of more than one rank (its failure
     # injection runs on two ranks: tests/parallel/test_tensor_parallel_ranks.py)
     needs_tp_group = True
@@ -169,9 +172,13 @@ class TensorParallel(RuleBase):
 
     def _swap(self, ctx: RewriteContext, p: TPPair, s: LinearSite, style: str,
               build: Any, method_name: Any) -> None:
+        from fxpass.weights import load_linear_weights
+
         full = ctx.full_name(s.linear)
-        linear = ctx.module(s.linear)
+        linear = source_linear(ctx, s.linear)
         layer = build(linear, ctx.quant_config, full, style)
+        if ctx.mode is Mode.FIRST_CALL:  # no load step follows: this rank's block now
+            load_linear_weights(layer, linear.weight, linear.bias, ctx.quant_config)
         ctx.new_layers[s.linear] = layer
         ctx.tp_roles[s.linear] = type(layer).__name__
         method = method_name(ctx.quant_config, layer)
@@ -198,11 +205,16 @@ class TensorParallel(RuleBase):
         from fxpass.rules.fusion import FusionGroup, Member, install_fused
         from fxpass.weights import build_fused_parallel_linear
 
-        linears = [ctx.module(s.linear) for s in group]
+        linears = [source_linear(ctx, s.linear) for s in group]
         units = {p.analysis.head_units.get(s.node) for s in group}  # type: ignore[union-attr]
         head = units.pop() if len(units) == 1 else None
         layer = build_fused_parallel_linear(linears, ctx.quant_config,
                                             ctx.full_name(group[0].linear), head_size=head)
+        if ctx.mode is Mode.FIRST_CALL:
+            from fxpass.weights import load_fused_weights
+
+            load_fused_weights(layer, [(lin.weight, lin.bias) for lin in linears],
+                               ctx.quant_config)
         members = [Member(Site(p.graph, p.graph.node(s.node)), s.linear, s.wrapper)
                    for s in group]
         fused_q = install_fused(ctx, FusionGroup(members), layer, self.name,
@@ -369,7 +381,7 @@ def _fuse_groups(ctx: RewriteContext, p: TPPair) -> list[list[LinearSite]]:
     for members in by_input.values():
         if len(members) < 2:
             continue
-        linears = [ctx.module(s.linear) for s in members]
+        linears = [source_linear(ctx, s.linear) for s in members]
         first = linears[0]
         if any(lin.in_features != first.in_features or lin.weight.dtype != first.weight.dtype
                or (lin.bias is None) != (first.bias is None) for lin in linears):
@@ -433,10 +445,20 @@ class _Planner:
 
     def _refusal(self, linear: str, called: str) -> str | None:
         ctx = self.ctx
-        layer = ctx.new_layers.get(linear)
-        if layer is None or type(layer).__name__ != "ReplicatedLinear":
-            why = ctx.unsafe.get(linear) or ctx.report.skipped.get(ctx.full_name(linear))
-            return f"it stays nn.Linear ({why or 'not rewritten'})"
+        if ctx.mode is Mode.FIRST_CALL:  # the layers vLLM's loader filled at init
+            layer = ctx.module(linear)
+            if type(layer).__name__ != "ReplicatedLinear":
+                return f"it is a {type(layer).__name__}, not a replicated vLLM layer"
+            from fxpass.weights import loaded_linear
+
+            why = loaded_linear(layer)[1]
+            if why:
+                return why
+        else:
+            layer = ctx.new_layers.get(linear)
+            if layer is None or type(layer).__name__ != "ReplicatedLinear":
+                why = ctx.unsafe.get(linear) or ctx.report.skipped.get(ctx.full_name(linear))
+                return f"it stays nn.Linear ({why or 'not rewritten'})"
         if self.calls.get(called, 0) > 1 or (called != linear and self.calls.get(linear, 0) > 1):
             return "it is called more than once (one layer cannot be column and row)"
         if linear in self.weight_reads:
@@ -554,11 +576,53 @@ def _cone(node: fx.Node, sites: dict[str, LinearSite]) -> list[str]:
     return sorted(found, key=order.__getitem__)
 
 
+def source_linear(ctx: RewriteContext, qualname: str) -> nn.Linear:
+    """The ``nn.Linear`` a sharded layer is built (and, at a first call, loaded) from: the HF
+    linear at apply; at a first call, the replicated layer vLLM's loader filled, viewed as
+    one (the planner refused layers without a loaded weight)."""
+    if ctx.mode is not Mode.FIRST_CALL:
+        return ctx.module(qualname)
+    from fxpass.errors import RewriteError
+    from fxpass.weights import loaded_linear
+
+    linear, why = loaded_linear(ctx.module(qualname))
+    if linear is None:
+        raise RewriteError(f"{ctx.full_name(qualname)}: {why}")
+    return linear
+
+
+def report_sharding(ctx: RewriteContext) -> None:
+    """Each linear's parallel style or why it stayed replicated, and the share of the
+    tower's parameter bytes that is sharded (as loaded: vLLM-CPU empties packed weights)."""
+    from fxpass.weights import logical_weight_info
+
+    for q, style in ctx.tp_roles.items():
+        ctx.emit("shard", "tensor-parallel", ctx.full_name(q), style=style)
+    for name, why in replicated_reasons(ctx).items():
+        ctx.emit("replicated", "tensor-parallel", name, reason=why)
+
+    def nbytes(module: nn.Module) -> int:
+        if is_vllm_linear(module):
+            dtype, shape, _ = logical_weight_info(module)
+            bias = getattr(module, "bias", None)
+            return (shape.numel() * dtype.itemsize
+                    + (bias.numel() * bias.element_size() if bias is not None else 0))
+        return sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+
+    total = sum(nbytes(m) for m in ctx.model.modules())
+    sharded = sum(nbytes(ctx.module(q)) for q in ctx.tp_roles)
+    ctx.log.set("tp_sharded_fraction", sharded / total if total else 0.0)
+
+
 def replicated_reasons(ctx: RewriteContext) -> dict[str, str]:
     """Why each rewritten linear that is not sharded stayed replicated (full names)."""
     refused = getattr(ctx, "tp_refused", {})
     out = {}
-    for q, layer in ctx.new_layers.items():
+    layers = ctx.new_layers
+    if ctx.mode is Mode.FIRST_CALL:  # the replicated layers loaded at init
+        layers = {q: m for q, m in ctx.modules.items()
+                  if type(m).__name__ == "ReplicatedLinear"}
+    for q, layer in layers.items():
         members = ctx.fused.get(q, [q])
         for m in members:
             if m in ctx.tp_roles:

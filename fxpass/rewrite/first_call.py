@@ -41,6 +41,7 @@ from fxpass.errors import FxpassError, NotLoadedError, RewriteError
 from fxpass.layers import is_linear, is_vllm_gemm
 from fxpass.report import EventLog, Fix, Report
 from fxpass.rewrite.commit import commit
+from fxpass.parallel.rule import report_sharding
 from fxpass.rewrite.session import RewriteSession, gemm_input
 from fxpass.rules.base import Mode, Options, is_vllm_linear
 from fxpass.rewrite.unloaded import not_loaded_message, unloaded_layers
@@ -161,6 +162,8 @@ class FirstCall:
         session = RewriteSession(module, self.options, Mode.FIRST_CALL, scratch,
                                  prefix=_join(self.prefix, path), modules=index.paths)
         ctx = session.rewrite(tr)
+        if self.options.tp > 1:
+            report_sharding(ctx)
         for qualname, mg in tr.graphs.items():
             mg.qualname = _join(path, qualname)  # root-relative, for errors and stats
         commit(ctx, self.runtime)  # layers built from the loaded ones (fusion), added ones
@@ -257,8 +260,10 @@ class FirstCall:
                     f = e.data["fix"]
                     fix = Fix(f.rule, _join(path, f.module), f.node, _join(path, f.detail))
                     log.emit("fix", e.rule, fix.module, fix=fix)
-                elif e.kind in ("check", "refusal"):
-                    log.extend([e])
+                elif e.kind in ("check", "refusal", "shard", "replicated", "tp-pair"):
+                    log.extend([e])  # full names already
+            if "tp_sharded_fraction" in scratch.facts and self.options.tp > 1:
+                log.set("tp_sharded_fraction", scratch.facts["tp_sharded_fraction"])
             for q in self.swapped:
                 if q in self.sites:
                     self.plain.pop(q, None)

@@ -22,6 +22,7 @@ import torch.utils._pytree
 from torch import nn
 
 from fxpass.errors import FxpassError, RewriteError, UsageError, WeightLoadError
+from fxpass.parallel.rule import report_sharding
 from fxpass.report import EventLog, Report
 from fxpass.rewrite.commit import commit as _commit
 from fxpass.rewrite.respecialise import RuleRespecialiser
@@ -53,8 +54,8 @@ def apply(model: nn.Module, quant_config: QuantizationConfig | None = None, *,
     layer raises NotLoadedError: ``fxpass.rewrite.unloaded``). ``quant_config``: vLLM's
     ``QuantizationConfig`` or None (anything else is a UsageError). ``example_inputs`` are the
     tracing inputs, as a real call would pass them (kwargs dict, args tuple or (args,
-    kwargs)). Without them (and for a tower the built-in input table of ``fxpass.zoo`` does
-    not know, or with ``first_call=True``) the graphs come from the model's first real call:
+    kwargs)). Without them (or with ``first_call=True``) the graphs come from the model's
+    first real call:
     apply swaps the linears at once (``report.traced_at == "first call"``), and the first
     forward traces with its real arguments, runs the graph rules, installs the graphs and
     computes its result through them (``fxpass.rewrite.first_call``; ``on_first_call(report)``
@@ -62,7 +63,11 @@ def apply(model: nn.Module, quant_config: QuantizationConfig | None = None, *,
     column -> row linear pairs the graphs show over this process's vLLM tensor-parallel
     group of N ranks (inside vLLM: the engine's; outside: ``fxpass.vllm_runtime(tp=N, ...)``
     in each rank's process), every rank applying to the same tower; the rest stays
-    replicated. None or 1: everything replicated.
+    replicated. None or 1: everything replicated. Without example inputs the sharding comes
+    at the first call (every rank must make it with the same call, as vLLM's ranks do): the
+    replicated layers the loader filled are rebuilt sharded, each rank keeping its block of
+    the loaded weight (memory until then: the replicated tower, as vLLM's walk keeps it;
+    quantized layers stay replicated, their packed weights are not re-sliced).
 
     ``disable`` names rules to leave out (``fxpass.rules.registry.names()``; an unknown name
     is a UsageError), e.g. ``["mm-attention"]`` keeps HF's attention calls.
@@ -142,8 +147,8 @@ def apply(model: nn.Module, quant_config: QuantizationConfig | None = None, *,
             if options.tp > 1:
                 _check_tp_group(options.tp)
             ctx = session.rewrite(trace_result)
-        if options.tp > 1:
-            _tp_report(ctx)
+        if options.tp > 1 and not deferred:  # deferred: the first call shards
+            report_sharding(ctx)
     except FxpassError:
         raise
     except Exception as e:
@@ -151,10 +156,12 @@ def apply(model: nn.Module, quant_config: QuantizationConfig | None = None, *,
                            f"{type(e).__name__}: {e}; the model was not changed") from e
     log.update("timings_s", rewrite=time.perf_counter() - t1)
 
-    if deferred and options.fuse and not {"fusion", "fp32-gemm"} <= options.disabled:
+    if deferred and (options.tp > 1 or (
+            options.fuse and not {"fusion", "fp32-gemm"} <= options.disabled)):
         from fxpass.weights import keep_loaded_weight
 
-        # fusion merges them at the first call; fp32-gemm copies them to fp32 there
+        # the first call shards them (each rank keeps its block), fusion merges them,
+        # fp32-gemm copies them to fp32
         for layer in ctx.new_layers.values():
             keep_loaded_weight(layer)
     t2 = time.perf_counter()
@@ -289,18 +296,13 @@ def _explain_already_applied(log: EventLog, modules: dict[str, nn.Module],
 def _inputs_or_first_call(model: nn.Module, first_call: bool | None, *, fuse: bool,
                           tp: int | None) -> tuple[Any, bool]:
     """Without example inputs the graphs come from the model's first real call: (None, True).
-    Fusion waits for it too (the fused layers are built from the loaded members then);
-    sharding cannot: the loader must fill sharded layers."""
+    Fusion and sharding wait for it too: the fused and sharded layers are built then from the
+    replicated layers the loader filled (``fxpass.parallel.rule``)."""
     if first_call is False:
         raise UsageError(
             f"fxpass.apply(first_call=False) traces now, so it needs example inputs for "
             f"{type(model).__name__}: pass example_inputs= as a real call of its forward "
             "would, or let apply trace at the first call")
-    if tp is not None and tp > 1:
-        raise UsageError(
-            f"fxpass.apply({type(model).__name__}, tp={tp}) plans the sharding from the graph "
-            "before vLLM's loader fills the sharded layers, so it cannot wait for the first "
-            "call; pass example_inputs= as a real call of the forward would")
     return None, True
 
 
@@ -314,21 +316,6 @@ def _check_tp_group(tp: int) -> None:
             f"rank(s); shard inside a vLLM engine with tensor_parallel_size={tp}, or start "
             f"{tp} processes that each enter fxpass.vllm_runtime(tp={tp}, rank=r, "
             "init_method='file://<shared path>') before apply")
-
-
-def _tp_report(ctx: RewriteContext) -> None:
-    """Each linear's parallel style or why it stayed replicated; the share of the tower's
-    parameter bytes that is sharded."""
-    from fxpass.parallel.rule import replicated_reasons
-
-    for q, style in ctx.tp_roles.items():
-        ctx.emit("shard", "tensor-parallel", ctx.full_name(q), style=style)
-    for name, why in replicated_reasons(ctx).items():
-        ctx.emit("replicated", "tensor-parallel", name, reason=why)
-    total = sum(p.numel() * p.element_size() for p in ctx.model.parameters())
-    sharded = sum(p.numel() * p.element_size() for q in ctx.tp_roles
-                  for p in ctx.module(q).parameters())
-    ctx.log.set("tp_sharded_fraction", sharded / total if total else 0.0)
 
 
 def _check_examples_ran(model: nn.Module, tr: Trace) -> None:

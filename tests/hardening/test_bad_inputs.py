@@ -463,13 +463,15 @@ def test_no_example_inputs_when_insisting_on_tracing_now():
     same.check()
 
 
-def test_tp_cannot_wait_for_the_first_call():
+@pytest.mark.parametrize("inputs", ["none (sharded at the first call)", "example inputs"])
+def test_tp_outside_a_tensor_parallel_group_of_that_size(inputs):
     same = Unchanged(_tower())
-    with pytest.raises(UsageError, match=r"^fxpass\.apply\(Tower, tp=2\) plans the sharding from "
-                                         r"the graph before vLLM's loader fills the sharded "
-                                         r"layers, so it cannot wait for the first call; pass "
-                                         r"example_inputs="):
-        fxpass.apply(same.model, tp=2)
+    x = None if inputs.startswith("none") else {"hidden_states": torch.randn(2, 5, D)}
+    with pytest.raises(UsageError, match=r"^fxpass\.apply\(tp=2\): this process's vLLM "
+                                         r"tensor-parallel group has 1 rank\(s\); shard inside "
+                                         r"a vLLM engine with tensor_parallel_size=2, or start 2 "
+                                         r"processes"):
+        fxpass.apply(same.model, tp=2, example_inputs=x)
     same.check()
 
 

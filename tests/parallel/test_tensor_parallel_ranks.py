@@ -137,6 +137,31 @@ def test_sharded_tower_gives_the_unsharded_answer_on_both_ranks(ranks, name, fus
         assert "tp=2:" in entry["summary"] and "linears sharded" in entry["summary"]
 
 
+@pytest.mark.parametrize("name", zoo.KNOWN_TOWERS)
+def test_towers_applied_without_inputs_shard_and_fuse_at_their_first_call(ranks, name):
+    """No example inputs (vLLM's model init): replicated layers at apply, filled by the
+    loader; the first call shards them (q/k/v fused into one QKVParallelLinear) from the
+    loaded weights, each rank keeping its block, and answers as the unsharded tower."""
+    for r in ranks:
+        entry = r[f"{name}/first_call"]
+        assert entry["traced_at"] == "first call"
+        before = entry["styles_before"]
+        assert "ReplicatedLinear" in before and not any("Parallel" in s for s in before), before
+        for size, err in entry["max_abs"].items():
+            assert err <= ATOL, (r["rank"], name, size, err)
+        layers = entry["report"]["tp"]["layers"]
+        styles = {n.removeprefix("tower."): d["style"] for n, d in layers.items()}
+        for layer, style in EXPECTED[name].items():
+            if style == "ColumnParallelLinear" and name in (
+                    "siglip_vision", "clip_vision") and "self_attn" in layer:
+                style = "QKVParallelLinear"
+            assert styles.get(layer) == style, (name, layer, styles.get(layer), styles)
+        replicated = {n.removeprefix("tower."): d.get("reason", "") for n, d in
+                      layers.items() if d["style"] == "replicated"}
+        assert set(replicated) == set(REPLICATED[name]), replicated
+        assert "tp=2:" in entry["summary"] and "linears sharded" in entry["summary"]
+
+
 def test_same_answer_on_both_ranks(ranks):
     """Both ranks end with the full (all-reduced) output: the same shapes everywhere."""
     for key, entry in ranks[0].items():

@@ -86,6 +86,34 @@ def towers(out: dict[str, Any]) -> None:
             out[key] = entry
 
 
+def first_call(out: dict[str, Any]) -> None:
+    """Each tower applied without example inputs (as inside vLLM): loaded replicated at
+    apply, sharded and fused at its first call from the loaded layers."""
+    import torch
+
+    import fxpass
+    from fxpass import zoo
+    from fxpass.layers import is_vllm_linear
+
+    for name in zoo.KNOWN_TOWERS:
+        trace_size, sizes = TRACE_SIZES[name][0]
+        ref = zoo.build_tower(name)
+        cand = copy.deepcopy(ref)
+        report = fxpass.apply(cand, tp=TP, load_weights=True, fuse=True, prefix="tower")
+        entry: dict[str, Any] = {"traced_at": report.traced_at, "max_abs": {},
+                                 "styles_before": sorted({
+                                     type(m).__name__ for m in cand.modules()
+                                     if isinstance(m, torch.nn.Linear) or is_vllm_linear(m)})}
+        with torch.no_grad():
+            for s in (trace_size, *(x for x in sizes if x != trace_size)):
+                x = zoo.example_inputs(ref, size_index=s, seed=7)
+                entry["max_abs"][str(s)] = float((_first(ref(**x)) - _first(cand(**x))).abs()
+                                                 .max())
+        entry["report"] = report.to_dict()
+        entry["summary"] = report.summary_line()
+        out[f"{name}/first_call"] = entry
+
+
 def nf4(out: dict[str, Any]) -> None:
     """bnb nf4 sharded (quantized per shard) vs nf4 replicated: SQNR vs the float tower.
 
@@ -294,7 +322,7 @@ def main() -> None:
 
         results["group"] = [tp_rank(), tp_world_size()]
         results["timings_s"]["start"] = time.perf_counter() - t0
-        steps = (towers, nf4, sizes, toys, checkpoint, faults, atomic,
+        steps = (towers, first_call, nf4, sizes, toys, checkpoint, faults, atomic,
                  lambda r: viz(r, out_dir, rank))
         for step in steps:
             t = time.perf_counter()
