@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import fxpass
+from numerics import first as _first
+from numerics import sqnr_db as _sqnr
 from fxpass import zoo
 from fxpass.layers import is_vllm_linear
 from fxpass.rules import fp32_gemm
@@ -21,15 +23,6 @@ from fxpass.rules.fp32_gemm import Fp32Gemm
 
 pytestmark = pytest.mark.usefixtures("vllm_rt")
 
-
-def _first(out):
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
-def _sqnr(ref, got):
-    ref, got = ref.float(), got.float()
-    err = (ref - got).pow(2).sum()
-    return float(10 * torch.log10(ref.pow(2).sum() / err)) if err > 0 else float("inf")
 
 
 @pytest.fixture

@@ -10,21 +10,14 @@ from torch import nn
 from transformers import AutoModel
 
 import fxpass
+from numerics import first as _first
+from numerics import sqnr_db as _sqnr
 from fxpass.rules.fusion import FusedSlice
 from fxpass import zoo
 from fxpass.weights import bnb_config, load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("vllm_rt")
 
-
-def _first(out):
-    return out if isinstance(out, torch.Tensor) else out[0]
-
-
-def _sqnr(ref, got):
-    ref, got = ref.float(), got.float()
-    err = (ref - got).pow(2).sum()
-    return float(10 * torch.log10(ref.pow(2).sum() / err)) if err > 0 else float("inf")
 
 
 def _unclipped_gemma4_vision(dtype=torch.float32):
