@@ -345,8 +345,11 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
                      prefix or "<root>", type(model).__name__)
         return None
     logger.info("%s", report.summary_line())
-    logger.info("fxpass[%s]: %s%s", prefix or "<root>", settings.describe(),
-                f"; fusion off: {record.fusion_off}" if record.fusion_off else "")
+    logger.info("fxpass[%s]: %s%s%s", prefix or "<root>", settings.describe(),
+                f"; fusion off: {record.fusion_off}" if record.fusion_off else "",
+                "; compile_mm_encoder is set, but the rewritten tower runs eagerly (fxpass "
+                "does not compile HF towers, nor does vLLM reach them)" if _compile_asked()
+                else "")
     if settings.warmup and report.traced_at == "first call":
         from fxpass.warmup import wrap_workers
 
@@ -378,6 +381,18 @@ def _fusion(settings: Any) -> tuple[bool, str | None]:
         return True, ("LoRA is enabled: vLLM's LoRA layers wrap each HF linear by its name, "
                       "so the linears stay one layer each")
     return True, None
+
+
+def _compile_asked() -> bool:
+    """The engine asks for compiled encoders (``compilation_config.compile_mm_encoder``)."""
+    try:
+        from vllm.config import get_current_vllm_config_or_none
+
+        config = get_current_vllm_config_or_none()
+    except ImportError:
+        return False
+    return bool(getattr(getattr(config, "compilation_config", None), "compile_mm_encoder",
+                        False))
 
 
 def _towers_pending() -> bool:

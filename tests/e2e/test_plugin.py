@@ -369,6 +369,21 @@ def test_speed_rules_fuse_at_the_first_call_by_default(vllm_rt, plugin_state, mo
     assert not any("_fxpass_loaded_weight" in m.__dict__ for m in tower.modules())
 
 
+@pytest.mark.parametrize("compile_asked", [False, True])
+def test_the_switches_line_says_when_compile_mm_encoder_is_not_applied(
+        vllm_rt, plugin_state, plugin_log, monkeypatch, compile_asked):
+    """vLLM's compile_mm_encoder does not reach HF towers built by AutoModel.from_config, and
+    fxpass does not compile them: the INFO line says so rather than let a user think so."""
+    config = _engine_config()
+    config.compilation_config.compile_mm_encoder = compile_asked
+    _rewrite_in_engine(config, monkeypatch)
+    switches = [r.getMessage() for r in plugin_log
+                if r.levelno == logging.INFO and "speed rules on" in r.getMessage()]
+    assert len(switches) == 1, switches
+    assert ("compile_mm_encoder is set, but the rewritten tower runs eagerly" in switches[0]
+            ) is compile_asked, switches
+
+
 @pytest.mark.parametrize("config, why", [
     ({"fxpass": {"speed_rules": False}}, None),
     ({"fxpass": {"disable": ["fusion"]}}, None),
