@@ -133,7 +133,10 @@ def test_meta_memo_changes_nothing_but_the_time(name, monkeypatch):
     running every call (the memo turned off)."""
     from fxpass.trace import memo as memo_mod
 
-    tower = zoo.build_tower(name, size="default", device="meta")
+    config = zoo.tower_config(name, "default")  # default widths; 3 identical layers suffice
+    config.num_hidden_layers = 3
+    with torch.device("meta"):
+        tower = zoo._from_config(config, name).eval()  # noqa: SLF001 - meta, layer count
     hits = []
     real_rebuild = memo_mod._rebuild
     monkeypatch.setattr(memo_mod, "_rebuild", lambda *a: hits.append(1) or real_rebuild(*a))
