@@ -14,13 +14,14 @@ transposed to vLLM's layout, the output back to HF's.
 Only where the semantics are the same (otherwise the call is kept and the report says why):
 ``is_causal`` a constant False, ``dropout_p`` a constant 0 and the module in eval mode, a
 constant ``scale``, heads equal (or ``enable_gqa=True`` with kv heads dividing them), no
-other SDPA arguments. A site with an ``attn_mask`` node (HF's padding mask, materialised by
-the trace) calls :func:`encoder_attention`, which decides at run time: a mask that masks
-nothing runs the layer on the whole batch; a key padding mask (every query row of a
+other SDPA arguments. The site calls :func:`encoder_attention`, which decides at run time:
+no mask (or, for a site with an ``attn_mask`` node, HF's padding mask materialised by the
+trace, a mask that masks nothing) runs the layer on the whole batch; a key padding mask (every query row of a
 sequence sees the same keys: HF's padding of text, audio frames or image patches) runs the
 layer once per distinct number of attended keys on those keys, every query row kept (HF's
 padded rows too); any other mask (a 2-D pattern, a sequence that sees no key) runs the very
-SDPA call HF made. Attention weights
+SDPA call HF made, as does a call under autograd (q, k or v requiring grad: vLLM's op has
+no backward of its own). Attention weights
 (``output_attentions=True``) make HF take its eager path, which has no SDPA node: nothing
 is rewritten there. Under tensor parallelism a site whose q / k / v the tensor-parallel rule
 split by heads gets a layer with the heads of one rank (a sharded module traced again later
@@ -82,7 +83,12 @@ def encoder_attention(attn: nn.Module, query: torch.Tensor, key: torch.Tensor,
     ``attn_mask`` masks nothing, or masks keys only (:func:`key_padding`): then once per
     distinct number of attended keys, on those keys (a masked key adds exactly nothing to
     SDPA's softmax), every query row kept. Else the very SDPA call HF made (``sdpa_kwargs``:
-    its ``dropout_p``, ``is_causal``, ``scale``, ``enable_gqa``)."""
+    its ``dropout_p``, ``is_causal``, ``scale``, ``enable_gqa``), also under autograd: vLLM's
+    op has no backward of its own (torch's deprecated fallback differentiates it today)."""
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                    or value.requires_grad):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
+                                              **sdpa_kwargs)
     if attn_mask is None or sdpa_mask.masks_nothing(attn_mask):
         return _run(attn, query, key, value)
     keep = key_padding(attn_mask, query.shape[0], key.shape[-2])
@@ -314,29 +320,12 @@ class MMEncoderAttentionRule(RuleBase):
             b = _bound(node)
             qkv = [b["query"], b["key"], b["value"]]
             with graph.inserting_before(node):
-                if masked:
-                    mod = graph.get_attr(attr)
-                    new = graph.call_function(encoder_attention, (mod, *qkv, b["attn_mask"]),
-                                              rest)
-                    meta.info(new)["rewrite"] = {
-                        "rule": self.name, "layer": "MMEncoderAttention",
-                        "prefix": ctx.full_name(qualname), "backend": backend}
-                else:
-                    t = [graph.call_method("transpose", (x, 1, 2)) for x in qkv]
-                    for x, src in zip(t, qkv):
-                        if info := meta.get(src, "tensor"):
-                            s = info["shape"]
-                            meta.info(x)["tensor"] = {**info, "contiguous": False,
-                                                      "shape": (s[0], s[2], s[1], s[3])}
-                    out = graph.call_module(attr, tuple(t))
-                    new = graph.call_method("transpose", (out, 1, 2))
-                    if info := meta.get(node, "tensor"):
-                        s = info["shape"]
-                        meta.info(out)["tensor"] = {**info, "contiguous": True,
-                                                    "shape": (s[0], s[2], s[1], s[3])}
-                    meta.info(out)["rewrite"] = {
-                        "rule": self.name, "layer": "MMEncoderAttention",
-                        "prefix": ctx.full_name(qualname), "backend": backend}
+                mod = graph.get_attr(attr)
+                new = graph.call_function(
+                    encoder_attention, (mod, *qkv, b["attn_mask"] if masked else None), rest)
+                meta.info(new)["rewrite"] = {
+                    "rule": self.name, "layer": "MMEncoderAttention",
+                    "prefix": ctx.full_name(qualname), "backend": backend}
             if info := meta.get(node, "tensor"):
                 meta.info(new)["tensor"] = {**info, "contiguous": False}
             meta.info(new)["inserted_by"] = self.name
@@ -344,8 +333,8 @@ class MMEncoderAttentionRule(RuleBase):
             graph.erase_node(node)
 
         how = ("through encoder_attention (the layer when the mask masks nothing or masks "
-               "keys only; the original SDPA for any other mask)" if masked
-               else "q/k/v transposed to [b, s, h, d], output back")
+               "keys only; the original SDPA for any other mask or under autograd)" if masked
+               else "through encoder_attention (the layer; the original SDPA under autograd)")
         note = (f"{m.site.name}: MMEncoderAttention {attr}(heads={heads}, head_size={head}, "
                 f"scale={scale}, kv_heads={kv}) {how}")
         ctx.fix(self.name, m.site, note, edit)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxpass
+from fxpass import zoo
 from fxpass.rules import mm_attention, registry
 from fxpass.rules.base import Mode, Options
 from fxpass.rules.mm_attention import encoder_attention
@@ -324,3 +325,37 @@ def test_load_weights_false_path_then_a_padded_call_reuses_the_layer():
     assert fwd.family.variants, "the padded call did not re-specialise"
     assert all("encoder_attention" in v.src and "self.attn" in v.src
                for v in fwd.family.variants)
+
+
+def test_calls_under_autograd_take_hf_sdpa_and_give_its_gradients(vllm_rt):
+    """vLLM's attention op has no backward of its own: a call whose q / k / v require grad
+    runs HF's SDPA (its exact answer and gradients); without grad, the layer."""
+    import warnings
+
+    tower = zoo.build_tower("siglip_vision")
+    ref = copy.deepcopy(tower)
+    fxpass.apply(tower, None, load_weights=True)
+    x = zoo.example_inputs(ref)
+    with torch.no_grad():
+        tower(**x)  # the first call: the layers go in
+    attn = [m for m in tower.modules() if type(m).__name__ == "MMEncoderAttention"]
+    assert attn
+    calls = []
+    handles = [m.register_forward_hook(lambda *a: calls.append(1)) for m in attn]
+    # the inputs require grad; the linears are vLLM-CPU's, whose GEMM refuses an input
+    # gradient (fxpass.cpu_gemm): the attention's own inputs are checked through a hook
+    shape = (2, attn[0].num_heads, 9, attn[0].head_size)
+    q = torch.randn(shape, requires_grad=True)
+    k, v = torch.randn(shape), torch.randn(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "silently incorrect" autograd-fallback warning
+        out = encoder_attention(attn[0], q, k, v, scale=0.3)
+        out.sum().backward()
+    want_q = q.detach().clone().requires_grad_()
+    torch.nn.functional.scaled_dot_product_attention(want_q, k, v, scale=0.3).sum().backward()
+    assert calls == [] and torch.equal(q.grad, want_q.grad)
+    with torch.no_grad():
+        encoder_attention(attn[0], q, k, v, scale=0.3)
+    assert calls == [1]
+    for h in handles:
+        h.remove()
