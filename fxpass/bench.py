@@ -38,6 +38,7 @@ import gc
 import json
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -189,9 +190,28 @@ def _vision_inputs(tower: nn.Module, patches: int) -> dict[str, torch.Tensor]:
     return {"pixel_values": pixels, "pixel_position_ids": pos}
 
 
+def _eager_rows(quick: bool, dtypes: tuple[str, ...]
+                ) -> Iterator[tuple[str, str, torch.dtype, Any]]:
+    """(peer tower, dtype name, dtype, config) for the eager rule sections: fp32, and bf16
+    unless ``quick``, each only where ``dtypes`` names it."""
+    rows = (("fp32", torch.float32),) + (() if quick else (("bf16", torch.bfloat16),))
+    for name in PEER_TOWERS:
+        cfg = _peer_config(name, quick)
+        for dtype_name, dtype in rows:
+            if dtype_name in dtypes:
+                yield name, dtype_name, dtype, cfg
+
+
+def _seeded_tower(cfg: Any, dtype: torch.dtype) -> nn.Module:
+    """The HF tower of ``cfg`` with seed-0 random weights, in ``dtype``, eval mode."""
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    return AutoModel.from_config(cfg).to(dtype).eval()
+
+
 def forward_latency(quick: bool, repeats: int,
                     dtypes: tuple[str, ...] = BENCH_DTYPES) -> dict[str, Any]:
-    from transformers import AutoModel
     from vllm.model_executor.models.transformers.utils import recursive_replace_linear
 
     import fxpass
@@ -205,8 +225,7 @@ def forward_latency(quick: bool, repeats: int,
                                      ("nf4", torch.bfloat16, "nf4")):
         if dtype_name not in dtypes:
             continue
-        torch.manual_seed(0)
-        hf = AutoModel.from_config(cfg).to(dtype).eval()
+        hf = _seeded_tower(cfg, dtype)
         qc = bnb_config(quant) if quant else None
         # nf4 has no HF eager twin: its baseline is the bf16 HF tower
         variants: dict[str, nn.Module] = {"hf": hf}
@@ -461,8 +480,6 @@ def _compiled(model: nn.Module, x: dict[str, torch.Tensor]) -> tuple[Any, float]
 
 
 def peers(quick: bool, repeats: int, dtypes: tuple[str, ...] = BENCH_DTYPES) -> dict[str, Any]:
-    from transformers import AutoModel
-
     import fxpass
     from fxpass.weights import bnb_config
 
@@ -474,8 +491,7 @@ def peers(quick: bool, repeats: int, dtypes: tuple[str, ...] = BENCH_DTYPES) -> 
                                          ("nf4", torch.bfloat16, "nf4")):
             if dtype_name not in dtypes:
                 continue
-            torch.manual_seed(0)
-            hf = AutoModel.from_config(cfg).to(dtype).eval()
+            hf = _seeded_tower(cfg, dtype)
             qc = bnb_config(quant) if quant else None
             x = _peer_inputs(name, hf, dtype, quick)
             variants: dict[str, Any] = {"hf": hf}
@@ -537,47 +553,39 @@ def rule_gains(quick: bool, repeats: int,
     """Each speed rule's gain: fxpass (fuse=True) against fxpass with that one rule left out
     (and against fuse=False: all of them), interleaved, eager, on both peer towers, each
     applied without example inputs (the rules run at the first call, as inside vLLM)."""
-    from transformers import AutoModel
-
     import fxpass
     from fxpass.rules.registry import SPEED_RULES
 
     out: dict[str, Any] = {}
-    for name in PEER_TOWERS:
-        cfg = _peer_config(name, quick)
-        rows = (("fp32", torch.float32),) + (() if quick else (("bf16", torch.bfloat16),))
-        for dtype_name, dtype in rows:
-            if dtype_name not in dtypes:
-                continue
-            torch.manual_seed(0)
-            hf = AutoModel.from_config(cfg).to(dtype).eval()
-            x = _peer_inputs(name, hf, dtype, quick)
-            variants: dict[str, nn.Module] = {}
-            fixes: dict[str, int] = {}
-            for label, fuse, off in [("all rules", True, ()), ("fuse=False", False, ()),
-                                     *((f"without {r}", True, (r,)) for r in SPEED_RULES)]:
-                m = copy.deepcopy(hf)
-                # as inside vLLM: no example inputs, the rules run at the first call
-                report = fxpass.apply(m, None, prefix="vision_tower", load_weights=True,
-                                      fuse=fuse, disable=list(off))
-                with torch.no_grad():
-                    m(**x)
-                if label == "all rules":
-                    fixes = _count_fixes(report)
-                elif off and not fixes.get(off[0]):
-                    continue  # the rule does not apply to this tower
-                variants[label] = m
+    for name, dtype_name, dtype, cfg in _eager_rows(quick, dtypes):
+        hf = _seeded_tower(cfg, dtype)
+        x = _peer_inputs(name, hf, dtype, quick)
+        variants: dict[str, nn.Module] = {}
+        fixes: dict[str, int] = {}
+        for label, fuse, off in [("all rules", True, ()), ("fuse=False", False, ()),
+                                 *((f"without {r}", True, (r,)) for r in SPEED_RULES)]:
+            m = copy.deepcopy(hf)
+            # as inside vLLM: no example inputs, the rules run at the first call
+            report = fxpass.apply(m, None, prefix="vision_tower", load_weights=True,
+                                  fuse=fuse, disable=list(off))
             with torch.no_grad():
-                t, iqr = _timed({k: (lambda v=v: v(**x)) for k, v in variants.items()},
-                                repeats, quick)
-            base = t["all rules"]
-            out.setdefault(name, {})[dtype_name] = {
-                "median_s": t, "iqr_s": iqr, "fixes": fixes,
-                # > 1: the tower is that much faster with the rule (or all rules) than without
-                "gain": {k: v / base for k, v in t.items() if k != "all rules"},
-            }
-            del variants, hf
-            _collect(quick)
+                m(**x)
+            if label == "all rules":
+                fixes = _count_fixes(report)
+            elif off and not fixes.get(off[0]):
+                continue  # the rule does not apply to this tower
+            variants[label] = m
+        with torch.no_grad():
+            t, iqr = _timed({k: (lambda v=v: v(**x)) for k, v in variants.items()},
+                            repeats, quick)
+        base = t["all rules"]
+        out.setdefault(name, {})[dtype_name] = {
+            "median_s": t, "iqr_s": iqr, "fixes": fixes,
+            # > 1: the tower is that much faster with the rule (or all rules) than without
+            "gain": {k: v / base for k, v in t.items() if k != "all rules"},
+        }
+        del variants, hf
+        _collect(quick)
     return out
 
 
@@ -587,39 +595,31 @@ def attention_gain(quick: bool, repeats: int,
     the same fxpass rewrite with the rule and without it, interleaved, eager, on both peer
     towers; Gemma4 vision also on a batch of two images where the second is padded (its
     padding patches masked: the rule's per-length path)."""
-    from transformers import AutoModel
-
     import fxpass
 
     out: dict[str, Any] = {}
-    for name in PEER_TOWERS:
-        cfg = _peer_config(name, quick)
-        rows = (("fp32", torch.float32),) + (() if quick else (("bf16", torch.bfloat16),))
-        for dtype_name, dtype in rows:
-            if dtype_name not in dtypes:
-                continue
-            torch.manual_seed(0)
-            hf = AutoModel.from_config(cfg).to(dtype).eval()
-            inputs = {"one image": _peer_inputs(name, hf, dtype, quick)}
-            if name == "gemma4_vision":
-                inputs["two, one padded"] = _padded_pair(inputs["one image"])
-            with_rule, without = copy.deepcopy(hf), copy.deepcopy(hf)
-            first = next(iter(inputs.values()))
-            report = fxpass.apply(with_rule, None, prefix="vision_tower", load_weights=True,
-                                  example_inputs=first)
-            fxpass.apply(without, None, prefix="vision_tower", load_weights=True,
-                         example_inputs=first, disable=["mm-attention"])
-            sites = sum(f.rule == "mm-attention" for f in report.fixes)
-            for label, x in inputs.items():
-                with torch.no_grad():
-                    t, iqr = _timed({"mm-attention": lambda x=x: with_rule(**x),
-                                     "sdpa": lambda x=x: without(**x)}, repeats, quick)
-                out.setdefault(name, {}).setdefault(dtype_name, {})[label] = {
-                    "median_s": t, "iqr_s": iqr, "sites": sites,
-                    # > 1: the tower is that much faster through vLLM's encoder attention
-                    "gain": t["sdpa"] / t["mm-attention"]}
-            with_rule = without = hf = None  # (freed before the next tower)
-            _collect(quick)
+    for name, dtype_name, dtype, cfg in _eager_rows(quick, dtypes):
+        hf = _seeded_tower(cfg, dtype)
+        inputs = {"one image": _peer_inputs(name, hf, dtype, quick)}
+        if name == "gemma4_vision":
+            inputs["two, one padded"] = _padded_pair(inputs["one image"])
+        with_rule, without = copy.deepcopy(hf), copy.deepcopy(hf)
+        first = next(iter(inputs.values()))
+        report = fxpass.apply(with_rule, None, prefix="vision_tower", load_weights=True,
+                              example_inputs=first)
+        fxpass.apply(without, None, prefix="vision_tower", load_weights=True,
+                     example_inputs=first, disable=["mm-attention"])
+        sites = sum(f.rule == "mm-attention" for f in report.fixes)
+        for label, x in inputs.items():
+            with torch.no_grad():
+                t, iqr = _timed({"mm-attention": lambda x=x: with_rule(**x),
+                                 "sdpa": lambda x=x: without(**x)}, repeats, quick)
+            out.setdefault(name, {}).setdefault(dtype_name, {})[label] = {
+                "median_s": t, "iqr_s": iqr, "sites": sites,
+                # > 1: the tower is that much faster through vLLM's encoder attention
+                "gain": t["sdpa"] / t["mm-attention"]}
+        with_rule = without = hf = None  # (freed before the next tower)
+        _collect(quick)
     return out
 
 
