@@ -619,8 +619,9 @@ LOADED_WEIGHT = "_fxpass_loaded_weight"  # in a layer's __dict__: see keep_loade
 
 
 def keep_loaded_weight(layer: nn.Module) -> None:
-    """Hold on to the parameter vLLM's loader will fill, for a rule that builds a layer from
-    it at the first call (fusion: the members' weights, merged).
+    """Hold on to the parameter vLLM's loader will fill, for a rule that builds from it at
+    the first call (fusion: the members' weights merged; sharding: each rank's block;
+    fp32-gemm: an fp32 copy).
 
     vLLM-CPU's ``process_weights_after_loading`` hands an unquantized weight to oneDNN and
     puts an empty tensor in its place; this keeps the loaded one alive until
@@ -644,7 +645,8 @@ def loaded_weight(layer: nn.Module) -> tuple[torch.Tensor | None, str]:
         if isinstance(w, torch.Tensor) and tuple(w.shape) == tuple(shape) and not w.is_meta:
             return w, ""
     return None, ("vLLM-CPU handed its weight to oneDNN after loading and kept none "
-                  "(fxpass.apply keeps it only where it fuses at the first call)")
+                  "(fxpass.apply without example inputs keeps it for the rules that rebuild "
+                  "layers at the first call: fusion, fp32-gemm, tensor-parallel sharding)")
 
 
 def loaded_linear(layer: nn.Module) -> tuple[nn.Linear | None, str]:

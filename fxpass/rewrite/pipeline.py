@@ -117,10 +117,9 @@ def apply(model: nn.Module, quant_config: QuantizationConfig | None = None, *,
     has_linears = any(isinstance(m, nn.Linear) for m in modules.values())
     if load_weights and has_linears:
         _check_loadable(model)
-    deferred = False
-    if trace_result is None and example_inputs is None and has_linears:
-        example_inputs, deferred = _inputs_or_first_call(model, first_call, fuse=fuse, tp=tp)
+    deferred = trace_result is None and example_inputs is None and has_linears
     if deferred:  # the linear rule alone matches on an empty trace: the walk's swap
+        _check_may_wait(model, first_call)
         trace_result = Trace(root=model)
         log.set("traced_at", "first call")
     elif trace_result is None:
@@ -293,17 +292,15 @@ def _explain_already_applied(log: EventLog, modules: dict[str, nn.Module],
     warnings.warn(note, UserWarning, stacklevel=3)
 
 
-def _inputs_or_first_call(model: nn.Module, first_call: bool | None, *, fuse: bool,
-                          tp: int | None) -> tuple[Any, bool]:
-    """Without example inputs the graphs come from the model's first real call: (None, True).
-    Fusion and sharding wait for it too: the fused and sharded layers are built then from the
-    replicated layers the loader filled (``fxpass.parallel.rule``)."""
+def _check_may_wait(model: nn.Module, first_call: bool | None) -> None:
+    """Without example inputs the graphs come from the model's first real call (fusion and
+    sharding too: their layers are built then from the replicated ones the loader filled,
+    ``fxpass.parallel.rule``), unless the caller insists on tracing now."""
     if first_call is False:
         raise UsageError(
             f"fxpass.apply(first_call=False) traces now, so it needs example inputs for "
             f"{type(model).__name__}: pass example_inputs= as a real call of its forward "
             "would, or let apply trace at the first call")
-    return None, True
 
 
 def _check_tp_group(tp: int) -> None:

@@ -87,10 +87,7 @@ class GemmSite:
 
 
 def _kind(gemm: Any) -> str:
-    from fxpass.cpu_gemm import CpuGemmGuard
-
-    if isinstance(gemm, CpuGemmGuard):
-        gemm = gemm.gemm
+    gemm = _inner(gemm)
     return getattr(gemm, "__qualname__", type(gemm).__name__)
 
 
@@ -104,9 +101,10 @@ def _best(fn: Any, reps: int = 3) -> float:
     return best
 
 
-def decide(layer: nn.Module, weight32: Tensor | None) -> tuple[bool, float, float]:
+def decide(layer: nn.Module, loaded: Tensor | None) -> tuple[bool, float, float]:
     """(fp32 is faster here, the layer's kernel s, fp32 s) for the layer's shape; measured
-    once per shape and kernel in this process."""
+    once per shape and kernel in this process. ``loaded``: an emptied layer's loaded weight
+    (the fp32 side computes with its fp32 copy), None where the layer holds its weight."""
     weight = layer.weight
     dtype = layer.params_dtype
     n, k = layer.output_size, layer.input_size
@@ -114,7 +112,8 @@ def decide(layer: nn.Module, weight32: Tensor | None) -> tuple[bool, float, floa
     key = (_kind(layer.cpu_linear), n, k, dtype, bias is not None, torch.get_num_threads())
     if key not in _DECISIONS:
         x = torch.randn(PROBE_ROWS, k, generator=torch.Generator().manual_seed(0)).to(dtype)
-        fp32 = Fp32Gemm(weight32, None if bias is None else bias.float())
+        fp32 = Fp32Gemm(None if loaded is None else loaded.detach().float(),
+                        None if bias is None else bias.float())
         with torch.no_grad():
             half_s = _best(lambda: layer.cpu_linear(x, weight, bias))
             fp32_s = _best(lambda: fp32(x, weight, bias))
@@ -160,29 +159,28 @@ class Fp32CpuGemm(RuleBase):
             return f"quantized ({method}): vLLM's kernel stays"
         if tp_style(layer) is not None:
             return "sharded: vLLM's kernel stays"
-        weight32, why = self._weight32(layer)
+        loaded, why = self._packed_weight(layer)
         if why:
             return why
-        faster, half_s, fp32_s = decide(layer, weight32)
+        faster, half_s, fp32_s = decide(layer, loaded)
         if not faster:
             return (f"this machine's {layer.params_dtype} kernel is fast enough: "
                     f"{half_s * 1e3:.2f} ms against fp32's {fp32_s * 1e3:.2f} ms at "
                     f"{PROBE_ROWS} rows")
-        m.weight32, m.times = weight32, (half_s, fp32_s)
+        # the fp32 copy only for a layer that will compute with it
+        m.weight32 = None if loaded is None else loaded.detach().float()
+        m.times = (half_s, fp32_s)
         return None
 
     @staticmethod
-    def _weight32(layer: nn.Module) -> tuple[Tensor | None, str]:
-        """(the fp32 copy an emptied layer computes with, or None where it holds its weight;
-        why not)."""
+    def _packed_weight(layer: nn.Module) -> tuple[Tensor | None, str]:
+        """(the loaded weight of a layer vLLM emptied into a native handle, or None where
+        the layer holds its weight; why there is none)."""
         from fxpass.weights import loaded_weight
 
         if layer.weight.numel() != 0:
             return None, ""
-        w, why = loaded_weight(layer)
-        if w is None:
-            return None, why
-        return w.detach().float(), ""
+        return loaded_weight(layer)
 
     def apply(self, ctx: RewriteContext, m: GemmSite) -> None:
         from fxpass.cpu_gemm import CpuGemmGuard
