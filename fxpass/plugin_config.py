@@ -130,14 +130,9 @@ def read(additional_config: Mapping[str, Any] | None,
 
 def from_engine() -> PluginConfig:
     """The switches for the engine whose model vLLM is building now (its current config)."""
-    config = None
-    try:
-        from vllm.config import get_current_vllm_config_or_none
+    from fxpass.vllm_context import current_engine_config
 
-        config = get_current_vllm_config_or_none()
-    except ImportError:
-        config = None
-    return read(getattr(config, "additional_config", None))
+    return read(getattr(current_engine_config(), "additional_config", None))
 
 
 __all__ = ["ENV_DISABLE", "ENV_DISABLE_RULES", "ENV_SPEED_RULES", "ENV_WARMUP", "KEY",

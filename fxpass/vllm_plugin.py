@@ -370,14 +370,9 @@ def _fusion(settings: Any) -> tuple[bool, str | None]:
         return False, None
     if "fusion" in settings.disable:
         return True, None  # the other speed rules run; "fusion" is left out by name
-    lora = None
-    try:
-        from vllm.config import get_current_vllm_config_or_none
+    from fxpass.vllm_context import current_engine_config
 
-        lora = getattr(get_current_vllm_config_or_none(), "lora_config", None)
-    except ImportError:
-        lora = None
-    if lora is not None:
+    if getattr(current_engine_config(), "lora_config", None) is not None:
         return True, ("LoRA is enabled: vLLM's LoRA layers wrap each HF linear by its name, "
                       "so the linears stay one layer each")
     return True, None
@@ -385,14 +380,10 @@ def _fusion(settings: Any) -> tuple[bool, str | None]:
 
 def _compile_asked() -> bool:
     """The engine asks for compiled encoders (``compilation_config.compile_mm_encoder``)."""
-    try:
-        from vllm.config import get_current_vllm_config_or_none
+    from fxpass.vllm_context import current_engine_config
 
-        config = get_current_vllm_config_or_none()
-    except ImportError:
-        return False
-    return bool(getattr(getattr(config, "compilation_config", None), "compile_mm_encoder",
-                        False))
+    return bool(getattr(getattr(current_engine_config(), "compilation_config", None),
+                        "compile_mm_encoder", False))
 
 
 def _towers_pending() -> bool:
