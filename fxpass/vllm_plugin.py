@@ -24,6 +24,14 @@ No example inputs
     A module with no linear layers (vLLM's ``StageMissingLayer`` for a modality switched
     off) is not a failure: it is logged at DEBUG only.
 
+Compiled towers
+    Under vLLM's ``compilation_config.compile_mm_encoder`` (where vLLM would compile its own
+    encoders: not in compilation mode NONE, which ``enforce_eager`` sets, nor under LoRA),
+    the parts of each tower vLLM calls are compiled after their first call, with the
+    engine's backend (``fxpass.runtime.compiled``: dynamic shapes, no graph break), and the
+    warm-up runs vLLM's dummy inputs through them until dynamo settles, so the compile is
+    part of the engine's start; an INFO line per tower says what it cost.
+
 Switches
     ``fxpass.plugin_config``: vLLM's ``additional_config["fxpass"]`` (``enabled``,
     ``speed_rules``, ``disable``, ``warmup``) and the environment, which wins
@@ -68,6 +76,7 @@ How the call sites are reached
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.abc
 import importlib.machinery
 import logging
@@ -101,6 +110,11 @@ class TowerRecord:
     tp_mode: dict[str, Any] = dataclasses.field(default_factory=dict)
     settings: Any = None  # fxpass.plugin_config.PluginConfig the tower was rewritten with
     fusion_off: str | None = None  # why the speed rules did not fuse, where they were on
+    # compile_mm_encoder: backend (None: not compiled), why_not, entries compiled, and once
+    # the warm-up settled them: seconds, calls, graphs, breaks (fxpass.runtime.compiled)
+    compiled: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the tower while its compiled entries wait for the warm-up to freeze them
+    compiling: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def specialisations(self) -> dict[str, int]:
@@ -125,6 +139,7 @@ class TowerRecord:
             "tp_mode": dict(self.tp_mode),
             "settings": self.settings.to_dict() if self.settings is not None else None,
             "fusion_off": self.fusion_off,
+            "compiled": dict(self.compiled),
             "report": self.report.to_dict() if self.report is not None else None,
         }
 
@@ -321,11 +336,13 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
             # (the warm-up at the engine's start, else a request), and fusion and sharding
             # with them: built from the loaded layers (each rank keeps its block)
             fuse, record.fusion_off = _fusion(settings)
+            record.compiled = _compile_plan()
             report = fxpass.apply(model, quant_config, prefix=prefix, load_weights=False,
                                   tp=tp if tp > 1 else None, first_call=True, fuse=fuse,
                                   disable=settings.disable | (
                                       {"fusion"} if record.fusion_off else set()),
-                                  on_first_call=_log_first_call)
+                                  on_first_call=functools.partial(
+                                      _after_first_call, record, model))
         finally:
             for m, training in modes.items():
                 m.training = training
@@ -345,15 +362,20 @@ def replace_linear(model: Any, quant_config: Any, prefix: str = "") -> None:
                      prefix or "<root>", type(model).__name__)
         return None
     logger.info("%s", report.summary_line())
+    compiled = record.compiled
     logger.info("fxpass[%s]: %s%s%s", prefix or "<root>", settings.describe(),
                 f"; fusion off: {record.fusion_off}" if record.fusion_off else "",
-                "; compile_mm_encoder is set, but the rewritten tower runs eagerly (fxpass "
-                "does not compile HF towers, nor does vLLM reach them)" if _compile_asked()
-                else "")
+                "" if not compiled else (
+                    f"; compile_mm_encoder: not compiled: {compiled['why_not']}"
+                    if compiled.get("why_not") else
+                    f"; compile_mm_encoder: the modules vLLM calls compile with torch.compile "
+                    f"(backend {compiled['backend']}, dynamic shapes) after the first call"
+                    + (" at the engine's start" if settings.warmup else "")))
     if settings.warmup and report.traced_at == "first call":
         from fxpass.warmup import wrap_workers
 
-        wrap_workers(_towers_pending)  # their first call at the engine's start
+        # their first call (and their compile) at the engine's start
+        wrap_workers(_towers_pending, compiling=_towers_compiling, on_settled=_log_compiled)
     if record.tp_mode.get("world_size", 1) > 1 and record.tp_mode.get("tp", 1) == 1:
         why = record.tp_mode.get("why_replicated") or (
             f"mm_encoder_tp_mode={record.tp_mode.get('mm_encoder_tp_mode')}")
@@ -378,12 +400,71 @@ def _fusion(settings: Any) -> tuple[bool, str | None]:
     return True, None
 
 
-def _compile_asked() -> bool:
-    """The engine asks for compiled encoders (``compilation_config.compile_mm_encoder``)."""
+def _compile_plan() -> dict[str, Any]:
+    """What ``compilation_config.compile_mm_encoder`` asks of this tower: {} when it is not
+    set; else the backend, or why not (as vLLM decides for its own encoders: not in
+    compilation mode NONE, which ``enforce_eager=True`` sets)."""
     from fxpass.vllm_context import current_engine_config
 
-    return bool(getattr(getattr(current_engine_config(), "compilation_config", None),
-                        "compile_mm_encoder", False))
+    config = current_engine_config()
+    cc = getattr(config, "compilation_config", None)
+    if not getattr(cc, "compile_mm_encoder", False):
+        return {}
+    plan: dict[str, Any] = {"backend": None, "why_not": None, "entries": []}
+    if int(getattr(cc, "mode", 0) or 0) == 0:
+        plan["why_not"] = ("vLLM's compilation mode is NONE (enforce_eager=True sets it), in "
+                           "which vLLM compiles none of its own encoders either")
+    elif getattr(config, "lora_config", None) is not None:
+        plan["why_not"] = ("LoRA is enabled: vLLM's LoRA layers take their adapter mapping "
+                           "per request, outside a compiled region")
+    else:
+        from fxpass.runtime.compiled import torch_backends
+
+        backend = getattr(cc, "backend", "") or "inductor"
+        plan["backend"] = backend if backend in torch_backends() else "inductor"
+    return plan
+
+
+def _after_first_call(record: TowerRecord, model: Any, report: Any) -> None:
+    """After a first call traced a part of the tower: log it, and compile the parts the
+    model calls (``compile_mm_encoder``), which dynamo compiles at their next call."""
+    _log_first_call(report)
+    backend = record.compiled.get("backend")
+    if backend:
+        from fxpass.runtime.compiled import compile_entries
+
+        entries = list((report.first_call or {}).get("entries", {}))
+        record.compiled["entries"] += compile_entries(model, entries, backend=backend)
+        record.compiling = model  # until the warm-up freezes it (_log_compiled)
+
+
+def _towers_compiling() -> bool:
+    """A tower this process compiled has not been settled by the warm-up yet."""
+    with _lock:
+        return any(r.compiled.get("entries") and "seconds" not in r.compiled for r in _records)
+
+
+def _log_compiled(modality: str, stats: dict[str, Any]) -> None:
+    """The warm-up settled the towers compiled during its ``modality`` calls: what it cost."""
+    from fxpass.runtime.compiled import graph_break_reasons
+
+    with _lock:
+        towers = [r for r in _records if r.compiled.get("entries") and "seconds" not in r.compiled]
+    from fxpass.runtime.compiled import freeze
+
+    for r in towers:
+        r.compiled.update(stats, modality=modality)
+        if r.compiling is not None:
+            freeze(r.compiling, r.compiled["entries"])
+            r.compiling = None
+        breaks = stats.get("breaks", 0)
+        logger.info(
+            "fxpass[%s]: compiled %s with torch.compile (backend %s, dynamic shapes) at the "
+            "engine's start on vLLM's dummy %s input: %.1f s over %d calls (batch 1 and 2); "
+            "dynamo made %d graphs with %d graph breaks%s", r.prefix or "<root>",
+            ", ".join(r.compiled["entries"]), r.compiled["backend"], modality,
+            stats["seconds"], stats["calls"], stats["graphs"], breaks,
+            f" ({'; '.join(graph_break_reasons()[:3])})" if breaks else "")
 
 
 def _towers_pending() -> bool:

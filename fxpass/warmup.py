@@ -8,7 +8,9 @@ or audio request. The plugin wraps the worker's ``compile_or_warm_up_model`` (th
 of the engine's start, weights loaded, KV cache set up): after it, every modality the engine accepts gets one item of vLLM's own profiling input
 (``mm_budget.get_dummy_encoder_profile_inputs``: the largest item the engine admits)
 through ``model.embed_multimodal``, so the towers trace, fuse and install their graphs while
-the engine starts. Not under LoRA (vLLM's LoRA layers compute only inside a request, with
+the engine starts. Where the plugin compiled a tower after that call (``compile_mm_encoder``),
+the dummy item goes through again, one and two at a time, until dynamo compiles nothing new
+(``fxpass.runtime.compiled.settle``): the compile belongs to the start too. Not under LoRA (vLLM's LoRA layers compute only inside a request, with
 its adapter mapping) or ``skip_mm_profiling``; switched off by ``{"fxpass": {"warmup":
 false}}`` or ``FXPASS_WARMUP=0``.
 """
@@ -31,11 +33,14 @@ HOOK = "compile_or_warm_up_model"
 _WRAPPED = "_fxpass_warmup"
 
 
-def wrap_workers(pending: Callable[[], bool]) -> None:
+def wrap_workers(pending: Callable[[], bool],
+                 compiling: Callable[[], bool] | None = None,
+                 on_settled: Callable[[str, dict[str, Any]], None] | None = None) -> None:
     """Wrap ``compile_or_warm_up_model`` of vLLM's worker classes loaded in this process
     (once each): after it, :func:`warm_up` runs on the worker's model runner when
-    ``pending()`` says a tower still waits for its first call. Called from the plugin while
-    vLLM builds the model, so the worker running it has not reached that step yet."""
+    ``pending()`` says a tower still waits for its first call (``compiling`` and
+    ``on_settled``: see :func:`warm_up`). Called from the plugin while vLLM builds the
+    model, so the worker running it has not reached that step yet."""
     import sys
 
     for module_name, class_name in WORKERS:
@@ -48,7 +53,7 @@ def wrap_workers(pending: Callable[[], bool]) -> None:
             out = _original(self, *args, **kwargs)
             runner = getattr(self, "model_runner", None)
             if runner is not None and pending():
-                warm_up(runner)
+                warm_up(runner, compiling=compiling, on_settled=on_settled)
             return out
 
         setattr(hook, _WRAPPED, True)
@@ -56,9 +61,13 @@ def wrap_workers(pending: Callable[[], bool]) -> None:
         setattr(cls, HOOK, hook)
 
 
-def warm_up(runner: Any) -> dict[str, float]:
+def warm_up(runner: Any, compiling: Callable[[], bool] | None = None,
+            on_settled: Callable[[str, dict[str, Any]], None] | None = None
+            ) -> dict[str, float]:
     """One dummy item per modality through ``runner.model.embed_multimodal``; seconds per
-    modality. Never raises: a failure is logged and the first request traces instead."""
+    modality. When ``compiling()`` says a tower was compiled after that call, the dummy
+    items go through until dynamo settles, and ``on_settled(modality, stats)`` hears what it
+    cost. Never raises: a failure is logged and the first request traces instead."""
     budget = getattr(runner, "mm_budget", None)
     model = getattr(runner, "model", None)
     if budget is None or model is None or not getattr(budget, "mm_max_toks_per_item", None):
@@ -76,20 +85,35 @@ def warm_up(runner: Any) -> dict[str, float]:
     took: dict[str, float] = {}
     for modality in sorted(budget.mm_max_toks_per_item):
         t0 = time.perf_counter()
+
+        def embed(n: int, modality: str = modality) -> None:
+            try:
+                # the inputs made outside inference mode, as a request's are (a compiled
+                # tower guards on the kind of tensor), the call inside it, as the runner's
+                batch = runner._get_mm_dummy_batch(modality, n)
+                with torch.inference_mode():
+                    model.embed_multimodal(**batch)
+            finally:
+                reset = getattr(budget, "reset_cache", None)
+                if reset is not None:  # vLLM's own profile run asks for the same dummy item
+                    reset()
+
+        step = "warming up"
         try:
-            batch = runner._get_mm_dummy_batch(modality, 1)
-            with torch.inference_mode():
-                model.embed_multimodal(**batch)
+            embed(1)
+            took[modality] = time.perf_counter() - t0
+            if compiling is not None and compiling():
+                from fxpass.runtime.compiled import settle
+
+                step = "compiling"
+                stats = settle(embed)
+                if on_settled is not None:
+                    on_settled(modality, stats)
         except Exception as e:  # noqa: BLE001 - never break the engine's start
-            logger.warning("fxpass: warming up the %s tower at engine start failed (%s: %s); "
-                           "its first request traces it instead", modality, type(e).__name__,
+            logger.warning("fxpass: %s the %s tower at engine start failed (%s: %s); its "
+                           "first request does it instead", step, modality, type(e).__name__,
                            str(e).splitlines()[0][:300] if str(e) else "")
             continue
-        finally:
-            reset = getattr(budget, "reset_cache", None)
-            if reset is not None:  # vLLM's own profile run asks for the same dummy item
-                reset()
-        took[modality] = time.perf_counter() - t0
     if took:
         logger.info("fxpass: towers warmed up at engine start on vLLM's dummy %s input(s): %s",
                     "/".join(took), ", ".join(f"{m} {s * 1e3:.0f} ms" for m, s in took.items()))

@@ -27,6 +27,11 @@ is rewritten there. Under tensor parallelism a site whose q / k / v the tensor-p
 split by heads gets a layer with the heads of one rank (a sharded module traced again later
 for another call keeps HF's call there, resharded).
 
+Under torch.compile (``compile_mm_encoder``, ``fxpass.runtime.compiled``) the run-time
+decision is one custom op, ``fxpass::encoder_attention``, which finds its layer by a key the
+rule gave it: dynamo captures the tower without a graph break at each mask check, and the
+compiled tower computes attention as the eager one does.
+
 Layers are added at ``fxpass.apply`` with a trace and at a tower's first call; a graph
 traced later only calls a layer already there. Switch it off by name:
 ``fxpass.apply(..., disable=["mm-attention"])``, the plugin's
@@ -36,7 +41,9 @@ traced later only calls a layer already there. Switch it off by name:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import numbers
+import weakref
 from typing import Any
 
 import torch
@@ -89,6 +96,10 @@ def encoder_attention(attn: nn.Module, query: torch.Tensor, key: torch.Tensor,
                                     or value.requires_grad):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
                                               **sdpa_kwargs)
+    if torch.compiler.is_compiling():  # the checks below look at data: one opaque op
+        return torch.ops.fxpass.encoder_attention(
+            query, key, value, attn_mask, _op_key(attn), sdpa_kwargs.get("scale"),
+            bool(sdpa_kwargs.get("enable_gqa", False)))
     if attn_mask is None or sdpa_mask.masks_nothing(attn_mask):
         return _run(attn, query, key, value)
     keep = key_padding(attn_mask, query.shape[0], key.shape[-2])
@@ -120,6 +131,55 @@ def encoder_attention(attn: nn.Module, query: torch.Tensor, key: torch.Tensor,
             out = part.new_empty(query.shape[:-1] + part.shape[-1:])
         out[idx] = part
     return out
+
+
+# Under torch.compile: the layers by key (a string an op can take), and the op that runs
+# encoder_attention as one step, so dynamo captures a tower without breaking its graph
+# at each mask check (the layers hold no weights: a copy of a tower may call its original's)
+_LAYERS: "weakref.WeakValueDictionary[str, nn.Module]" = weakref.WeakValueDictionary()
+_keys = itertools.count()
+_KEY = "_fxpass_op_key"
+
+
+def _op_key(attn: nn.Module) -> str:
+    key = getattr(attn, _KEY, None)
+    if key is None:
+        raise RewriteError(f"{type(attn).__name__} {getattr(attn, 'layer_name', '')!r} was "
+                           "not built by the mm-attention rule; it has no op key")
+    return key
+
+
+def register(attn: nn.Module, prefix: str) -> None:
+    """Give a layer the key the compiled op finds it by."""
+    key = f"{prefix}#{next(_keys)}"
+    setattr(attn, _KEY, key)
+    _LAYERS[key] = attn
+
+
+@torch.library.custom_op("fxpass::encoder_attention", mutates_args=())
+def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attn_mask: torch.Tensor | None, layer: str, scale: float | None,
+                  enable_gqa: bool) -> torch.Tensor:
+    attn = _LAYERS.get(layer)
+    if attn is None:
+        raise RuntimeError(f"fxpass: the attention layer {layer!r} a compiled tower calls is "
+                           "gone (its tower was freed); compile the tower again")
+    kwargs: dict[str, Any] = {} if scale is None else {"scale": scale}
+    if enable_gqa:
+        kwargs["enable_gqa"] = True
+    out = encoder_attention(attn, query, key, value, attn_mask, **kwargs)
+    # one layout whatever path ran: heads-major strides over [b, s, h, d] memory, as vLLM's
+    # layer returns it (HF transposes back to [b, s, h, d] next: then a view)
+    return out if out.transpose(1, 2).is_contiguous() else (
+        out.transpose(1, 2).contiguous().transpose(1, 2))
+
+
+@_attention_op.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+      attn_mask: torch.Tensor | None, layer: str, scale: float | None,
+      enable_gqa: bool) -> torch.Tensor:
+    b, h, s, _ = query.shape
+    return query.new_empty((b, s, h, value.shape[-1])).transpose(1, 2)
 
 
 def _run(attn: nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -308,6 +368,7 @@ class MMEncoderAttentionRule(RuleBase):
         if where is not None and where.device.type != "meta":
             layer.to(where.device)  # its buffers (fp8 scales), beside the module's weights
         layer._fxpass_site = m.site.name  # noqa: SLF001 - which site the layer serves
+        register(layer, ctx.full_name(qualname))
         return layer
 
     def _edit(self, ctx: RewriteContext, m: AttentionSite, attr: str, qualname: str,

@@ -400,6 +400,8 @@ def main(spec_path: str) -> None:
         )
         if spec.get("quantization"):
             kwargs["quantization"] = spec["quantization"]
+        if spec.get("compilation_config"):  # compile_mm_encoder: vLLM compiles nothing eagerly
+            kwargs.update(enforce_eager=False, compilation_config=spec["compilation_config"])
         lora = spec.get("lora")  # {"max_loras": n, "adapters": {name: dir}}
         lora_requests: dict[str, Any] = {}
         if lora:
@@ -431,6 +433,9 @@ def main(spec_path: str) -> None:
         res["first_call_at_ready"] = {r["prefix"]: (r["report"] or {}).get(
             "first_call", {}).get("state") for r in res["plugin_records"]}
         res["weight_loads"] = dict(LOADS)
+        from fxpass.runtime.compiled import dynamo_counts
+
+        res["dynamo_at_ready"] = dynamo_counts()  # in-process engine: the towers' dynamo
         llm.apply_model(install_capture_hooks)
         rec.flush()
 
@@ -457,6 +462,7 @@ def main(spec_path: str) -> None:
             rec.step(f"generated:{label}")
         # guard fallbacks counted during generation, first-call traces
         res["plugin_records"] = [r.to_dict() for r in plugin.records()]
+        res["dynamo_after"] = dynamo_counts()
         if tp > 1:
             res["plugin_records_ranks"] = llm.apply_model(plugin_records)
             res["plugin_records"] = res["plugin_records_ranks"][0]

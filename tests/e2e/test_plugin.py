@@ -369,19 +369,44 @@ def test_speed_rules_fuse_at_the_first_call_by_default(vllm_rt, plugin_state, mo
     assert not any("_fxpass_loaded_weight" in m.__dict__ for m in tower.modules())
 
 
-@pytest.mark.parametrize("compile_asked", [False, True])
-def test_the_switches_line_says_when_compile_mm_encoder_is_not_applied(
-        vllm_rt, plugin_state, plugin_log, monkeypatch, compile_asked):
-    """vLLM's compile_mm_encoder does not reach HF towers built by AutoModel.from_config, and
-    fxpass does not compile them: the INFO line says so rather than let a user think so."""
-    config = _engine_config()
-    config.compilation_config.compile_mm_encoder = compile_asked
-    _rewrite_in_engine(config, monkeypatch)
+@pytest.mark.parametrize("setting, says", [
+    (None, None),
+    ({"mode": 3, "backend": "eager"}, "compile with torch.compile (backend eager, dynamic"),
+    ({"mode": 3, "backend": "my.module.backend"}, "(backend inductor, dynamic"),
+    ({"mode": 0}, "not compiled: vLLM's compilation mode is NONE (enforce_eager=True"),
+    ({"mode": 3, "lora": True}, "not compiled: LoRA is enabled"),
+], ids=["not-asked", "eager", "not-a-torch-backend", "mode-none", "lora"])
+def test_compile_mm_encoder_compiles_the_parts_vllm_calls_after_the_first_call(
+        vllm_rt, plugin_state, plugin_log, monkeypatch, setting, says):
+    """vLLM's compile_mm_encoder compiles the rewritten tower where vLLM would compile its
+    own encoders (not in compilation mode NONE, not under LoRA), with the engine's backend
+    when torch knows it by name; the INFO line says which, or why not."""
+    from torch._dynamo.utils import counters
+
+    setting = dict(setting or {})
+    config = _engine_config(lora=setting.pop("lora", False))
+    if setting:
+        config.compilation_config.compile_mm_encoder = True
+        config.compilation_config.mode = setting["mode"]
+        config.compilation_config.backend = setting.get("backend", "")
+    tower, ref, rec = _rewrite_in_engine(config, monkeypatch)
     switches = [r.getMessage() for r in plugin_log
                 if r.levelno == logging.INFO and "speed rules on" in r.getMessage()]
     assert len(switches) == 1, switches
-    assert ("compile_mm_encoder is set, but the rewritten tower runs eagerly" in switches[0]
-            ) is compile_asked, switches
+    if says is None:
+        assert "compile" not in switches[0] and rec.compiled == {}
+    else:
+        assert says in switches[0], switches
+    compiled = bool(rec.compiled.get("backend"))
+    assert rec.compiled.get("entries", []) == (["<root>"] if compiled else [])
+    assert (tower._compiled_call_impl is not None) is compiled
+    if rec.compiled.get("backend") == "inductor":
+        return  # inductor's compile costs seconds: the engine benchmark runs it
+    before = counters["stats"]["unique_graphs"]
+    x = torch.randn(3, 7, 8)
+    with torch.no_grad():  # dynamo compiles at this call, the first one after the trace
+        torch.testing.assert_close(tower(x), ref(x), atol=1e-5, rtol=1e-5)
+    assert (counters["stats"]["unique_graphs"] > before) is compiled
 
 
 @pytest.mark.parametrize("config, why", [

@@ -254,6 +254,30 @@ def test_bnb_tokens_match_seed(engine_cases):
                 assert a[n][k] == b[n][k], (n, k)
 
 
+def test_compile_mm_encoder_compiles_the_towers_at_the_engine_start(engine_cases):
+    """vLLM's switch compiles the parts of each tower vLLM calls, at the engine's start (no
+    compile inside a request, no graph break), and the compiled towers feed the language
+    model the eager plugin's bits (dynamo's eager backend runs the same ops)."""
+    case = _case(engine_cases, "bf16_compile")
+    res = case.result
+    records = {r["prefix"]: r for r in res["plugin_records"]}
+    assert records["vision_tower"]["compiled"]["entries"] == ["patch_embedder", "encoder"]
+    assert records["audio_tower"]["compiled"]["entries"] == ["<root>"]
+    for tower in TOWERS:
+        compiled = records[tower]["compiled"]
+        assert compiled["backend"] == "eager", compiled  # vLLM-CPU's, under VLLM_CPU_CI_ENV
+        assert compiled["breaks"] == 0 and compiled["graphs"] >= 2, compiled
+        assert compiled["calls"] >= 2 and compiled["seconds"] > 0, compiled
+        info = [ln for ln in case.log.splitlines()
+                if " INFO " in ln and f"fxpass[{tower}]: compiled " in ln]
+        assert len(info) == 1 and "at the engine's start" in info[0], info
+    assert res["dynamo_after"] == res["dynamo_at_ready"], "a request compiled"
+    on = _case(engine_cases, "bf16_on")
+    _check_generated(case)
+    assert _same_towers(case, on, ("vision", "audio"))
+    assert case.tokens() == on.tokens()
+
+
 def test_report_in_vllm_log(engine_cases):
     on = _case(engine_cases, "bnb_on")  # runs with VLLM_LOGGING_LEVEL=DEBUG
     lines = on.log.splitlines()
