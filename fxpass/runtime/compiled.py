@@ -106,6 +106,20 @@ def _own_code(module: nn.Module) -> None:
     module.forward = types.MethodType(g, module)
 
 
+def compiled_frames(model: nn.Module, entries: Iterable[str]) -> dict[str, int]:
+    """Entry -> how many compiled frames dynamo holds for it (its forward's code): what the
+    tower alone compiled, where the process-wide counters also count others (vLLM's
+    language model)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    out = {}
+    for path in entries:
+        module = model if path in (ROOT, "") else model.get_submodule(path)
+        fwd = module.forward
+        out[path] = len(_debug_get_cache_entry_list(getattr(fwd, "__func__", fwd).__code__))
+    return out
+
+
 def dynamo_counts() -> dict[str, int]:
     """Process-wide dynamo counters: graphs compiled and graph breaks met so far."""
     from torch._dynamo.utils import counters
@@ -142,5 +156,5 @@ def settle(call: Callable[[int], Any], *, batches: tuple[int, ...] = (1, 2),
             "breaks": end["breaks"] - start["breaks"]}
 
 
-__all__ = ["ROOT", "compile_entries", "dynamo_counts", "freeze", "graph_break_reasons", "settle",
+__all__ = ["ROOT", "compile_entries", "compiled_frames", "dynamo_counts", "freeze", "graph_break_reasons", "settle",
            "torch_backends"]

@@ -233,6 +233,18 @@ def save_captures_in_worker(out_dir: str, model) -> str:
 CAPTURES: dict[str, Any] = {}
 
 
+def tower_frames(model) -> dict[str, dict[str, int]]:
+    """Compiled frames dynamo holds per compiled entry of each tower (compile_mm_encoder)."""
+    import fxpass.vllm_plugin as plugin
+    from fxpass.runtime.compiled import compiled_frames
+
+    out = {}
+    for r in plugin.records():
+        if r.compiled.get("entries"):
+            out[r.prefix] = compiled_frames(model.get_submodule(r.prefix), r.compiled["entries"])
+    return out
+
+
 def install_capture_hooks(model) -> str:
     """Keep the inputs vLLM feeds the towers and what comes out, for the HF comparison."""
     vt = getattr(model, "vision_tower", None)
@@ -433,9 +445,7 @@ def main(spec_path: str) -> None:
         res["first_call_at_ready"] = {r["prefix"]: (r["report"] or {}).get(
             "first_call", {}).get("state") for r in res["plugin_records"]}
         res["weight_loads"] = dict(LOADS)
-        from fxpass.runtime.compiled import dynamo_counts
-
-        res["dynamo_at_ready"] = dynamo_counts()  # in-process engine: the towers' dynamo
+        res["frames_at_ready"] = llm.apply_model(tower_frames)[0]
         llm.apply_model(install_capture_hooks)
         rec.flush()
 
@@ -462,7 +472,7 @@ def main(spec_path: str) -> None:
             rec.step(f"generated:{label}")
         # guard fallbacks counted during generation, first-call traces
         res["plugin_records"] = [r.to_dict() for r in plugin.records()]
-        res["dynamo_after"] = dynamo_counts()
+        res["frames_after"] = llm.apply_model(tower_frames)[0]
         if tp > 1:
             res["plugin_records_ranks"] = llm.apply_model(plugin_records)
             res["plugin_records"] = res["plugin_records_ranks"][0]

@@ -271,7 +271,11 @@ def test_compile_mm_encoder_compiles_the_towers_at_the_engine_start(engine_cases
         info = [ln for ln in case.log.splitlines()
                 if " INFO " in ln and f"fxpass[{tower}]: compiled " in ln]
         assert len(info) == 1 and "at the engine's start" in info[0], info
-    assert res["dynamo_after"] == res["dynamo_at_ready"], "a request compiled"
+    # each entry's compiled frames: batch 1 and 2 (the audio tower: its length classes too)
+    frames = res["frames_at_ready"]
+    assert set(frames) == set(TOWERS) and all(n >= 2 for f in frames.values()
+                                              for n in f.values()), frames
+    assert res["frames_after"] == frames, "a request compiled a tower"
     on = _case(engine_cases, "bf16_on")
     _check_generated(case)
     assert _same_towers(case, on, ("vision", "audio"))

@@ -33,7 +33,7 @@ would. Arms of ``data`` branches and what ``patched`` wraps are therefore drawn 
 ``plain_trees`` only (pinned as a strict xfail:
 ``test_regressions.py::test_known_limit_linear_used_only_in_an_untaken_data_branch``).
 
-Runs: the default (CI) profile draws 300 trees with a fixed seed (``derandomize=True``; the
+Runs: the default (CI) profile draws 200 trees with a fixed seed (``derandomize=True``; the
 suite's 15-minute budget).
 For a longer local search with fresh randomness::
 
@@ -67,7 +67,7 @@ TRACE_SHAPE = (2, 3)
 OTHER_SHAPES = ((1, 5), (3, 2), (2, 6))
 
 _PROFILES = {
-    "ci": dict(max_examples=300, derandomize=True, database=None),
+    "ci": dict(max_examples=200, derandomize=True, database=None),
     "long": dict(max_examples=5000, derandomize=False),
 }
 _name = os.environ.get("FXPASS_HYPOTHESIS_PROFILE", "ci")
