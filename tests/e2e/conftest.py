@@ -57,7 +57,7 @@ CASES: dict[str, tuple[str | None, bool, list[list[str]], dict[str, Any], dict[s
     # "eager" backend (what dynamo captures is inductor's input; inductor's time is the
     # engine benchmark's)
     "bf16_compile": (None, False, [["text", "image"], ["audio"]],
-                     {"compilation_config": {"compile_mm_encoder": True}},
+                     {"compilation_config": {"compile_mm_encoder": True}, "hf_compare": True},
                      {"VLLM_CPU_CI_ENV": "1"}),
     # DEBUG logging in one case, to see the report's table in vLLM's log; the speed rules
     # switched off through vLLM's additional_config (the plugin's switch, in the engine).

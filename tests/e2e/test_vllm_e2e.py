@@ -200,10 +200,11 @@ def test_bf16_tokens_match_seed_where_seed_runs(engine_cases):
     assert on_tokens["text"] == off_tokens["text"]  # no tower involved: always the same
 
 
-def test_bf16_tower_outputs_match_hf(engine_cases):
+@pytest.mark.parametrize("name", ["bf16_on", "bf16_compile"])
+def test_bf16_tower_outputs_match_hf(engine_cases, name):
     import torch
 
-    case = _case(engine_cases, "bf16_on")
+    case = _case(engine_cases, name)
     pairs = torch.load(case.out / "tower_pairs.pt")
     assert set(pairs) == {"vision[0]", "audio[0]"}, case.result.get("tower_vs_hf")
     for name, (got, ref) in pairs.items():
@@ -257,7 +258,7 @@ def test_bnb_tokens_match_seed(engine_cases):
 def test_compile_mm_encoder_compiles_the_towers_at_the_engine_start(engine_cases):
     """vLLM's switch compiles the parts of each tower vLLM calls, at the engine's start (no
     compile inside a request, no graph break), and the compiled towers feed the language
-    model the eager plugin's bits (dynamo's eager backend runs the same ops)."""
+    model the eager plugin's answer (within budget against HF where the bits differ)."""
     case = _case(engine_cases, "bf16_compile")
     res = case.result
     records = {r["prefix"]: r for r in res["plugin_records"]}
@@ -276,10 +277,15 @@ def test_compile_mm_encoder_compiles_the_towers_at_the_engine_start(engine_cases
     assert set(frames) == set(TOWERS) and all(n >= 2 for f in frames.values()
                                               for n in f.values()), frames
     assert res["frames_after"] == frames, "a request compiled a tower"
+    # Under dynamo some rules take their torch-ops form (rms-norm's formula, which inductor
+    # fuses): ulp-level bf16 differences from the eager plugin, so where the towers' bits
+    # differ, the towers are checked against HF in the same run instead
+    # (test_bf16_tower_outputs_match_hf[bf16_compile])
     on = _case(engine_cases, "bf16_on")
-    _check_generated(case)
-    assert _same_towers(case, on, ("vision", "audio"))
-    assert case.tokens() == on.tokens()
+    tokens = _check_generated(case)
+    if _same_towers(case, on, ("vision", "audio")):
+        assert tokens == on.tokens()
+    assert tokens["text"] == on.tokens()["text"]
 
 
 def test_report_in_vllm_log(engine_cases):
