@@ -446,12 +446,11 @@ def _towers_compiling() -> bool:
 
 def _log_compiled(modality: str, stats: dict[str, Any]) -> None:
     """The warm-up settled the towers compiled during its ``modality`` calls: what it cost."""
-    from fxpass.runtime.compiled import graph_break_reasons
+    from fxpass.runtime.compiled import freeze, graph_break_reasons
 
     with _lock:
-        towers = [r for r in _records if r.compiled.get("entries") and "seconds" not in r.compiled]
-    from fxpass.runtime.compiled import freeze
-
+        towers = [r for r in _records
+                  if r.compiled.get("entries") and "seconds" not in r.compiled]
     for r in towers:
         r.compiled.update(stats, modality=modality)
         if r.compiling is not None:

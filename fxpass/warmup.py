@@ -8,9 +8,10 @@ or audio request. The plugin wraps the worker's ``compile_or_warm_up_model`` (th
 of the engine's start, weights loaded, KV cache set up): after it, every modality the engine accepts gets one item of vLLM's own profiling input
 (``mm_budget.get_dummy_encoder_profile_inputs``: the largest item the engine admits)
 through ``model.embed_multimodal``, so the towers trace, fuse and install their graphs while
-the engine starts. Where the plugin compiled a tower after that call (``compile_mm_encoder``),
-the dummy item goes through again, one and two at a time, until dynamo compiles nothing new
-(``fxpass.runtime.compiled.settle``): the compile belongs to the start too. Not under LoRA (vLLM's LoRA layers compute only inside a request, with
+the engine starts. Where the plugin compiled a tower after that call
+(``compile_mm_encoder``), the dummy item goes through again, one and two at a time, until
+dynamo compiles nothing new (``fxpass.runtime.compiled.settle``): the compile belongs to the
+start too. Not under LoRA (vLLM's LoRA layers compute only inside a request, with
 its adapter mapping) or ``skip_mm_profiling``; switched off by ``{"fxpass": {"warmup":
 false}}`` or ``FXPASS_WARMUP=0``.
 """

@@ -5,7 +5,7 @@ set; HF towers it never reaches. fxpass compiles a rewritten tower's *entry poin
 modules the model calls directly, as the first-call trace learnt them (vLLM's Gemma4 calls
 ``vision_tower.patch_embedder`` and ``vision_tower.encoder``, never the root). Each gets
 ``nn.Module.compile`` (the module object stays the one vLLM holds), dynamic shapes from the
-first compile on, so a new image size or audio length compiles nothing new.
+first compile on, so a new image size compiles nothing new.
 
 What dynamo sees is the installed graphs' code and, where a module stayed Python, HF's
 code: the dispatch's fast path is plain attribute and type checks, and the one data-dependent
@@ -137,8 +137,9 @@ def graph_break_reasons() -> list[str]:
 
 def settle(call: Callable[[int], Any], *, batches: tuple[int, ...] = (1, 2),
            max_rounds: int = 3) -> dict[str, Any]:
-    """Call ``call(batch)`` (which makes its inputs and grad mode as the real calls do) for each batch size until a call compiles no new dynamo graph
-    (at most ``max_rounds`` per size): a batch of one specialises its dim to 1 (dynamo's
+    """Call ``call(batch)`` (which makes its inputs and grad mode as the real calls do) for
+    each batch size until a call compiles no new dynamo graph (at most ``max_rounds`` per
+    size): a batch of one specialises its dim to 1 (dynamo's
     0/1 rule), a batch of two makes it dynamic. Returns seconds, calls, graphs and breaks."""
     start = dynamo_counts()
     t0 = time.perf_counter()
@@ -156,5 +157,5 @@ def settle(call: Callable[[int], Any], *, batches: tuple[int, ...] = (1, 2),
             "breaks": end["breaks"] - start["breaks"]}
 
 
-__all__ = ["ROOT", "compile_entries", "compiled_frames", "dynamo_counts", "freeze", "graph_break_reasons", "settle",
-           "torch_backends"]
+__all__ = ["ROOT", "compile_entries", "compiled_frames", "dynamo_counts", "freeze",
+           "graph_break_reasons", "settle", "torch_backends"]
