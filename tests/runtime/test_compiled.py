@@ -107,10 +107,11 @@ def test_an_audio_length_no_compiled_code_covers_runs_the_graphs_eagerly():
     assert dynamo_counts() == before
     for (s, b), out, ref in zip(calls, got, reference):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, msg=f"{(s, b)}")
-    # the stance, not luck, kept it eager: unfrozen, such a length would compile
-    tower._fxpass_compile_stance = "fail_on_recompile"
-    with pytest.raises(RuntimeError, match="Detected recompile"):
-        _outputs(call, tower, calls[:1])
+    # the stance, not luck, kept it eager: unfrozen, such a length compiles (a raising
+    # stance here, "fail_on_recompile", left torch's dispatch state broken for later tests)
+    tower._fxpass_compile_stance = "default"
+    _outputs(call, tower, calls[:1])
+    assert dynamo_counts()["graphs"] > before["graphs"]
 
 
 @pytest.mark.parametrize("mask", ["none", "padding", "scattered", "causal"])
