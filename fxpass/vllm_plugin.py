@@ -441,7 +441,7 @@ def _after_first_call(record: TowerRecord, model: Any, report: Any) -> None:
 def _towers_compiling() -> bool:
     """A tower this process compiled has not been settled by the warm-up yet."""
     with _lock:
-        return any(r.compiled.get("entries") and "seconds" not in r.compiled for r in _records)
+        return any(r.compiling is not None for r in _records)
 
 
 def _log_compiled(modality: str, stats: dict[str, Any]) -> None:
@@ -449,13 +449,11 @@ def _log_compiled(modality: str, stats: dict[str, Any]) -> None:
     from fxpass.runtime.compiled import freeze, graph_break_reasons
 
     with _lock:
-        towers = [r for r in _records
-                  if r.compiled.get("entries") and "seconds" not in r.compiled]
+        towers = [r for r in _records if r.compiling is not None]
     for r in towers:
         r.compiled.update(stats, modality=modality)
-        if r.compiling is not None:
-            freeze(r.compiling, r.compiled["entries"])
-            r.compiling = None
+        freeze(r.compiling, r.compiled["entries"])
+        r.compiling = None
         breaks = stats.get("breaks", 0)
         logger.info(
             "fxpass[%s]: compiled %s with torch.compile (backend %s, dynamic shapes) at the "
@@ -496,18 +494,12 @@ def tp_for(world_size: int, mode: str | None) -> int:
 
 def engine_tp() -> tuple[int, dict[str, Any]]:
     """(TP size to shard over, what it was decided from) inside vLLM's model init."""
-    from fxpass.vllm_context import tp_world_size
+    from fxpass.vllm_context import current_engine_config, tp_world_size
 
     world = tp_world_size()
-    mode = None
-    try:
-        from vllm.config import get_current_vllm_config_or_none
-
-        config = get_current_vllm_config_or_none()
-        mm = getattr(getattr(config, "model_config", None), "multimodal_config", None)
-        mode = getattr(mm, "mm_encoder_tp_mode", None)
-    except Exception:  # noqa: BLE001 - no config: vLLM's default mode
-        mode = None
+    mm = getattr(getattr(current_engine_config(), "model_config", None), "multimodal_config",
+                 None)
+    mode = getattr(mm, "mm_encoder_tp_mode", None)  # None: vLLM's default mode
     tp = tp_for(world, mode)
     return tp, {"world_size": world, "mm_encoder_tp_mode": mode or "weights", "tp": tp}
 

@@ -33,6 +33,10 @@ from torch import nn
 ROOT = "<root>"  # how the first-call report names the tower itself as an entry
 
 
+def _entry(model: nn.Module, path: str) -> nn.Module:
+    return model if path in (ROOT, "") else model.get_submodule(path)
+
+
 def torch_backends() -> list[str]:
     """The backend names ``torch.compile`` takes by name."""
     from torch._dynamo.backends.registry import list_backends
@@ -46,7 +50,7 @@ def compile_entries(model: nn.Module, entries: Iterable[str], *, backend: str = 
     for the model) not compiled yet; the paths compiled now. Dynamo runs at the next call."""
     done = []
     for path in entries:
-        module = model if path in (ROOT, "") else model.get_submodule(path)
+        module = _entry(model, path)
         if getattr(module, "_compiled_call_impl", None) is not None:
             continue
         _own_code(module)
@@ -78,7 +82,7 @@ def freeze(model: nn.Module, entries: Iterable[str]) -> None:
     """From now on the entries compile nothing new: a call no compiled code covers (an audio
     length in a shape class the warm-up did not meet) runs the graphs eagerly."""
     for path in entries:
-        module = model if path in (ROOT, "") else model.get_submodule(path)
+        module = _entry(model, path)
         if hasattr(module, _STANCE):
             setattr(module, _STANCE, "eager_on_recompile")
 
@@ -114,7 +118,7 @@ def compiled_frames(model: nn.Module, entries: Iterable[str]) -> dict[str, int]:
 
     out = {}
     for path in entries:
-        module = model if path in (ROOT, "") else model.get_submodule(path)
+        module = _entry(model, path)
         fwd = module.forward
         out[path] = len(_debug_get_cache_entry_list(getattr(fwd, "__func__", fwd).__code__))
     return out
