@@ -19,7 +19,9 @@ inputs:
 
 A graph that reads a vLLM layer's weight values stays Python (its module runs as the walk
 leaves it). A call the module itself rejects installs nothing: its own error is raised and
-the next call is a first call again. If tracing or the rules fail, nothing is installed for
+the next call is a first call again; after ``REJECTIONS_BEFORE_PYTHON`` rejections in a row
+the next calls run as Python first (a tower that raises on every call, as after the walk,
+no longer pays a trace per call), and the call after the first one that runs traces. If tracing or the rules fail, nothing is installed for
 that subtree: it runs its Python forward from then on (the walk's state, with vLLM GEMM
 inputs made positional and contiguous), and the report and a warning say why. Under
 torch.compile the first call runs outside dynamo (traced there; dynamo compiles the graphs
@@ -52,6 +54,10 @@ from fxpass.trace.hierarchy import trace
 from fxpass.trace.tracer import TRACE_LOCK
 
 logger = logging.getLogger("fxpass")
+
+# Rejected first calls in a row after which an armed module runs its calls as Python until
+# one of them runs (the next call then traces): a rejected trace costs a whole trace.
+REJECTIONS_BEFORE_PYTHON = 2
 
 
 def _join(prefix: str, name: str) -> str:
@@ -94,6 +100,10 @@ class FirstCall:
         blocked = why_no_trace()
         if blocked:
             return self._python_call(module, args, kwargs, blocked)
+        if armed.rejections >= REJECTIONS_BEFORE_PYTHON:
+            out = self._python_call(module, args, kwargs, "its last first calls raised")
+            armed.rejections = 0  # this call ran: the next one traces
+            return out
         with TRACE_LOCK, self.lock:  # the trace lock first (see tracer.TRACE_LOCK)
             if fxpass_forward(module.__dict__.get("forward")) is not armed:
                 return module.forward(*args, **kwargs)  # another thread traced it meanwhile
@@ -113,6 +123,7 @@ class FirstCall:
             if not traced:  # the module rejects this call: its own error, armed again
                 for sub, a in disarmed:
                     install(sub, a)
+                armed.rejections += 1
                 return self._python_call(module, args, kwargs, "")
             t1 = time.perf_counter()
             out = module.forward(*args, **kwargs)
@@ -297,7 +308,8 @@ class FirstCall:
             self.log.facts["first_call"].setdefault("rejected", {})[path or "<root>"] = error
             self.log.update("first_call")
         why = (f"every call of {path or '<root>'} so far raised ({error}); it stays armed "
-               "(its graph comes at its first call that runs)")
+               "(its graph comes at its first call that runs, or, after "
+               f"{REJECTIONS_BEFORE_PYTHON} calls that raised in a row, at the call after it)")
         for q in self.swapped:
             if _inside(q, path) and q not in self.sites and not any(
                     _inside(q, p) for p in self.traced):
@@ -328,6 +340,7 @@ class Armed:
         self.first_call = first_call
         self.path = path  # root-relative
         self.python = False  # its first-call trace failed: Python serves its calls
+        self.rejections = 0  # first calls the module rejected in a row
 
     def __call__(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():

@@ -159,6 +159,34 @@ def test_a_call_the_model_rejects_raises_its_error_and_stays_armed():
     assert report.first_call["state"] == "traced"
 
 
+def test_a_module_that_keeps_rejecting_calls_stops_tracing_each_one(monkeypatch):
+    """Two rejected first calls in a row: the next calls run as Python (the same errors, no
+    trace each); the first call that runs answers through Python, the one after it traces."""
+    ref = _tower()
+    model = copy.deepcopy(ref)
+    report = fxpass.apply(model, None, load_weights=True)
+    traces = []
+    real = first_call_mod.FirstCall._trace
+    # the root's traces (after it rejects a call, its Python forward reaches the armed
+    # blocks inside, whose own first calls are rejected and counted the same way)
+    monkeypatch.setattr(first_call_mod.FirstCall, "_trace", lambda self, module, *a: (
+        traces.append(1) if module is model else None) or real(self, module, *a))
+    bad = torch.randn(2, 5, 9)
+    with pytest.raises(RuntimeError) as want:
+        ref(bad)
+    for _ in range(4):
+        with pytest.raises(RuntimeError) as got:
+            model(bad)
+        assert str(got.value) == str(want.value)
+    assert len(traces) == first_call_mod.REJECTIONS_BEFORE_PYTHON
+    with torch.no_grad():
+        torch.testing.assert_close(model(X), ref(X), atol=1e-5, rtol=0)
+        assert installed_graph(model) is None and len(traces) == 2
+        torch.testing.assert_close(model(X[:1]), ref(X[:1]), atol=1e-5, rtol=0)
+    assert installed_graph(model) is not None and len(traces) == 3
+    assert "<root>" in report.first_call["entries"]
+
+
 def test_a_failing_trace_leaves_the_walks_state_and_says_why(monkeypatch, caplog):
     ref = _tower()
     model = copy.deepcopy(ref)
