@@ -17,6 +17,9 @@ import pytest
 from fxpass.cli import BASELINE_MARGIN_DB, SCHEMA, SUBCOMMANDS, baseline_view, build_parser, main
 from fxpass.verify.faults import ENV_VAR
 
+# `diff --tp 2` starts two rank processes
+TP_RANKS = pytest.mark.processes
+
 VISION = "model.vision_tower"
 AUDIO = "model.audio_tower"
 K_PROJ = "encoder.layers.0.self_attn.k_proj.linear"
@@ -457,6 +460,7 @@ def test_diff_lora_wrapper_keyed_adapter_is_a_usage_error(ckpt, lora_adapters, c
     assert "land on no layer of the tower" in err and "q_proj.linear.lora_A.weight" in err
 
 
+@TP_RANKS
 def test_diff_tp2_verifies_both_ranks_and_reports_each_layers_style(ckpt, tmp_path, capsys):
     """`fxpass diff --tp 2`: two rank processes shard the tower and verify it against the
     unsharded original; the JSON has each rank's verdict and each layer's parallel style."""
@@ -484,6 +488,7 @@ def vision_tp2(ckpt, tmp_path_factory) -> tuple[int, dict]:
     return code, json.loads(out.read_text())
 
 
+@TP_RANKS
 def test_diff_tp2_vision_one_head_per_rank_compares_each_block(vision_tp2):
     """The checkpoint's vision tower has 2 heads of 32: one per rank. Its attention is traced
     again during verify for the padded input; the calls its tracer made (on full-size
@@ -504,6 +509,7 @@ def test_diff_tp2_vision_one_head_per_rank_compares_each_block(vision_tp2):
         assert rank["output_sqnr_db"]["reference"] > v["budget"]["exact_sqnr_db"]
 
 
+@TP_RANKS
 def test_diff_tp2_fault_in_a_column_layer_fails_at_the_layer_on_each_rank(ckpt, tmp_path,
                                                                          capsys):
     out = tmp_path / "fault.json"
@@ -521,6 +527,7 @@ def test_diff_tp2_fault_in_a_column_layer_fails_at_the_layer_on_each_rank(ckpt, 
         assert "encoder.layers.0.self_attn.k_norm" not in failed
 
 
+@TP_RANKS
 def test_baseline_of_another_tp_size_is_a_usage_error(ckpt, vision_tp2, tmp_path, capsys,
                                                       vllm_rt):
     """A TP=2 baseline is not one for a TP=1 run: sharded bf16 is ~50 dB, unsharded inf."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
 # bf16: vLLM's LoRA arithmetic rounds to bf16 where PEFT's fp32 adapter does not; the
 # calibrated tower-LoRA budget (fxpass.verify.budgets.lora_budget("bfloat16")) is 30 dB.

@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
 TOWERS = ("vision_tower", "audio_tower")
 PROMPTS = ("text", "image", "audio")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.processes]
 
 TOWERS = ("vision_tower", "audio_tower")
 # as test_vllm_e2e.py: bnb 4-bit towers against HF's bf16 towers

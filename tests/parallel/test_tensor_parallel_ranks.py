@@ -25,6 +25,8 @@ from fxpass.verify.budgets import resolve_budget
 WORKER = Path(__file__).resolve().parent / "tp_worker.py"
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 420
+
+pytestmark = pytest.mark.processes  # two rank processes
 ATOL = 1.42e-5  # the unquantized fp32 budget (fxpass/verify/budgets.py): outputs are O(1)
 
 

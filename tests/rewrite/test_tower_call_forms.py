@@ -22,6 +22,8 @@ MIN_TOWERS = 24
 MIN_GRAPH_SITES = 0.95
 
 _results: dict[str, call_forms.Result] = {}
+# the sweep's tests and its summary read the same results: one worker under pytest-xdist
+SWEEP = pytest.mark.xdist_group("call-forms-sweep")
 
 
 @pytest.fixture(autouse=True)
@@ -51,6 +53,7 @@ AS_THE_WALK = {
 }
 
 
+@SWEEP
 @pytest.mark.parametrize("name", [t.name for t in cat.TOWERS])
 def test_rewritten_tower_answers_every_call_form_as_the_original(name):
     res = _result(name)
@@ -98,6 +101,7 @@ def test_nf4_tower_matches_the_fake_quant_reference(name):
     assert res.gap_db <= NF4_GAP_DB, (res.sqnr_db, res.fake_quant_db)
 
 
+@SWEEP
 def test_sweep_covers_enough_towers_and_sites():
     """The acceptance bar of the sweep: >= 24 tower classes, >= 95% of linear sites inside
     graphs across them."""

@@ -12,6 +12,8 @@ import pytest
 
 from tp_verify_ranks import ATTN, Q, SIZES, rank_checks
 
+pytestmark = pytest.mark.processes  # two rank processes
+
 PER_RANK = {f"{ATTN}.{m}" for m in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm",
                                      "v_norm")}
 LINEARS = {f"{ATTN}.{m}_proj.linear" for m in "qkv"}
