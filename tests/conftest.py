@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(config, items):
     """Groups for ``--dist loadgroup``: the tests that share an expensive fixture (or keep
     module-level results for a later test: an explicit ``xdist_group``) run on one worker,
     so a two-worker run builds each fixture once; every other test is scheduled alone."""
-    root = Path(__file__).parent.relative_to(config.rootpath).as_posix()  # this conftest's
+    root = Path(os.path.relpath(Path(__file__).parent, config.rootpath)).as_posix()  # ours
     for item in items:
         if item.get_closest_marker("xdist_group"):
             continue
