@@ -21,12 +21,12 @@ A graph that reads a vLLM layer's weight values stays Python (its module runs as
 leaves it). A call the module itself rejects installs nothing: its own error is raised and
 the next call is a first call again; after ``REJECTIONS_BEFORE_PYTHON`` rejections in a row
 the next calls run as Python first (a tower that raises on every call, as after the walk,
-no longer pays a trace per call), and the call after the first one that runs traces. If tracing or the rules fail, nothing is installed for
-that subtree: it runs its Python forward from then on (the walk's state, with vLLM GEMM
-inputs made positional and contiguous), and the report and a warning say why. Under
-torch.compile the first call runs outside dynamo (traced there; dynamo compiles the graphs
-from the next call on); nothing is traced during a CUDA-graph capture (such a call runs
-Python).
+no longer pays a trace per call), and the call after the first one that runs traces. If
+tracing or the rules fail, nothing is installed for that subtree: it runs its Python
+forward from then on (the walk's state, with vLLM GEMM inputs made positional and
+contiguous), and the report and a warning say why. Under torch.compile the first call runs
+outside dynamo (traced there; dynamo compiles the graphs from the next call on); nothing is
+traced during a CUDA-graph capture (such a call runs Python).
 """
 
 from __future__ import annotations

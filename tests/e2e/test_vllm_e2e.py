@@ -200,11 +200,11 @@ def test_bf16_tokens_match_seed_where_seed_runs(engine_cases):
     assert on_tokens["text"] == off_tokens["text"]  # no tower involved: always the same
 
 
-@pytest.mark.parametrize("name", ["bf16_on", "bf16_compile"])
-def test_bf16_tower_outputs_match_hf(engine_cases, name):
+@pytest.mark.parametrize("case_name", ["bf16_on", "bf16_compile"])
+def test_bf16_tower_outputs_match_hf(engine_cases, case_name):
     import torch
 
-    case = _case(engine_cases, name)
+    case = _case(engine_cases, case_name)
     pairs = torch.load(case.out / "tower_pairs.pt")
     assert set(pairs) == {"vision[0]", "audio[0]"}, case.result.get("tower_vs_hf")
     for name, (got, ref) in pairs.items():
